@@ -1,0 +1,202 @@
+"""Token-in, token-out context building.
+
+A context is a list of :class:`Chunk` s. Each chunk holds token ids (placeholders where an
+embedding is injected: image pads, ICM slots) together with the embeddings actually fed to
+the LM, the image grids it contains, and a role that training uses for loss masks:
+
+* ``prompt``: the instructions, query and (compressed or full) candidates;
+* ``generated``: tokens the model wrote (the only training targets);
+* ``spliced``: full candidate tokens appended by details inspection (context, never targets);
+* ``forced``: tokens the system appended, e.g. ``</think><answer>`` after the budget ran out.
+
+Nothing is ever decoded and re-tokenized: the multi-turn sequence is built by concatenation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .backbone import Backbone, ImageTokens
+from .tokens import SpecialTokenIds, tokenize_trusted, tokenize_untrusted
+from .types import Candidate, ImageInput, Query, load_image
+
+ROLES = ("prompt", "generated", "spliced", "forced")
+
+
+@dataclass
+class Chunk:
+    ids: torch.Tensor  # (n,) long
+    embeds: torch.Tensor  # (n, H)
+    role: str = "prompt"
+    grids: list[torch.Tensor] = field(default_factory=list)
+    deepstack: list[torch.Tensor] | None = None  # per layer (num_image_tokens_in_chunk, H)
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+
+def cat_chunks(chunks: list[Chunk], role: str | None = None) -> Chunk:
+    """Concatenate chunks into one (role of the first unless given)."""
+    if not chunks:
+        raise ValueError("no chunks to concatenate")
+    grids = [g for c in chunks for g in c.grids]
+    deep = None
+    with_deep = [c.deepstack for c in chunks if c.deepstack is not None]
+    if with_deep:
+        deep = [torch.cat(layer, 0) for layer in zip(*with_deep)]
+    return Chunk(
+        ids=torch.cat([c.ids for c in chunks]),
+        embeds=torch.cat([c.embeds for c in chunks]),
+        role=role or chunks[0].role,
+        grids=grids,
+        deepstack=deep,
+    )
+
+
+@dataclass
+class Encoded:
+    """A query or candidate as full tokens: ids with image placeholders, and embeddings."""
+
+    chunk: Chunk
+    truncated_from: int | None = None  # original text-token count when truncated
+    ignored_image: bool = False
+    content: torch.Tensor | None = None  # t_con, when computed or supplied from a cache
+
+    @property
+    def embeds(self) -> torch.Tensor:
+        return self.chunk.embeds
+
+
+class ContextBuilder:
+    """Turns queries and candidates into chunks for one backbone and tokenizer."""
+
+    def __init__(self, backbone: Backbone, special: SpecialTokenIds, system_prompt: str) -> None:
+        self.backbone = backbone
+        self.tok = backbone.tokenizer
+        self.special = special
+        self.system_prompt = system_prompt
+        self._template_cache: tuple[list[int], list[int]] | None = None
+
+    # ------------------------------------------------------------------ pieces
+    def text_chunk(self, ids: list[int], role: str = "prompt") -> Chunk:
+        t = torch.tensor(ids, dtype=torch.long)
+        return Chunk(ids=t, embeds=self.backbone.embed_ids(t), role=role)
+
+    def trusted(self, text: str, role: str = "prompt") -> Chunk:
+        return self.text_chunk(tokenize_trusted(self.tok, text), role)
+
+    def image_chunk(self, image: ImageTokens, role: str = "prompt") -> Chunk:
+        start, end = self.backbone.vision_wrap_ids()
+        n = image.num_tokens
+        ids = torch.tensor([start] + [self.backbone.image_token_id] * n + [end], dtype=torch.long)
+        embeds = self.backbone.embed_ids(ids).clone()
+        embeds[1 : 1 + n] = image.embeds.to(embeds.dtype)
+        return Chunk(ids=ids, embeds=embeds, role=role, grids=[image.grid_thw], deepstack=image.deepstack)
+
+    def chat_frame(self) -> tuple[list[int], list[int]]:
+        """Token ids before and after the user message body, from the chat template."""
+        if self._template_cache is None:
+            sentinel = "\u2063RETRV_R1_BODY\u2063"
+            if getattr(self.tok, "chat_template", None):
+                messages = [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": sentinel}]
+                try:
+                    rendered = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                except Exception:  # templates without a system role
+                    messages = [{"role": "user", "content": self.system_prompt + "\n\n" + sentinel}]
+                    rendered = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                before, _, after = rendered.partition(sentinel)
+            else:
+                before, after = self.system_prompt + "\n\n", "\n"
+            self._template_cache = (tokenize_trusted(self.tok, before), tokenize_trusted(self.tok, after))
+        return self._template_cache
+
+    # ------------------------------------------------------------------ encoding
+    def encode(
+        self,
+        text: str,
+        image: ImageInput | None,
+        *,
+        max_text_tokens: int,
+        image_tokens: ImageTokens | None = None,
+    ) -> Encoded:
+        """Full tokens of a query or candidate: ``[image] text`` (text truncated if needed)."""
+        ids = tokenize_untrusted(self.tok, text, self.special.forbidden_in_untrusted)
+        truncated_from = None
+        if len(ids) > max_text_tokens:
+            truncated_from = len(ids)
+            ids = ids[:max_text_tokens]
+        parts: list[Chunk] = []
+        ignored_image = False
+        if image is not None or image_tokens is not None:
+            if self.backbone.is_vision:
+                if image_tokens is None:
+                    image_tokens = self.backbone.encode_images([load_image(image)])[0]
+                parts.append(self.image_chunk(image_tokens))
+            else:
+                ignored_image = True
+        if ids or not parts:
+            if not ids:  # never hand the ICM an empty sequence
+                ids = tokenize_trusted(self.tok, " ")
+            parts.append(self.text_chunk(ids))
+        return Encoded(chunk=cat_chunks(parts), truncated_from=truncated_from, ignored_image=ignored_image)
+
+    def encode_query(self, query: Query, max_text_tokens: int) -> Encoded:
+        return self.encode(query.text, query.image, max_text_tokens=max_text_tokens)
+
+    def encode_candidates(self, candidates: list[Candidate], max_text_tokens: int) -> list[Encoded]:
+        """Encode candidates; images are decoded first (clear errors) then run as one batch."""
+        images = {}
+        if self.backbone.is_vision:
+            pil = {i: load_image(c.image) for i, c in enumerate(candidates) if c.image is not None}
+            if pil:
+                order = list(pil)
+                toks = self.backbone.encode_images([pil[i] for i in order])
+                images = dict(zip(order, toks))
+        out = []
+        for i, c in enumerate(candidates):
+            enc = self.encode(
+                c.text,
+                c.image if not self.backbone.is_vision else None,
+                max_text_tokens=max_text_tokens,
+                image_tokens=images.get(i),
+            )
+            out.append(enc)
+        return out
+
+    # ------------------------------------------------------------------ prompt
+    def prompt(
+        self,
+        query: Encoded,
+        candidates: list[Encoded],
+        slots: list[tuple[torch.Tensor, torch.Tensor]] | None,
+        *,
+        think: bool,
+    ) -> Chunk:
+        """The initial context. ``slots`` holds ``(t_con, t_rel)`` per candidate in ICM mode;
+        ``None`` lays every candidate out in full tokens."""
+        before, after = self.chat_frame()
+        parts = [self.text_chunk(before), self.trusted("Query: "), query.chunk, self.trusted("\nCandidates:\n")]
+        for i, cand in enumerate(candidates):
+            parts.append(self.text_chunk([self.special.labels[i]] + tokenize_trusted(self.tok, ": ")))
+            if slots is None:
+                parts.append(cand.chunk)
+            else:
+                parts.append(self.slot_chunk(*slots[i]))
+            parts.append(self.trusted("\n"))
+        parts.append(self.text_chunk(after))
+        opener = self.special.think_start if think else self.special.answer_start
+        parts.append(self.text_chunk([opener]))
+        return cat_chunks(parts, role="prompt")
+
+    def slot_chunk(self, t_con: torch.Tensor, t_rel: torch.Tensor) -> Chunk:
+        ids = torch.tensor([self.special.content_slot, self.special.relation_slot], dtype=torch.long)
+        embeds = torch.stack([t_con, t_rel]).to(self.backbone.dtype)
+        return Chunk(ids=ids, embeds=embeds, role="prompt")
+
+    def inspection_chunk(self, index: int, candidate: Encoded) -> Chunk:
+        """What details inspection splices in: ``<inspected><cand_i>: full tokens</inspected>``."""
+        head = self.text_chunk([self.special.inspected_start, self.special.labels[index]] + tokenize_trusted(self.tok, ": "))
+        tail = self.text_chunk([self.special.inspected_end])
+        return cat_chunks([head, candidate.chunk, tail], role="spliced")

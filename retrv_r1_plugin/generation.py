@@ -1,0 +1,234 @@
+"""Inspection-aware decoding with a KV cache that survives the splices.
+
+The loop prefills the prompt, then writes one token at a time. When the model closes an
+inspection request (``<inspection-index-start><cand_i><inspection-index-end>``) the
+candidate's full tokens are run through the decoder as one more chunk on the same cache,
+at the positions a fresh forward over the whole sequence would give them, and decoding
+goes on. It ends when the model opens ``<answer>``, or when a cap is hit; then the system
+appends whatever is missing of ``</think><answer>`` and reads the distribution over the
+candidate labels at the answer position: the scores of every candidate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .backbone import Backbone
+from .context import Chunk, ContextBuilder, Encoded
+from .tokens import SpecialTokenIds
+
+# Reasons a ranking is not the model's own clean answer (RankResult.fallback).
+FORCED_ANSWER = "forced_answer"
+ANSWER_OUT_OF_RANGE = "answer_out_of_range"
+
+
+@dataclass
+class SamplingConfig:
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass
+class GenerationTrace:
+    """Everything one decode produced; training reuses ``chunks`` as its exact sequence."""
+
+    chunks: list[Chunk]
+    label_logits: torch.Tensor  # (K,) logits of the candidate labels at the answer position
+    answer_logits: torch.Tensor  # (V,) full logits at the answer position
+    generated_ids: list[int] = field(default_factory=list)
+    sampled_logprobs: list[float] = field(default_factory=list)
+    inspected: list[int] = field(default_factory=list)
+    wrote_answer: bool = False
+    stop_reason: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+class InspectionDecoder:
+    """Runs one query's reasoning with details inspection."""
+
+    def __init__(self, backbone: Backbone, builder: ContextBuilder, special: SpecialTokenIds) -> None:
+        self.backbone = backbone
+        self.builder = builder
+        self.special = special
+
+    def _run(self, chunk: Chunk, state: dict) -> torch.Tensor:
+        pos, state["next_pos"] = self.backbone.positions(chunk.ids, chunk.grids, state["next_pos"])
+        deep = mask = None
+        if chunk.deepstack is not None:
+            deep = [d.to(self.backbone.device) for d in chunk.deepstack]
+            mask = (chunk.ids == self.backbone.image_token_id).unsqueeze(0).to(self.backbone.device)
+        logits, _ = self.backbone.forward(
+            chunk.embeds.unsqueeze(0).to(self.backbone.device), pos, state["cache"], deepstack=deep, visual_mask=mask
+        )
+        state["chunks"].append(chunk)
+        return logits[0, -1].float()
+
+    def _pick(self, logits: torch.Tensor, sampling: SamplingConfig, generator) -> tuple[int, float]:
+        if not sampling.do_sample:
+            tok = int(torch.argmax(logits))
+            return tok, float(torch.log_softmax(logits, -1)[tok])
+        scaled = logits / max(sampling.temperature, 1e-5)
+        logp = torch.log_softmax(scaled, -1)
+        probs = logp.exp()
+        if sampling.top_p < 1.0:
+            sorted_p, idx = probs.sort(descending=True)
+            keep = sorted_p.cumsum(0) - sorted_p < sampling.top_p
+            probs = torch.zeros_like(probs).scatter(0, idx[keep], sorted_p[keep])
+            probs = probs / probs.sum()
+        tok = int(torch.multinomial(probs.cpu(), 1, generator=generator))
+        return tok, float(logp[tok])
+
+    def decode(
+        self,
+        prompt: Chunk,
+        candidates: list[Encoded],
+        *,
+        reasoning_budget: int,
+        max_inspections: int,
+        sampling: SamplingConfig,
+        allow_inspection: bool = True,
+        script: list[int] | None = None,
+    ) -> GenerationTrace:
+        """Generate with inspections. ``script`` replaces the model's choices with given
+        tokens (teacher forcing for tests and fault injection); the model still runs."""
+        state = {"cache": self.backbone.new_cache(), "next_pos": 0, "chunks": []}
+        generator = None
+        if sampling.do_sample:
+            generator = torch.Generator().manual_seed(sampling.seed if sampling.seed is not None else 0)
+        logits = self._run(prompt, state)
+        trace = GenerationTrace(chunks=state["chunks"], label_logits=torch.empty(0), answer_logits=torch.empty(0))
+        thinking = int(prompt.ids[-1]) == self.special.think_start
+        machine = InspectionMachine(self.special, len(candidates), reasoning_budget, max_inspections, allow_inspection)
+        scripted = iter(script) if script is not None else None
+        while thinking and not machine.done:
+            if scripted is not None:
+                tok = next(scripted, None)
+                if tok is None:
+                    machine.stop("script_end", "scripted output ended")
+                    break
+                logp = float(torch.log_softmax(logits, -1)[tok])
+            else:
+                tok, logp = self._pick(logits, sampling, generator)
+            trace.generated_ids.append(tok)
+            trace.sampled_logprobs.append(logp)
+            logits = self._run(self.builder.text_chunk([tok], role="generated"), state)
+            splice = machine.step(tok)
+            if splice is not None:
+                logits = self._run(self.builder.inspection_chunk(splice, candidates[splice]), state)
+        trace.inspected, trace.notes = machine.inspected, machine.notes
+        trace.wrote_answer, trace.stop_reason = machine.wrote_answer, machine.stop_reason
+        if not thinking:
+            trace.stop_reason = "direct"  # the prompt itself ends with <answer>: no reasoning budget
+        else:
+            tail = forced_tail(self.special, machine)
+            if tail:
+                logits = self._run(self.builder.text_chunk(tail, role="forced"), state)
+        trace.answer_logits = logits
+        labels = torch.tensor(self.special.labels[: len(candidates)], device=logits.device)
+        trace.label_logits = logits[labels]
+        return trace
+
+
+class InspectionMachine:
+    """What happens after each model-written token: nothing, a splice, or the end of reasoning.
+
+    Shared by live decoding and by :func:`assemble_trace`, so training sees exactly the
+    sequences that inference produces.
+    """
+
+    def __init__(self, special: SpecialTokenIds, num_candidates: int, budget: int, max_inspections: int, allow_inspection: bool = True) -> None:
+        self.special = special
+        self.k = num_candidates
+        self.budget = budget
+        self.max_inspections = max_inspections
+        self.allow_inspection = allow_inspection
+        self.written: list[int] = []
+        self.inspected: list[int] = []
+        self.notes: list[str] = []
+        self.wrote_answer = False
+        self.stop_reason = ""
+        self.done = budget <= 0
+        if self.done:
+            self.stop_reason = "reasoning_budget"
+            self.notes.append(f"reasoning stopped at the budget of {budget} tokens")
+        self._request_start: int | None = None
+
+    def stop(self, reason: str, note: str | None = None) -> None:
+        self.done = True
+        self.stop_reason = reason
+        if note:
+            self.notes.append(note)
+
+    def step(self, tok: int) -> int | None:
+        """Record one written token; returns a candidate index to splice in, or ``None``."""
+        sp = self.special
+        self.written.append(tok)
+        splice = None
+        if tok == sp.answer_start:
+            self.wrote_answer = True
+            self.stop("answer")
+        elif tok in sp.eos:
+            self.stop("eos", "the model ended its output without an answer")
+        elif tok == sp.inspect_start:
+            self._request_start = len(self.written)
+        elif tok == sp.inspect_end and self._request_start is not None:
+            named = [sp.label_index(t) for t in self.written[self._request_start : -1]]
+            named = [x for x in named if x is not None]
+            idx = named[0] if len(named) == 1 else None
+            self._request_start = None
+            if not self.allow_inspection:
+                self.notes.append("inspection request ignored: candidates are already in full tokens")
+            elif idx is None or idx >= self.k:
+                self.notes.append("ignored an inspection request that named no valid candidate")
+            elif idx in self.inspected:
+                self.notes.append(f"candidate {idx} was already inspected; not spliced again")
+            elif len(self.inspected) >= self.max_inspections:
+                self.stop("inspection_cap", f"inspection cap of {self.max_inspections} reached; answering now")
+            else:
+                self.inspected.append(idx)
+                splice = idx
+        if not self.done and len(self.written) >= self.budget:
+            self.stop("reasoning_budget", f"reasoning stopped at the budget of {self.budget} tokens")
+        return splice
+
+
+def forced_tail(special: SpecialTokenIds, machine: InspectionMachine) -> list[int]:
+    """Tokens the system appends so that the sequence ends at an answer position."""
+    if machine.wrote_answer:
+        return []
+    closed = machine.written[-1:] == [special.think_end]
+    return [special.answer_start] if closed else [special.think_end, special.answer_start]
+
+
+def assemble_trace(
+    builder: ContextBuilder,
+    special: SpecialTokenIds,
+    prompt: Chunk,
+    candidates: list[Encoded],
+    written: list[int],
+    *,
+    reasoning_budget: int,
+    max_inspections: int,
+    allow_inspection: bool = True,
+) -> tuple[list[Chunk], InspectionMachine]:
+    """The chunk sequence that decoding would build for the given written tokens, without
+    running the model (for training on teacher traces). Ends at the answer position."""
+    chunks = [prompt]
+    machine = InspectionMachine(special, len(candidates), reasoning_budget, max_inspections, allow_inspection)
+    if int(prompt.ids[-1]) != special.think_start:
+        return chunks, machine
+    for tok in written:
+        if machine.done:
+            break
+        chunks.append(builder.text_chunk([tok], role="generated"))
+        splice = machine.step(tok)
+        if splice is not None:
+            chunks.append(builder.inspection_chunk(splice, candidates[splice]))
+    tail = forced_tail(special, machine)
+    if tail:
+        chunks.append(builder.text_chunk(tail, role="forced"))
+    return chunks, machine

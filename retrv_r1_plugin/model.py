@@ -1,0 +1,480 @@
+"""``RetrvR1Model``: the reranker (backbone + ICM + inspection-aware generation)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .backbone import Backbone, ModelLoadError, load_backbone, resolve_source
+from .config import CONFIG_NAME, Compression, RetrvR1Config
+from .context import ContextBuilder, Encoded
+from .generation import ANSWER_OUT_OF_RANGE, FORCED_ANSWER, GenerationTrace, InspectionDecoder, SamplingConfig
+from .icm import ICMConfig, InformationCompressionModule
+from .tokens import add_special_tokens, init_added_embeddings, resolve_special_tokens
+from .types import Candidate, EmptyCandidatesError, NoAnswerError, Query, RankResult, RetrvR1Error, TokenUsage
+
+logger = logging.getLogger(__name__)
+
+ICM_WEIGHTS = "icm.safetensors"
+TOKEN_ROWS = "token_embeddings.safetensors"
+BACKBONE_DIR = "backbone"
+ADAPTER_DIR = "adapter"
+
+
+class TooManyCandidatesError(RetrvR1Error, ValueError):
+    """More candidates than the model has index labels."""
+
+
+class ContextOverflowError(RetrvR1Error, ValueError):
+    """The prompt cannot be made to fit the backbone's context."""
+
+
+def bundled_checkpoint(name: str) -> Path | None:
+    """Path of a checkpoint shipped with the package (``retrv_r1_plugin/checkpoints/<name>``)."""
+    path = Path(__file__).parent / "checkpoints" / name
+    return path if (path / CONFIG_NAME).is_file() else None
+
+
+class RetrvR1Model(nn.Module):
+    """A Retrv-R1 reranker over a Hugging Face backbone.
+
+    Build one with :meth:`from_pretrained` (a saved Retrv-R1 checkpoint, a bundled default
+    name, or a plain backbone directory) or :meth:`from_backbone`. Rank with :meth:`rank`.
+    """
+
+    def __init__(self, backbone: Backbone, config: RetrvR1Config, icm: InformationCompressionModule | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.config = config
+        self.lm = backbone.model  # registered so .to()/.parameters() cover the backbone
+        self.icm = icm or InformationCompressionModule(config.icm)
+        self.icm.to(backbone.device)
+        self.special = resolve_special_tokens(backbone.tokenizer, config.max_candidates)
+        self.builder = ContextBuilder(backbone, self.special, config.system_prompt)
+        self.decoder = InspectionDecoder(backbone, self.builder, self.special)
+        self._lock = threading.RLock()
+        self._signature: str | None = None
+        self.backbone_modified = config.backbone_source is None
+
+    # ================================================================ construction
+    @classmethod
+    def from_backbone(cls, backbone: Backbone, *, backbone_source: str | None = None, gguf_file: str | None = None, **overrides: Any) -> "RetrvR1Model":
+        """Wrap a loaded backbone: add the Retrv-R1 tokens and a fresh (untrained) ICM."""
+        icm_kwargs = overrides.pop("icm", {}) or {}
+        if isinstance(icm_kwargs, ICMConfig):
+            icm_kwargs = icm_kwargs.to_dict()
+        icm_kwargs = {**icm_kwargs, "hidden_size": backbone.hidden_size}
+        icm_cfg = ICMConfig(**icm_kwargs)
+        icm_cfg.output_scale = backbone.embedding_rms()
+        config = RetrvR1Config(icm=icm_cfg, backbone_source=backbone_source, gguf_file=gguf_file, model_type=backbone.model_type, **overrides)
+        new = add_special_tokens(backbone.tokenizer, config.max_candidates)
+        emb = backbone.model.get_input_embeddings()
+        if len(backbone.tokenizer) > emb.weight.shape[0]:
+            backbone.model.resize_token_embeddings(len(backbone.tokenizer), mean_resizing=False)
+        init_added_embeddings(backbone.model, backbone.tokenizer, new)
+        icm = InformationCompressionModule(icm_cfg).to(dtype=backbone.dtype)
+        return cls(backbone, config, icm)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        gguf_file: str | None = None,
+        **overrides: Any,
+    ) -> "RetrvR1Model":
+        """Load a saved Retrv-R1 model, a bundled default by name, or wrap a plain backbone."""
+        source = str(name_or_path)
+        bundled = bundled_checkpoint(source)
+        path = Path(bundled) if bundled is not None else Path(resolve_source(source))
+        if (path / CONFIG_NAME).is_file():
+            return cls._load_checkpoint(path, device=device, dtype=dtype, **overrides)
+        backbone = load_backbone(source, gguf_file=gguf_file, dtype=dtype, device=device)
+        logger.warning("%s is a plain backbone: the ICM is untrained (use compression='none' for zero-shot)", source)
+        return cls.from_backbone(backbone, backbone_source=source, gguf_file=gguf_file, **overrides)
+
+    @classmethod
+    def _load_checkpoint(cls, path: Path, *, device=None, dtype=None, **overrides: Any) -> "RetrvR1Model":
+        config = RetrvR1Config.load(path)
+        for key, value in overrides.items():
+            if not hasattr(config, key):
+                raise TypeError(f"unknown RetrvR1Config field {key!r}")
+            setattr(config, key, value)
+        if (path / BACKBONE_DIR).is_dir():
+            backbone = load_backbone(str(path / BACKBONE_DIR), dtype=dtype, device=device, tokenizer_source=str(path))
+        elif config.backbone_source:
+            backbone = load_backbone(config.backbone_source, gguf_file=config.gguf_file, dtype=dtype, device=device, tokenizer_source=str(path))
+        else:
+            raise ModelLoadError(f"checkpoint {path} has neither a backbone/ folder nor a backbone_source")
+        model_emb = backbone.model.get_input_embeddings()
+        if len(backbone.tokenizer) > model_emb.weight.shape[0]:
+            backbone.model.resize_token_embeddings(len(backbone.tokenizer), mean_resizing=False)
+        rows_file = path / TOKEN_ROWS
+        if rows_file.is_file():
+            _load_token_rows(backbone.model, load_file(str(rows_file)))
+        if (path / ADAPTER_DIR).is_dir():
+            _load_lora(backbone.model, path / ADAPTER_DIR)
+        icm = InformationCompressionModule(config.icm)
+        state = load_file(str(path / ICM_WEIGHTS))
+        missing, unexpected = icm.load_state_dict(state, strict=False)
+        missing = [m for m in missing if not m.startswith(("relation_query", "compress_relation"))]
+        if missing or unexpected:
+            raise ModelLoadError(f"ICM weights in {path} do not match the config: missing={missing} unexpected={unexpected}")
+        icm.to(device=backbone.device, dtype=backbone.dtype)
+        model = cls(backbone, config, icm)
+        model.backbone_modified = (path / BACKBONE_DIR).is_dir()
+        model.eval()
+        return model
+
+    def save_pretrained(self, directory: str | os.PathLike, *, save_backbone: bool | None = None) -> Path:
+        """Save config, ICM, tokenizer, added-token rows, LoRA adapters, and, when needed, the backbone.
+
+        The backbone weights are written only when they cannot be re-created from
+        ``backbone_source`` (a model built from config, or a fully fine-tuned one), unless
+        ``save_backbone`` says otherwise.
+        """
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        if save_backbone is None:
+            save_backbone = self.backbone_modified or not self.config.backbone_source
+        lora = _has_lora(self.lm)
+        if save_backbone:
+            bdir = out / BACKBONE_DIR
+            if lora:
+                raise ValueError("merge or drop LoRA adapters before saving the full backbone")
+            self.lm.save_pretrained(bdir)
+            self.backbone.tokenizer.save_pretrained(bdir)
+            if self.backbone.image_processor is not None:
+                self.backbone.image_processor.save_pretrained(bdir)
+        self.config.model_type = self.backbone.model_type
+        self.config.save(out)
+        self.backbone.tokenizer.save_pretrained(out)
+        if self.backbone.image_processor is not None:
+            self.backbone.image_processor.save_pretrained(out)
+        icm_state = {k: v.detach().contiguous().cpu() for k, v in self.icm.state_dict().items()}
+        if self.config.icm.share_compressor:
+            icm_state = {k: v for k, v in icm_state.items() if not k.startswith(("relation_query", "compress_relation"))}
+        save_file(icm_state, str(out / ICM_WEIGHTS))
+        if not save_backbone:
+            save_file(_token_rows(self.lm, self.backbone.tokenizer), str(out / TOKEN_ROWS))
+        if lora:
+            _save_lora(self.lm, out / ADAPTER_DIR)
+        return out
+
+    # ================================================================ properties
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.device
+
+    @property
+    def tokenizer(self):
+        return self.backbone.tokenizer
+
+    @property
+    def content_signature(self) -> str:
+        """Identifies the weights that produce ``t_con``, so caches know when they are stale."""
+        if self._signature is None:
+            h = hashlib.sha256()
+            h.update(json.dumps(self.config.icm.to_dict(), sort_keys=True).encode())
+            for name, tensor in sorted(self.icm.state_dict().items()):
+                h.update(name.encode())
+                h.update(tensor.detach().float().cpu().numpy().tobytes())
+            h.update(self.backbone.model.get_input_embeddings().weight[:64].detach().float().cpu().numpy().tobytes())
+            self._signature = h.hexdigest()[:16]
+        return self._signature
+
+    def invalidate_signature(self) -> None:
+        """Call after changing weights (training) so cached content tokens are recomputed."""
+        self._signature = None
+
+    # ================================================================ encoding
+    def _check_candidates(self, candidates: Sequence[Candidate | str]) -> list[Candidate]:
+        cands = [Candidate.coerce(c) for c in candidates]
+        if not cands:
+            raise EmptyCandidatesError("no candidates to rerank (the first stage returned nothing)")
+        if len(cands) > self.config.max_candidates:
+            raise TooManyCandidatesError(
+                f"{len(cands)} candidates exceed this model's {self.config.max_candidates} index labels; "
+                "pass fewer (top_k) or rerank in windows"
+            )
+        if not self.backbone.is_vision:
+            for i, c in enumerate(cands):
+                if c.image is not None and not c.text.strip():
+                    raise ValueError(
+                        f"candidate {i} is an image without text, but backbone {self.backbone.model_type!r} "
+                        "is text-only; give it a caption or use a Qwen-VL backbone"
+                    )
+        return cands
+
+    def _encode(self, cands: list[Candidate], max_text_tokens: int | None = None) -> list[Encoded]:
+        return self.builder.encode_candidates(cands, max_text_tokens or self.config.max_candidate_tokens)
+
+    def _content_tokens(self, encoded: list[Encoded]) -> torch.Tensor:
+        """``t_con`` of encoded candidates, ``(K, H)``, batched and padded."""
+        embeds, mask = _pad([e.embeds for e in encoded])
+        return self.icm.content(embeds, mask)
+
+    @torch.inference_mode()
+    def encode_candidates(self, candidates: Sequence[Candidate | str], batch_size: int = 32) -> list[torch.Tensor]:
+        """Query-independent content tokens ``t_con`` (one ``(H,)`` float32 CPU tensor each).
+
+        Store them (with :attr:`content_signature`) and pass them back as
+        ``Candidate.content_tokens`` so reranking skips recomputing them.
+        """
+        cands = [Candidate.coerce(c) for c in candidates]
+        out: list[torch.Tensor] = []
+        for start in range(0, len(cands), batch_size):
+            encoded = self._encode(cands[start : start + batch_size])
+            out.extend(t.float().cpu() for t in self._content_tokens(encoded))
+        return out
+
+    def _slots(self, query: Encoded, cands: list[Candidate], encoded: list[Encoded], notes: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        embeds, mask = _pad([e.embeds for e in encoded])
+        hidden = self.backbone.hidden_size
+        cached = [c.content_tokens for c in cands]
+        usable = [t is not None and tuple(torch.as_tensor(t).shape) in ((hidden,), (1, hidden)) for t in cached]
+        if any(t is not None for t in cached) and not all(u or t is None for u, t in zip(usable, cached)):
+            notes.append("some cached content tokens had the wrong shape and were recomputed")
+        if all(usable):
+            content = torch.stack([torch.as_tensor(t).reshape(hidden) for t in cached]).to(self.device, self.backbone.dtype)
+        else:
+            content = self.icm.content(embeds, mask)
+            for i, ok in enumerate(usable):
+                if ok:
+                    content[i] = torch.as_tensor(cached[i]).reshape(hidden).to(content)
+        q = query.embeds.unsqueeze(0)
+        relation = self.icm.relation(embeds, q, mask, None)
+        return [(content[i], relation[i]) for i in range(len(encoded))]
+
+    # ================================================================ ranking
+    def prepare(
+        self,
+        query: Query | str,
+        candidates: Sequence[Candidate | str],
+        *,
+        compression: Compression | None = None,
+        think: bool = True,
+        reasoning_budget: int = 0,
+    ) -> tuple[Any, list[Encoded], list[str]]:
+        """Build the initial context for one query (used by :meth:`rank` and by training)."""
+        q = Query.coerce(query)
+        cands = self._check_candidates(candidates)
+        mode = compression or self.config.compression
+        notes: list[str] = []
+        encoded = self._encode(cands)
+        q_enc = self.builder.encode_query(q, self.config.max_query_tokens)
+        if q_enc.truncated_from:
+            notes.append(f"query truncated from {q_enc.truncated_from} to {self.config.max_query_tokens} tokens")
+        if mode == "none":
+            encoded = self._fit_full_tokens(cands, encoded, q_enc, reasoning_budget, notes)
+        for i, e in enumerate(encoded):
+            if e.truncated_from:
+                notes.append(f"candidate {i} truncated from {e.truncated_from} to {len(e.chunk)} tokens")
+            if e.ignored_image:
+                notes.append(f"candidate {i}: image ignored by the text-only backbone (its text was used)")
+        if q_enc.ignored_image:
+            if not q.text.strip():
+                raise ValueError(f"the query is an image, but backbone {self.backbone.model_type!r} is text-only")
+            notes.append("query image ignored by the text-only backbone")
+        slots = self._slots(q_enc, cands, encoded, notes) if mode == "icm" else None
+        prompt = self.builder.prompt(q_enc, encoded, slots, think=think)
+        limit = self._context_limit()
+        if limit is not None and len(prompt) + reasoning_budget > limit:
+            raise ContextOverflowError(
+                f"prompt of {len(prompt)} tokens plus a reasoning budget of {reasoning_budget} exceeds the "
+                f"context limit of {limit}; pass fewer candidates or lower max_candidate_tokens"
+            )
+        return prompt, encoded, notes
+
+    def _context_limit(self) -> int | None:
+        return self.config.max_context_tokens or self.backbone.max_positions
+
+    def _fit_full_tokens(self, cands, encoded: list[Encoded], query: Encoded, budget: int, notes: list[str]) -> list[Encoded]:
+        """Full-token mode: shrink every candidate's text evenly until the prompt fits."""
+        limit = self._context_limit()
+        if limit is None:
+            return encoded
+        overhead = 64 + len(query.chunk) + sum(len(x) for x in self.builder.chat_frame()) + budget + 4 * len(encoded)
+        total = sum(len(e.chunk) for e in encoded)
+        if total + overhead <= limit:
+            return encoded
+        per = max(1, (limit - overhead) // len(encoded))
+        notes.append(f"full-token prompt over the context limit: candidate text capped at {per} tokens")
+        return self._encode(cands, max_text_tokens=per)
+
+    @torch.inference_mode()
+    def rank(
+        self,
+        query: Query | str,
+        candidates: Sequence[Candidate | str],
+        *,
+        reasoning_budget: int | None = None,
+        max_inspections: int | None = None,
+        compression: Compression | None = None,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        strict: bool = False,
+    ) -> RankResult:
+        """Rerank ``candidates`` for ``query``.
+
+        Returns a :class:`RankResult` whose ``scores[i]`` is the model's probability that
+        candidate ``i`` is the best one. With ``strict=True`` a model output without a clean
+        answer raises :class:`NoAnswerError` instead of falling back (see ``fallback``).
+        """
+        budget = self.config.reasoning_budget if reasoning_budget is None else reasoning_budget
+        inspections = self.config.max_inspections if max_inspections is None else max_inspections
+        mode = compression or self.config.compression
+        if mode not in ("icm", "none"):
+            raise ValueError(f"compression must be 'icm' or 'none', got {mode!r}")
+        with self._lock:
+            prompt, encoded, notes = self.prepare(query, candidates, compression=mode, think=budget > 0, reasoning_budget=budget)
+            trace = self.decoder.decode(
+                prompt,
+                encoded,
+                reasoning_budget=budget,
+                max_inspections=inspections,
+                sampling=SamplingConfig(do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed),
+                allow_inspection=mode == "icm",
+            )
+        result = self._result(trace, [Candidate.coerce(c) for c in candidates], notes)
+        if strict and result.fallback is not None:
+            raise NoAnswerError(f"model output has no clean answer ({result.fallback}): {'; '.join(result.notes)}")
+        return result
+
+    def rank_batch(
+        self,
+        queries: Sequence[Query | str],
+        candidates: Sequence[Sequence[Candidate | str]],
+        **kwargs: Any,
+    ) -> list[RankResult]:
+        """Rank many queries, each with its own candidates; results in input order."""
+        if len(queries) != len(candidates):
+            raise ValueError(f"{len(queries)} queries but {len(candidates)} candidate lists")
+        return [self.rank(q, c, **kwargs) for q, c in zip(queries, candidates)]
+
+    def _result(self, trace: GenerationTrace, cands: list[Candidate], notes: list[str]) -> RankResult:
+        probs = torch.softmax(trace.label_logits.float(), -1)
+        scores = [float(p) for p in probs]
+        order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+        fallback = None
+        answer = None
+        top = int(torch.argmax(trace.answer_logits))
+        top_label = self.special.label_index(top)
+        if trace.stop_reason in ("answer", "direct"):
+            if top_label is not None and top_label < len(cands):
+                answer = top_label
+            else:
+                fallback = ANSWER_OUT_OF_RANGE
+                what = f"label {top_label + 1}" if top_label is not None else f"token {self.tokenizer.convert_ids_to_tokens(top)!r}"
+                notes.append(f"the model's answer was {what}, not one of the {len(cands)} candidates; ranked by label probabilities")
+        else:
+            fallback = FORCED_ANSWER
+        notes.extend(trace.notes)
+        prompt_tokens = sum(len(c) for c in trace.chunks if c.role == "prompt")
+        usage = TokenUsage(
+            prompt_tokens=prompt_tokens,
+            generated_tokens=sum(len(c) for c in trace.chunks if c.role in ("generated", "forced")),
+            inspection_tokens=sum(len(c) for c in trace.chunks if c.role == "spliced"),
+        )
+        reasoning = self._reasoning_text(trace)
+        return RankResult(
+            order=order,
+            scores=scores,
+            reasoning=reasoning,
+            inspected=list(trace.inspected),
+            usage=usage,
+            answer=answer,
+            fallback=fallback,
+            notes=notes,
+            candidates=cands,
+        )
+
+    def _reasoning_text(self, trace: GenerationTrace) -> str:
+        """The model's own words, with each splice shown as a short marker."""
+        parts: list[str] = []
+        pending: list[int] = []
+        splice = 0
+        for chunk in trace.chunks[1:]:
+            if chunk.role == "generated":
+                pending.extend(chunk.ids.tolist())
+            elif chunk.role == "spliced":
+                parts.append(self.tokenizer.decode(pending, skip_special_tokens=False))
+                pending = []
+                parts.append(f"[inspected candidate {trace.inspected[splice]}]")
+                splice += 1
+        parts.append(self.tokenizer.decode(pending, skip_special_tokens=False))
+        return "".join(parts).strip()
+
+
+# ==================================================================== helpers
+def _pad(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack ``(L_i, H)`` tensors into ``(B, L, H)`` plus a bool mask of real positions."""
+    length = max(s.shape[0] for s in seqs)
+    out = seqs[0].new_zeros(len(seqs), length, seqs[0].shape[-1])
+    mask = torch.zeros(len(seqs), length, dtype=torch.bool, device=seqs[0].device)
+    for i, s in enumerate(seqs):
+        out[i, : s.shape[0]] = s
+        mask[i, : s.shape[0]] = True
+    return out, mask
+
+
+def _added_ids(tokenizer) -> list[int]:
+    return sorted(tokenizer.added_tokens_decoder.keys())
+
+
+def _token_rows(model, tokenizer) -> dict[str, torch.Tensor]:
+    ids = torch.tensor(_added_ids(tokenizer), dtype=torch.long)
+    emb = model.get_input_embeddings().weight.detach().cpu()
+    rows = {"ids": ids, "input": emb[ids].contiguous()}
+    out = model.get_output_embeddings()
+    if out is not None and out.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr():
+        rows["output"] = out.weight.detach().cpu()[ids].contiguous()
+    return rows
+
+
+def _load_token_rows(model, rows: dict[str, torch.Tensor]) -> None:
+    ids = rows["ids"]
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        emb[ids.to(emb.device)] = rows["input"].to(emb)
+        if "output" in rows:
+            out = model.get_output_embeddings().weight
+            out[ids.to(out.device)] = rows["output"].to(out)
+
+
+def _has_lora(model) -> bool:
+    return bool(getattr(model, "peft_config", None))
+
+
+def _save_lora(model, directory: Path) -> None:
+    from ._optional import require
+
+    peft = require("peft", "train")
+    directory.mkdir(parents=True, exist_ok=True)
+    config = model.peft_config["default"]
+    config.save_pretrained(str(directory))
+    state = peft.get_peft_model_state_dict(model)
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(directory / "adapter_model.safetensors"))
+
+
+def _load_lora(model, directory: Path) -> None:
+    from ._optional import require
+
+    peft = require("peft", "train")
+    config = peft.PeftConfig.from_pretrained(str(directory))
+    peft.inject_adapter_in_model(config, model)
+    state = load_file(str(directory / "adapter_model.safetensors"))
+    peft.set_peft_model_state_dict(model, state)

@@ -1,0 +1,190 @@
+"""Framework-free types shared by the model, the store and the adapters.
+
+A :class:`Query` or :class:`Candidate` carries text, an image, or both. Images may be
+given as a filesystem path, a :class:`PIL.Image.Image`, or raw encoded bytes; they are
+decoded lazily by :func:`load_image`, which turns every decoding problem into an
+:class:`ImageLoadError` that names the offending source.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from PIL import Image, UnidentifiedImageError
+
+ImageInput = Union[str, os.PathLike, bytes, Image.Image]
+
+#: Images larger than this many pixels are refused (decompression-bomb guard); they are
+#: downscaled by the backbone's processor anyway, so nothing useful is lost.
+MAX_IMAGE_PIXELS = 64_000_000
+
+
+class RetrvR1Error(Exception):
+    """Base class of the errors this package raises on bad input."""
+
+
+class ImageLoadError(RetrvR1Error, ValueError):
+    """An image could not be read or decoded."""
+
+
+class EmptyCandidatesError(RetrvR1Error, ValueError):
+    """A rerank call received no candidates."""
+
+
+class NoAnswerError(RetrvR1Error, RuntimeError):
+    """Strict mode: the model's output held no usable answer."""
+
+
+def _describe(source: ImageInput) -> str:
+    if isinstance(source, (bytes, bytearray)):
+        return f"<{len(source)} bytes>"
+    if isinstance(source, Image.Image):
+        return f"<PIL image {source.size}>"
+    return str(source)
+
+
+def load_image(source: ImageInput) -> Image.Image:
+    """Decode ``source`` into an RGB PIL image, or raise :class:`ImageLoadError`."""
+    if isinstance(source, Image.Image):
+        image = source
+    else:
+        try:
+            if isinstance(source, (bytes, bytearray)):
+                image = Image.open(io.BytesIO(bytes(source)))
+            elif isinstance(source, (str, os.PathLike)):
+                path = os.fspath(source)
+                if not os.path.exists(path):
+                    raise ImageLoadError(f"image file not found: {path}")
+                image = Image.open(path)
+            else:
+                raise ImageLoadError(
+                    f"unsupported image type {type(source).__name__}; "
+                    "give a path, bytes or a PIL.Image"
+                )
+            width, height = image.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise ImageLoadError(
+                    f"image {_describe(source)} has {width}x{height} pixels, above the "
+                    f"limit of {MAX_IMAGE_PIXELS}"
+                )
+            image.load()
+        except ImageLoadError:
+            raise
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            raise ImageLoadError(f"cannot decode image {_describe(source)}: {exc}") from exc
+    if image.width < 1 or image.height < 1:
+        raise ImageLoadError(f"image {_describe(source)} is empty ({image.width}x{image.height})")
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+@dataclass
+class Query:
+    """A search query: text, an image, or both."""
+
+    text: str = ""
+    image: ImageInput | None = None
+
+    def __post_init__(self) -> None:
+        if self.text is None:
+            self.text = ""
+        if not isinstance(self.text, str):
+            raise TypeError(f"Query.text must be a str, got {type(self.text).__name__}")
+
+    @property
+    def has_image(self) -> bool:
+        return self.image is not None
+
+    @classmethod
+    def coerce(cls, value: Query | str) -> Query:
+        if isinstance(value, Query):
+            return value
+        if isinstance(value, str):
+            return cls(text=value)
+        raise TypeError(f"expected a Query or str, got {type(value).__name__}")
+
+
+@dataclass
+class Candidate:
+    """One first-stage result to be reranked.
+
+    Args:
+        text: the candidate's text (a passage, a caption, ...).
+        image: an image path, PIL image or encoded bytes.
+        id: the caller's identifier; kept untouched in results.
+        metadata: free-form data carried along (never shown to the model).
+        content_tokens: a cached ``t_con`` tensor from ``RetrvR1Model.encode_candidates``;
+            when present (and produced by the same model) it is used instead of recomputing.
+    """
+
+    text: str = ""
+    image: ImageInput | None = None
+    id: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    content_tokens: Any | None = None
+
+    def __post_init__(self) -> None:
+        if self.text is None:
+            self.text = ""
+        if not isinstance(self.text, str):
+            raise TypeError(f"Candidate.text must be a str, got {type(self.text).__name__}")
+
+    @property
+    def has_image(self) -> bool:
+        return self.image is not None
+
+    @classmethod
+    def coerce(cls, value: Candidate | str) -> Candidate:
+        if isinstance(value, Candidate):
+            return value
+        if isinstance(value, str):
+            return cls(text=value)
+        raise TypeError(f"expected a Candidate or str, got {type(value).__name__}")
+
+
+@dataclass
+class TokenUsage:
+    """Token counts of one rerank call."""
+
+    prompt_tokens: int = 0
+    """Tokens in the initial context (query, instructions, compressed or full candidates)."""
+    generated_tokens: int = 0
+    """Tokens the model wrote (reasoning, inspection requests, answer)."""
+    inspection_tokens: int = 0
+    """Tokens spliced into the context by details inspection."""
+
+    @property
+    def context_tokens(self) -> int:
+        return self.prompt_tokens + self.generated_tokens + self.inspection_tokens
+
+
+@dataclass
+class RankResult:
+    """The outcome of reranking one query.
+
+    ``scores[i]`` always belongs to ``candidates[i]`` as they were passed in; ``order`` lists
+    candidate indices from best to worst.
+    """
+
+    order: list[int]
+    scores: list[float]
+    reasoning: str = ""
+    inspected: list[int] = field(default_factory=list)
+    usage: TokenUsage = field(default_factory=TokenUsage)
+    answer: int | None = None
+    """The index the model itself wrote after ``<answer>``, if it wrote a valid one."""
+    fallback: str | None = None
+    """Why the ranking was not the model's own clean answer (``None`` when it was)."""
+    notes: list[str] = field(default_factory=list)
+    """Recorded adjustments, e.g. truncated candidates or ignored images."""
+    candidates: list[Candidate] = field(default_factory=list)
+
+    @property
+    def best(self) -> int:
+        return self.order[0]
+
+    def top_k(self, k: int) -> list[tuple[int, float]]:
+        """The ``k`` best ``(index, score)`` pairs."""
+        return [(i, self.scores[i]) for i in self.order[:k]]
