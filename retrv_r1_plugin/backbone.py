@@ -234,6 +234,21 @@ class Backbone:
         return DynamicCache(config=self.text_config)
 
 
+def realign_parameters(model: torch.nn.Module, alignment: int = 64) -> None:
+    """Copy CPU parameters that sit at unaligned addresses (safetensors mmap offsets).
+
+    CPU GEMM kernels choose code paths by alignment, so the same weights at another offset
+    give results that differ in the last bits; realigning makes a save/load round trip
+    reproduce scores exactly.
+    """
+    with torch.no_grad():
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            if tensor.device.type == "cpu" and tensor.numel() and tensor.data_ptr() % alignment:
+                tensor.data = tensor.data.clone()
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+
+
 def build_image_processor(config, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, min_pixels: int = DEFAULT_MIN_IMAGE_PIXELS):
     """A Qwen-VL image processor that needs no torchvision (the PIL implementation)."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -293,6 +308,7 @@ def load_backbone(
         raise _load_error(source, exc) from exc
     if device is not None:
         model.to(device)
+    realign_parameters(model)
     model.eval()
     image_processor = load_image_processor(resolved, config) if config.model_type in VL_MODEL_TYPES else None
     return Backbone(model, tokenizer, image_processor)

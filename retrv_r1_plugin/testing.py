@@ -158,7 +158,15 @@ class scripted_generation:
     def __init__(self, model, tokens: list[str | int]) -> None:
         self.model = model
         tok = model.tokenizer
-        self.ids = [t if isinstance(t, int) else tok.convert_tokens_to_ids(t) for t in tokens]
+        added = tok.get_added_vocab()
+        self.ids: list[int] = []
+        for t in tokens:
+            if isinstance(t, int):
+                self.ids.append(t)
+            elif t in added:
+                self.ids.append(added[t])
+            else:  # plain text: its ordinary tokens
+                self.ids.extend(tok(t, add_special_tokens=False)["input_ids"])
 
     def __enter__(self):
         decoder = self.model.decoder

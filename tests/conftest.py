@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny models built from config (offline, random weights)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+from PIL import Image
+
+from retrv_r1_plugin.model import RetrvR1Model
+from retrv_r1_plugin.testing import build_tiny_text_backbone, build_tiny_vl_backbone
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def make_text_model(seed: int = 0, **overrides) -> RetrvR1Model:
+    overrides.setdefault("max_candidates", 16)
+    torch.manual_seed(seed)
+    return RetrvR1Model.from_backbone(build_tiny_text_backbone(seed=seed), **overrides).eval()
+
+
+def make_vl_model(model_type: str = "qwen2_5_vl", seed: int = 0, **overrides) -> RetrvR1Model:
+    overrides.setdefault("max_candidates", 16)
+    torch.manual_seed(seed)
+    return RetrvR1Model.from_backbone(build_tiny_vl_backbone(model_type, seed=seed), **overrides).eval()
+
+
+@pytest.fixture(scope="session")
+def text_model() -> RetrvR1Model:
+    return make_text_model()
+
+
+@pytest.fixture(scope="session")
+def vl_model() -> RetrvR1Model:
+    return make_vl_model()
+
+
+def solid(color: tuple[int, int, int], size: tuple[int, int] = (56, 56)) -> Image.Image:
+    return Image.new("RGB", size, color)
+
+
+@pytest.fixture
+def images(tmp_path):
+    """Real PNG files on disk plus their PIL images."""
+    paths = {}
+    for name, color, size in [("red", (220, 20, 20), (56, 56)), ("green", (20, 200, 20), (84, 56)), ("blue", (20, 20, 220), (56, 112))]:
+        p = tmp_path / f"{name}.png"
+        solid(color, size).save(p)
+        paths[name] = p
+    return paths

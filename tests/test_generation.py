@@ -1,0 +1,148 @@
+"""Inspection-aware decoding: KV-cache splices, scripted outputs, the state machine."""
+
+import pytest
+import torch
+
+from retrv_r1_plugin.context import cat_chunks
+from retrv_r1_plugin.generation import InspectionMachine, SamplingConfig, assemble_trace
+from retrv_r1_plugin.testing import scripted_generation
+from retrv_r1_plugin.types import Candidate, Query
+
+from conftest import make_text_model, make_vl_model, solid
+
+INSPECT_2 = ["<inspection-index-start>", "<cand_2>", "<inspection-index-end>"]
+
+
+def _record_runs(model):
+    """Wrap the decoder so every chunk run and the logits it returned are recorded."""
+    runs = []
+    original = model.decoder._run
+
+    def run(chunk, state):
+        logits = original(chunk, state)
+        runs.append((len(chunk), chunk.role, logits.clone()))
+        return logits
+
+    model.decoder._run = run
+    return runs
+
+
+def _fresh_logits(model, chunks):
+    """One forward over the whole concatenated sequence, positions computed from scratch."""
+    full = cat_chunks(chunks)
+    bb = model.backbone
+    pos, _ = bb.positions(full.ids, full.grids, 0)
+    deep = mask = None
+    if full.deepstack is not None:
+        deep, mask = full.deepstack, (full.ids == bb.image_token_id).unsqueeze(0)
+    with torch.inference_mode():
+        logits, _ = bb.forward(full.embeds.unsqueeze(0), pos, None, deepstack=deep, visual_mask=mask, logits="all")
+    return logits[0].float()
+
+
+def _candidates(with_images: bool):
+    if not with_images:
+        return ["plants turn light into sugar", "a rocket in the sky", "coffee in a white cup"]
+    return [
+        Candidate(text="a red square", image=solid((220, 20, 20))),
+        Candidate(image=solid((20, 220, 20), (84, 56))),
+        Candidate(text="blue", image=solid((20, 20, 220), (56, 112))),
+    ]
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["text", "qwen2_5_vl", "qwen2_vl", "qwen3_vl"],
+)
+def test_logits_after_splice_equal_fresh_forward(kind):
+    model = make_text_model() if kind == "text" else make_vl_model(kind)
+    vision = kind != "text"
+    query = Query(text="which one is green?", image=solid((20, 200, 20)) if vision else None)
+    runs = _record_runs(model)
+    script = ["the", " cat"] + INSPECT_2 + ["ok"] + ["<inspection-index-start>", "<cand_1>", "<inspection-index-end>", "<answer>"]
+    with scripted_generation(model, script):
+        result = model.rank(query, _candidates(vision), reasoning_budget=50, max_inspections=3)
+    assert result.inspected == [1, 0]
+    assert result.fallback != "forced_answer"  # the script opened <answer> itself
+    # Rebuild the exact sequence the decoder ran and compare every recorded step.
+    prompt, encoded, _ = model.prepare(query, _candidates(vision), think=True, reasoning_budget=50)
+    seq, machine = assemble_trace(
+        model.builder, model.special, prompt, encoded,
+        scripted_generation(model, script).ids, reasoning_budget=50, max_inspections=3,
+    )
+    assert [c.role for c in seq].count("spliced") == 2
+    assert sum(n for n, _, _ in runs) == sum(len(c) for c in seq)
+    fresh = _fresh_logits(model, seq)
+    end = 0
+    for n, role, logits in runs:
+        end += n
+        torch.testing.assert_close(logits, fresh[end - 1], atol=2e-4, rtol=2e-4, msg=f"after a {role} chunk")
+    # the splice carried the candidate's full tokens, images included
+    spliced = [c for c in seq if c.role == "spliced"]
+    if vision:
+        assert spliced[0].grids and spliced[1].grids
+    assert result.usage.inspection_tokens == sum(len(c) for c in spliced)
+
+
+def test_text_and_vl_models_inspect_with_icm_only():
+    model = make_text_model()
+    with scripted_generation(model, INSPECT_2 + ["<answer>"]):
+        full = model.rank("q", _candidates(False), compression="none", reasoning_budget=20)
+    assert full.inspected == []
+    assert any("already in full tokens" in n for n in full.notes)
+
+
+def test_greedy_decoding_is_deterministic_and_sampling_is_seeded(text_model):
+    a = text_model.rank("q", _candidates(False), reasoning_budget=8)
+    b = text_model.rank("q", _candidates(False), reasoning_budget=8)
+    assert a.scores == b.scores and a.reasoning == b.reasoning
+    s1 = text_model.rank("q", _candidates(False), reasoning_budget=8, do_sample=True, seed=3)
+    s2 = text_model.rank("q", _candidates(False), reasoning_budget=8, do_sample=True, seed=3)
+    s3 = text_model.rank("q", _candidates(False), reasoning_budget=8, do_sample=True, seed=4)
+    assert s1.reasoning == s2.reasoning
+    assert s1.reasoning != s3.reasoning
+
+
+class TestInspectionMachine:
+    @pytest.fixture
+    def special(self, text_model):
+        return text_model.special
+
+    def test_valid_request_splices_once(self, special):
+        m = InspectionMachine(special, num_candidates=3, budget=100, max_inspections=2)
+        out = [m.step(t) for t in [special.inspect_start, special.labels[2], special.inspect_end]]
+        assert out == [None, None, 2] and m.inspected == [2]
+        out = [m.step(t) for t in [special.inspect_start, special.labels[2], special.inspect_end]]
+        assert out[-1] is None and "already inspected" in m.notes[-1]
+
+    def test_out_of_range_and_garbage_requests_are_ignored(self, special):
+        m = InspectionMachine(special, num_candidates=3, budget=100, max_inspections=2)
+        assert m.step(special.inspect_start) is None
+        assert m.step(special.labels[7]) is None
+        assert m.step(special.inspect_end) is None
+        assert m.inspected == [] and "no valid candidate" in m.notes[-1]
+        m.step(special.inspect_start)
+        m.step(special.labels[0])
+        m.step(special.labels[1])
+        assert m.step(special.inspect_end) is None and m.inspected == []
+
+    def test_cap_stops_reasoning(self, special):
+        m = InspectionMachine(special, num_candidates=3, budget=100, max_inspections=1)
+        for label in (0, 1):
+            for t in [special.inspect_start, special.labels[label], special.inspect_end]:
+                m.step(t)
+        assert m.inspected == [0] and m.done and m.stop_reason == "inspection_cap"
+
+    def test_budget_and_answer(self, special):
+        m = InspectionMachine(special, num_candidates=3, budget=2, max_inspections=1)
+        m.step(special.think_end)
+        assert not m.done
+        m.step(special.inspect_start)
+        assert m.done and m.stop_reason == "reasoning_budget"
+        m2 = InspectionMachine(special, num_candidates=3, budget=5, max_inspections=1)
+        m2.step(special.answer_start)
+        assert m2.done and m2.wrote_answer
+
+
+def test_sampling_config_defaults_are_greedy():
+    assert SamplingConfig().do_sample is False

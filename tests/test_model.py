@@ -1,0 +1,145 @@
+"""RetrvR1Model: scores, modes, save/load, batching, content-token caching."""
+
+import math
+
+import pytest
+import torch
+
+from retrv_r1_plugin.icm import InformationCompressionModule
+from retrv_r1_plugin.model import RetrvR1Model
+from retrv_r1_plugin.types import Candidate, Query
+
+from conftest import make_text_model, make_vl_model, solid
+
+TEXTS = ["plants turn light into sugar", "a rocket in the sky", "coffee in a white cup", "the cat sat on the mat"]
+
+
+@pytest.mark.parametrize("budget", [0, 6])
+@pytest.mark.parametrize("compression", ["icm", "none"])
+def test_scores_are_a_distribution_over_exactly_k(text_model, compression, budget):
+    result = text_model.rank("photosynthesis", TEXTS, compression=compression, reasoning_budget=budget)
+    assert len(result.scores) == len(TEXTS)
+    assert math.isclose(sum(result.scores), 1.0, rel_tol=1e-5)
+    assert all(0.0 <= s <= 1.0 for s in result.scores)
+    assert sorted(result.order) == list(range(len(TEXTS)))
+    assert [result.scores[i] for i in result.order] == sorted(result.scores, reverse=True)
+    assert [c.text for c in result.candidates] == TEXTS
+    assert result.usage.prompt_tokens > 0
+
+
+def test_icm_context_is_much_shorter_than_full_tokens(text_model):
+    long_texts = [t + " " + "detail " * 60 for t in TEXTS]
+    icm = text_model.rank("q", long_texts, compression="icm", reasoning_budget=0)
+    full = text_model.rank("q", long_texts, compression="none", reasoning_budget=0)
+    assert icm.usage.prompt_tokens + 4 * 60 < full.usage.prompt_tokens
+
+
+def test_scores_follow_the_label_logits_not_positions():
+    """Boost one label's output row: that candidate must get the top score wherever it sits."""
+    model = make_text_model(seed=1)
+    head = model.backbone.lm_head.weight
+    label = model.special.labels[2]
+    with torch.no_grad():
+        head[label] *= 40
+    result = model.rank("q", TEXTS, reasoning_budget=0)
+    assert result.order[0] == 2 and result.answer == 2 and result.fallback is None
+    assert result.scores[2] > 0.9
+
+
+def test_vl_model_ranks_images_paths_and_bytes(vl_model, images):
+    raw = images["blue"].read_bytes()
+    cands = [
+        Candidate(text="red", image=images["red"]),
+        Candidate(image=str(images["green"])),
+        Candidate(image=raw, id="blue"),
+        Candidate(text="just text"),
+    ]
+    for compression in ("icm", "none"):
+        r = vl_model.rank(Query(text="", image=images["green"]), cands, compression=compression, reasoning_budget=4)
+        assert len(r.scores) == 4 and math.isclose(sum(r.scores), 1, rel_tol=1e-5)
+        assert r.candidates[2].id == "blue"
+
+
+@pytest.mark.parametrize("kind", ["text", "vl"])
+def test_save_load_round_trip_gives_identical_scores(tmp_path, kind, images):
+    model = make_text_model(seed=2) if kind == "text" else make_vl_model(seed=2)
+    cands = TEXTS if kind == "text" else [Candidate(text="a", image=images["red"]), Candidate(text="b"), Candidate(image=images["blue"])]
+    before = model.rank("query", cands, reasoning_budget=5)
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = RetrvR1Model.from_pretrained(tmp_path / "ckpt")
+    after = loaded.rank("query", cands, reasoning_budget=5)
+    assert after.scores == before.scores
+    assert after.reasoning == before.reasoning
+    assert loaded.config.max_candidates == model.config.max_candidates
+    assert loaded.tokenizer.convert_tokens_to_ids("<cand_3>") == model.tokenizer.convert_tokens_to_ids("<cand_3>")
+
+
+def test_saved_checkpoint_without_backbone_weights_references_source(tmp_path):
+    """A checkpoint that references its backbone stores only ICM, tokenizer and added rows."""
+    model = make_text_model(seed=3)
+    model.backbone.model.save_pretrained(tmp_path / "base")
+    model.backbone.tokenizer.save_pretrained(tmp_path / "base")
+    model.config.backbone_source = str(tmp_path / "base")
+    model.backbone_modified = False
+    with torch.no_grad():  # train-like change to an added row: must survive without backbone/
+        model.backbone.model.get_input_embeddings().weight[model.special.labels[0]] += 0.5
+    before = model.rank("q", TEXTS, reasoning_budget=0)
+    out = model.save_pretrained(tmp_path / "ckpt")
+    assert not (out / "backbone").exists() and (out / "token_embeddings.safetensors").exists()
+    after = RetrvR1Model.from_pretrained(out).rank("q", TEXTS, reasoning_budget=0)
+    assert after.scores == pytest.approx(before.scores, abs=1e-6)
+
+
+def test_separate_compressor_round_trip(tmp_path):
+    model = make_text_model(seed=4, icm={"share_compressor": False, "dim": 32, "num_heads": 4})
+    assert model.icm.compress_relation is not model.icm.compress
+    before = model.rank("q", TEXTS, reasoning_budget=0)
+    model.save_pretrained(tmp_path / "c")
+    after = RetrvR1Model.from_pretrained(tmp_path / "c").rank("q", TEXTS, reasoning_budget=0)
+    assert after.scores == before.scores
+
+
+def test_rank_batch_equals_single_calls(text_model):
+    queries = ["photosynthesis", Query(text="space travel")]
+    lists = [TEXTS, TEXTS[:2]]
+    batch = text_model.rank_batch(queries, lists, reasoning_budget=3)
+    singles = [text_model.rank(q, c, reasoning_budget=3) for q, c in zip(queries, lists)]
+    assert [b.scores for b in batch] == [s.scores for s in singles]
+    with pytest.raises(ValueError, match="2 queries but 1"):
+        text_model.rank_batch(queries, lists[:1])
+
+
+def test_cached_content_tokens_are_used_and_match(text_model, monkeypatch):
+    cached = text_model.encode_candidates(TEXTS)
+    assert len(cached) == len(TEXTS) and cached[0].shape == (text_model.backbone.hidden_size,)
+    fresh = text_model.rank("q", TEXTS, reasoning_budget=0)
+    calls = []
+    original = InformationCompressionModule.content
+    monkeypatch.setattr(InformationCompressionModule, "content", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    cands = [Candidate(text=t, content_tokens=c) for t, c in zip(TEXTS, cached)]
+    reused = text_model.rank("q", cands, reasoning_budget=0)
+    assert calls == []  # t_con came from the cache
+    assert reused.scores == pytest.approx(fresh.scores, abs=1e-5)
+    # a wrong-shaped cache entry is recomputed, with a note
+    cands[1] = Candidate(text=TEXTS[1], content_tokens=torch.zeros(3))
+    mixed = text_model.rank("q", cands, reasoning_budget=0)
+    assert calls and any("wrong shape" in n for n in mixed.notes)
+    assert mixed.scores == pytest.approx(fresh.scores, abs=1e-5)
+
+
+def test_content_signature_changes_with_weights():
+    model = make_text_model(seed=5)
+    sig = model.content_signature
+    with torch.no_grad():
+        model.icm.out_proj.weight.add_(1.0)
+    assert model.content_signature == sig  # cached until invalidated
+    model.invalidate_signature()
+    assert model.content_signature != sig
+
+
+def test_reasoning_trace_and_usage_are_reported(text_model):
+    r = text_model.rank("q", TEXTS, reasoning_budget=7)
+    assert r.usage.generated_tokens >= 7
+    assert r.reasoning  # the model's written tokens, decoded
+    assert r.fallback == "forced_answer"  # a random model never opens <answer> by itself
+    assert any("budget of 7" in n for n in r.notes)
