@@ -1,0 +1,41 @@
+"""Data foundations: BEIR / M-BEIR readers and writers, and builders of offline sets."""
+
+from .formats import (
+    DataFormatError,
+    Doc,
+    QueryRecord,
+    RetrievalDataset,
+    beir_splits,
+    load_beir,
+    load_beir_corpus,
+    load_beir_queries,
+    load_mbeir,
+    load_mbeir_task,
+    load_qrels_tsv,
+    mbeir_pool_path,
+    mbeir_query_path,
+    read_jsonl,
+    write_beir,
+    write_mbeir_cand_pool,
+    write_mbeir_queries,
+)
+
+__all__ = [
+    "DataFormatError",
+    "Doc",
+    "QueryRecord",
+    "RetrievalDataset",
+    "beir_splits",
+    "load_beir",
+    "load_beir_corpus",
+    "load_beir_queries",
+    "load_mbeir",
+    "load_mbeir_task",
+    "load_qrels_tsv",
+    "mbeir_pool_path",
+    "mbeir_query_path",
+    "read_jsonl",
+    "write_beir",
+    "write_mbeir_cand_pool",
+    "write_mbeir_queries",
+]
