@@ -1,0 +1,119 @@
+"""Bad input gives clear errors or flagged fallbacks, never a crash deep in torch."""
+
+import io
+
+import pytest
+import torch
+
+from retrv_r1_plugin.backbone import ModelLoadError
+from retrv_r1_plugin.model import ContextOverflowError, RetrvR1Model, TooManyCandidatesError
+from retrv_r1_plugin.testing import scripted_generation
+from retrv_r1_plugin.types import Candidate, EmptyCandidatesError, ImageLoadError, NoAnswerError, Query
+
+from conftest import make_text_model, solid
+
+TEXTS = ["alpha beta", "gamma delta", "epsilon"]
+
+
+def test_empty_candidate_list(text_model):
+    with pytest.raises(EmptyCandidatesError, match="no candidates"):
+        text_model.rank("q", [])
+
+
+def test_too_many_candidates_names_the_limit(text_model):
+    with pytest.raises(TooManyCandidatesError, match="17 candidates exceed this model's 16"):
+        text_model.rank("q", ["x"] * 17)
+
+
+def test_missing_and_corrupt_images_name_the_source(vl_model, tmp_path):
+    with pytest.raises(ImageLoadError, match="not found.*nope.png"):
+        vl_model.rank("q", [Candidate(image=tmp_path / "nope.png"), "b"])
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    with pytest.raises(ImageLoadError, match="bad.png"):
+        vl_model.rank("q", [Candidate(image=bad)])
+    buf = io.BytesIO()
+    solid((1, 2, 3)).save(buf, format="PNG")
+    with pytest.raises(ImageLoadError, match="bytes"):
+        vl_model.rank("q", [Candidate(image=buf.getvalue()[:40])])
+    text_file = tmp_path / "notes.txt"
+    text_file.write_text("not an image")
+    with pytest.raises(ImageLoadError, match="notes.txt"):
+        vl_model.rank(Query(text="q", image=text_file), ["a"])
+
+
+def test_text_backbone_refuses_image_only_candidates_but_uses_captions(text_model, tmp_path):
+    with pytest.raises(ValueError, match="text-only"):
+        text_model.rank("q", [Candidate(image=solid((0, 0, 0)))])
+    r = text_model.rank("q", [Candidate(text="a caption", image=solid((0, 0, 0))), "b"], reasoning_budget=0)
+    assert any("image ignored" in n for n in r.notes)
+
+
+def test_unknown_model_paths(tmp_path):
+    with pytest.raises(ModelLoadError, match="no model directory"):
+        RetrvR1Model.from_pretrained(tmp_path / "does-not-exist")
+    with pytest.raises(ModelLoadError, match="cannot load a model from 'nobody/no-such-model'"):
+        RetrvR1Model.from_pretrained("nobody/no-such-model")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ModelLoadError):
+        RetrvR1Model.from_pretrained(empty)
+
+
+def test_long_candidates_are_truncated_with_a_note():
+    model = make_text_model(max_candidate_tokens=12)
+    r = model.rank("q", ["word " * 200, "short"], reasoning_budget=0)
+    assert any("candidate 0 truncated from" in n and "to 12 tokens" in n for n in r.notes)
+    assert not any("candidate 1" in n for n in r.notes)
+
+
+def test_full_token_prompt_is_fitted_to_the_context():
+    model = make_text_model(max_context_tokens=400, max_candidate_tokens=4000)
+    r = model.rank("q", ["word " * 300] * 4, compression="none", reasoning_budget=0)
+    assert r.usage.prompt_tokens <= 400
+    assert any("capped at" in n for n in r.notes)
+    with pytest.raises(ContextOverflowError, match="context limit of 400"):
+        model.rank("q", ["w"] * 4, compression="icm", reasoning_budget=390)
+
+
+def test_no_answer_falls_back_and_strict_mode_raises(text_model):
+    with scripted_generation(text_model, ["some", " words", "<|im_end|>"]):
+        r = text_model.rank("q", TEXTS, reasoning_budget=30)
+    assert r.fallback == "forced_answer" and any("without an answer" in n for n in r.notes)
+    assert len(r.scores) == 3 and abs(sum(r.scores) - 1) < 1e-5
+    with scripted_generation(text_model, ["some", "<|im_end|>"]):
+        with pytest.raises(NoAnswerError, match="forced_answer"):
+            text_model.rank("q", TEXTS, reasoning_budget=30, strict=True)
+
+
+def test_answer_out_of_range_is_flagged():
+    model = make_text_model(seed=7)
+    with torch.no_grad():  # the model now always "answers" label 9 of 3 candidates
+        model.backbone.lm_head.weight[model.special.labels[8]] *= 50
+    r = model.rank("q", TEXTS, reasoning_budget=0)
+    assert r.fallback == "answer_out_of_range" and r.answer is None
+    assert any("label 9" in n for n in r.notes)
+    assert abs(sum(r.scores) - 1) < 1e-5
+    with pytest.raises(NoAnswerError):
+        model.rank("q", TEXTS, reasoning_budget=0, strict=True)
+
+
+def test_endless_and_repeated_inspections_end_cleanly(text_model):
+    req = lambda i: ["<inspection-index-start>", f"<cand_{i}>", "<inspection-index-end>"]  # noqa: E731
+    with scripted_generation(text_model, req(1) * 50):
+        r = text_model.rank("q", TEXTS, reasoning_budget=500, max_inspections=2)
+    assert r.inspected == [0]
+    assert sum("already inspected" in n for n in r.notes) >= 2
+    with scripted_generation(text_model, req(1) + req(2) + req(3) + ["<answer>"]):
+        r = text_model.rank("q", TEXTS, reasoning_budget=500, max_inspections=2)
+    assert r.inspected == [0, 1] and r.fallback == "forced_answer"
+    assert any("inspection cap of 2" in n for n in r.notes)
+
+
+def test_type_errors_are_clear(text_model):
+    with pytest.raises(TypeError, match="Candidate or str"):
+        text_model.rank("q", [3])
+    with pytest.raises(TypeError, match="Query or str"):
+        text_model.rank(42, ["a"])
+    with pytest.raises(ValueError, match="compression"):
+        text_model.rank("q", ["a"], compression="zip")
