@@ -1,0 +1,790 @@
+"""A first-stage candidate store over Qdrant: embedded by default, a server by ``url=``.
+
+Layout of one point (compatible with ``langchain_qdrant.QdrantVectorStore``):
+
+* vector: one dense vector, unnamed by default (``vector_name=""``, langchain-qdrant's
+  default) or named ``vector_name``; cosine distance.
+* payload ``page_content``: the candidate's text (its caption, for an image).
+* payload ``metadata``: the caller's metadata plus ``candidate_id`` and, for images,
+  ``image_path`` (stored by reference) and/or ``image_b64`` (encoded bytes, base64).
+* payload ``retrv_r1``: bookkeeping (content fingerprint, record hash, embedder, how the
+  point was indexed). langchain-qdrant ignores it.
+* payload ``retrv_r1_content_tokens`` (optional): the reranker's cached ``t_con`` for this
+  candidate, as ``{"signature", "dtype", "orig_dtype", "shape", "data"}`` where ``data``
+  is the base64 of the raw little-endian array bytes. It is excluded from search results
+  unless asked for, survives re-indexing of unchanged content, and is dropped when the
+  candidate's text or image changes.
+
+Point ids are ``uuid5(NAMESPACE, candidate_id)``; a candidate without an ``id`` gets
+``candidate_id = "sha256:<hash of text + image bytes/path>"``, so re-adding the same item
+never duplicates it and re-running an interrupted indexing job converges to the same
+collection (points whose content, metadata and embedder are unchanged are skipped).
+"""
+
+from __future__ import annotations
+
+import base64
+import builtins
+import hashlib
+import io
+import json
+import math
+import os
+import sys
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import numpy as np
+from PIL import Image
+from qdrant_client import QdrantClient, models
+
+from ..types import Candidate, ImageLoadError, Query, RetrvR1Error, load_image
+from .embedders import (
+    ImageTextEmbedder,
+    TextEmbedder,
+    TextEmbedderProtocol,
+    embedder_name,
+    supports_images,
+)
+
+T = TypeVar("T")
+
+NAMESPACE = uuid.UUID("5b7d0c4e-2f0a-5d43-9a57-7f1d6a8e2b31")
+"""Namespace of the uuid5 point ids derived from candidate ids."""
+
+CONTENT_KEY = "page_content"
+METADATA_KEY = "metadata"
+INTERNAL_KEY = "retrv_r1"
+TOKENS_KEY = "retrv_r1_content_tokens"
+RESERVED_METADATA_KEYS = ("candidate_id", "image_path", "image_b64")
+_PAYLOAD_VERSION = 1
+
+
+class StoreUnavailableError(RetrvR1Error, ConnectionError):
+    """The Qdrant server did not answer (after retries)."""
+
+
+class StoreLockedError(RetrvR1Error, RuntimeError):
+    """An embedded store folder is already open in another process."""
+
+
+class ImageEmbedderRequiredError(RetrvR1Error, ValueError):
+    """An image must be embedded but the store has no image-text embedder."""
+
+
+class CollectionMismatchError(RetrvR1Error, ValueError):
+    """The existing collection does not fit the store's embedder or vector name."""
+
+
+class UnknownCandidateError(RetrvR1Error, KeyError):
+    """A candidate id is not in the store."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def default_store_path() -> Path:
+    """Default folder of the embedded store: ``<user data dir>/retrv-r1-plugin/qdrant``."""
+    try:
+        import platformdirs
+    except ImportError:
+        return Path.home() / ".local" / "share" / "retrv-r1-plugin" / "qdrant"
+    return Path(platformdirs.user_data_dir("retrv-r1-plugin", appauthor=False)) / "qdrant"
+
+
+def point_id(candidate_id: str) -> str:
+    """The Qdrant point id of ``candidate_id`` (a uuid5 string)."""
+    return str(uuid.uuid5(NAMESPACE, str(candidate_id)))
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` is a connection problem or timeout worth retrying."""
+    import httpx
+    from qdrant_client.common.client_exceptions import ResourceExhaustedResponse
+    from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+
+    if isinstance(exc, ResponseHandlingException):
+        return isinstance(exc.source, (httpx.TransportError, builtins.ConnectionError, TimeoutError))
+    if isinstance(exc, UnexpectedResponse):
+        return exc.status_code in (408, 429, 502, 503, 504)
+    if isinstance(exc, (ResourceExhaustedResponse, httpx.TransportError, builtins.ConnectionError, TimeoutError)):
+        return True
+    grpc = sys.modules.get("grpc")
+    if grpc is not None and isinstance(exc, grpc.RpcError):
+        code = exc.code() if callable(getattr(exc, "code", None)) else None
+        return code in (
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        )
+    return False
+
+
+def _sha256(*parts: bytes) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+    return h.hexdigest()
+
+
+@dataclass
+class _Prepared:
+    """A validated candidate ready to embed and write."""
+
+    candidate_id: str
+    point_id: str
+    text: str
+    image: str | bytes | None  # absolute path or encoded bytes
+    mode: Literal["text", "caption", "image", "image+text"]
+    fingerprint: str
+    record: str
+    payload: dict[str, Any]
+
+
+class QdrantCandidateStore:
+    """First-stage candidate store over Qdrant (embedded, in memory, or a server).
+
+    Args:
+        embedder: a :class:`~retrv_r1_plugin.store.embedders.TextEmbedder`, any object with
+            ``dim`` and ``embed_texts``, an :class:`ImageTextEmbedder` (also ``embed_images``,
+            so images are searchable by themselves), or a sentence-transformers model name /
+            folder. ``None``: the bundled offline all-MiniLM-L6-v2.
+        collection_name: the Qdrant collection.
+        path: folder of the embedded store; the default (when no other location is given)
+            is :func:`default_store_path`. One process at a time may open it.
+        location: ``":memory:"`` for a throwaway in-memory store (tests).
+        url: a Qdrant server or cluster, e.g. ``"http://localhost:6333"``.
+        api_key: API key for ``url``.
+        client: an existing ``QdrantClient`` to use (not closed by :meth:`close`).
+        timeout: per-request timeout in seconds (server mode).
+        retries: retries of a server call after a connection error or timeout.
+        backoff: first retry delay in seconds; doubles each time up to ``max_backoff``.
+        max_backoff: longest delay between retries.
+        vector_name: name of the dense vector; ``""`` (unnamed) matches langchain-qdrant.
+        distance: the vector distance.
+        inline_images: also store images given by path as bytes, so results carry the image
+            even where the path does not exist (e.g. other machines of a server deployment).
+        fuse_captions: with an image-text embedder, index an image that has a caption by the
+            normalised sum of image and caption embeddings (otherwise by the image alone).
+        skip_unchanged: in :meth:`add`, skip points already stored with the same content,
+            metadata and embedder (makes resuming an interrupted indexing job cheap).
+        **client_kwargs: passed to ``QdrantClient`` (e.g. ``prefer_grpc=True``).
+    """
+
+    def __init__(
+        self,
+        embedder: TextEmbedderProtocol | ImageTextEmbedder | str | os.PathLike | None = None,
+        *,
+        collection_name: str = "retrv_r1",
+        path: str | os.PathLike | None = None,
+        location: str | None = None,
+        url: str | None = None,
+        api_key: str | None = None,
+        client: QdrantClient | None = None,
+        timeout: float = 10.0,
+        retries: int = 3,
+        backoff: float = 0.5,
+        max_backoff: float = 8.0,
+        vector_name: str = "",
+        distance: models.Distance = models.Distance.COSINE,
+        inline_images: bool = False,
+        fuse_captions: bool = True,
+        skip_unchanged: bool = True,
+        **client_kwargs: Any,
+    ) -> None:
+        if embedder is None:
+            embedder = TextEmbedder()
+        elif isinstance(embedder, (str, os.PathLike)):
+            embedder = TextEmbedder(embedder)
+        if not callable(getattr(embedder, "embed_texts", None)):
+            raise TypeError(f"embedder {embedder!r} has no embed_texts(list[str]) method")
+        self.embedder = embedder
+        self.collection_name = collection_name
+        self.vector_name = vector_name
+        self.distance = distance
+        self.inline_images = inline_images
+        self.fuse_captions = fuse_captions
+        self.skip_unchanged = skip_unchanged
+        self.timeout = timeout
+        self.retries = max(0, int(retries))
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self._collection_ready = False
+        self._dim: int | None = None
+
+        if location is not None and location != ":memory:":
+            if url is not None:
+                raise ValueError("give either location= or url=, not both")
+            url, location = location, None
+        given = [name for name, value in (("path", path), ("location", location), ("url", url), ("client", client)) if value is not None]
+        if len(given) > 1:
+            raise ValueError(f"give only one of path=, location=, url=, client= (got {', '.join(given)})")
+
+        self.url: str | None = url
+        self.path: Path | None = None
+        self.location: str | None = location
+        self._owns_client = client is None
+        if client is not None:
+            self._client = client
+            remote = getattr(client, "_client", None)
+            self.url = getattr(remote, "rest_uri", None) if type(remote).__name__ == "QdrantRemote" else None
+        elif url is not None:
+            self._client = QdrantClient(
+                url=url, api_key=api_key, timeout=max(1, math.ceil(timeout)), **client_kwargs
+            )
+            # Fail early, with the retries, when the server cannot be reached.
+            self._call(self._client.collection_exists, collection_name)
+        elif location is not None:
+            self._client = QdrantClient(location=location, **client_kwargs)
+        else:
+            self.path = Path(path) if path is not None else default_store_path()
+            self.path.mkdir(parents=True, exist_ok=True)
+            try:
+                self._client = QdrantClient(path=os.fspath(self.path), **client_kwargs)
+            except RuntimeError as exc:
+                if "already accessed" in str(exc):
+                    raise StoreLockedError(
+                        f"the embedded Qdrant store at {self.path} is already open in another "
+                        "process (embedded mode allows one process per folder); close it there, "
+                        "use another path=, or run a Qdrant server and pass url= to share it"
+                    ) from exc
+                raise
+
+    # ------------------------------------------------------------------ plumbing
+
+    def __repr__(self) -> str:
+        where = self.url or (os.fspath(self.path) if self.path else self.location) or "client"
+        return f"{type(self).__name__}({where!r}, collection={self.collection_name!r})"
+
+    def __enter__(self) -> QdrantCandidateStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def client(self) -> QdrantClient:
+        """The underlying ``QdrantClient`` (e.g. to share the collection with langchain-qdrant)."""
+        return self._client
+
+    @property
+    def supports_images(self) -> bool:
+        """Whether images are embedded by themselves (an image-text embedder is configured)."""
+        return supports_images(self.embedder)
+
+    @property
+    def dim(self) -> int:
+        """Size of the dense vectors (loads the embedder)."""
+        if self._dim is None:
+            self._dim = int(self.embedder.dim)
+        return self._dim
+
+    def close(self) -> None:
+        """Release the client (and the embedded store's folder lock)."""
+        if self._owns_client:
+            self._client.close()
+
+    def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a client call; on a server, retry connection errors/timeouts with backoff."""
+        if self.url is None:
+            return fn(*args, **kwargs)
+        from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
+
+        retrying = Retrying(
+            stop=stop_after_attempt(self.retries + 1),
+            wait=wait_exponential(multiplier=self.backoff, max=self.max_backoff),
+            retry=retry_if_exception(_is_transient),
+            reraise=True,
+        )
+        try:
+            return retrying(fn, *args, **kwargs)
+        except Exception as exc:
+            if _is_transient(exc):
+                raise StoreUnavailableError(
+                    f"Qdrant server at {self.url} did not answer {getattr(fn, '__name__', 'call')}"
+                    f" after {self.retries + 1} attempt(s) (timeout {self.timeout}s): {exc}"
+                ) from exc
+            raise
+
+    def _vector_params(self) -> models.VectorParams:
+        return models.VectorParams(size=self.dim, distance=self.distance)
+
+    def _ensure_collection(self, create: bool) -> bool:
+        """Check (or create) the collection; False when it does not exist and ``create`` is off."""
+        if self._collection_ready:
+            return True
+        if not self._call(self._client.collection_exists, self.collection_name):
+            if not create:
+                return False
+            config = self._vector_params()
+            vectors_config: Any = config if self.vector_name == "" else {self.vector_name: config}
+            try:
+                self._call(
+                    self._client.create_collection,
+                    collection_name=self.collection_name,
+                    vectors_config=vectors_config,
+                )
+            except Exception:
+                # Another writer (or a retried call that did succeed) may have created it.
+                if not self._call(self._client.collection_exists, self.collection_name):
+                    raise
+                self._validate_collection()
+        else:
+            self._validate_collection()
+        self._collection_ready = True
+        return True
+
+    def _validate_collection(self) -> None:
+        info = self._call(self._client.get_collection, self.collection_name)
+        vectors = info.config.params.vectors
+        where = f"collection {self.collection_name!r}"
+        if isinstance(vectors, dict):
+            if self.vector_name not in vectors:
+                raise CollectionMismatchError(
+                    f"{where} has no dense vector named {self.vector_name!r} "
+                    f"(it has {sorted(vectors)}); pass vector_name= accordingly"
+                )
+            params = vectors[self.vector_name]
+        elif self.vector_name != "":
+            raise CollectionMismatchError(
+                f"{where} has one unnamed vector; pass vector_name='' to use it"
+            )
+        else:
+            params = vectors
+        if params is None or params.size != self.dim:
+            size = None if params is None else params.size
+            raise CollectionMismatchError(
+                f"{where} holds {size}-d vectors but the embedder "
+                f"{embedder_name(self.embedder)!r} makes {self.dim}-d ones; use the embedder "
+                "the collection was built with, or another collection_name"
+            )
+        if params.distance != self.distance:
+            raise CollectionMismatchError(
+                f"{where} uses {params.distance} distance, not {self.distance}"
+            )
+
+    def _vector_struct(self, vector: np.ndarray) -> Any:
+        values = [float(x) for x in vector]
+        return values if self.vector_name == "" else {self.vector_name: values}
+
+    # ------------------------------------------------------------------ writing
+
+    def _prepare(self, index: int, candidate: Candidate | str) -> _Prepared:
+        candidate = Candidate.coerce(candidate)
+        label = f"candidate {index}" + (f" (id={candidate.id!r})" if candidate.id is not None else "")
+        metadata = candidate.metadata if candidate.metadata is not None else {}
+        if not isinstance(metadata, dict):
+            raise TypeError(f"{label}: metadata must be a dict, got {type(metadata).__name__}")
+        clash = [k for k in RESERVED_METADATA_KEYS if k in metadata]
+        if clash:
+            raise ValueError(f"{label}: metadata keys {clash} are reserved by the store")
+        try:
+            metadata_json = json.dumps(metadata, sort_keys=True, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{label}: metadata must be JSON-serialisable: {exc}") from exc
+
+        text = candidate.text
+        image: str | bytes | None = None
+        ours: dict[str, Any] = {}
+        key_parts: list[bytes] = [b"text", text.encode("utf-8")]
+        finger_parts: list[bytes] = list(key_parts)
+        if candidate.image is not None:
+            source = candidate.image
+            try:
+                if isinstance(source, Image.Image):
+                    buffer = io.BytesIO()
+                    load_image(source).save(buffer, format="PNG")
+                    image = buffer.getvalue()
+                elif isinstance(source, (bytes, bytearray)):
+                    image = bytes(source)
+                    load_image(image)
+                elif isinstance(source, (str, os.PathLike)):
+                    image = os.path.abspath(os.fspath(source))
+                    load_image(image)
+                else:
+                    load_image(source)  # raises ImageLoadError for unsupported types
+            except ImageLoadError as exc:
+                raise ImageLoadError(f"{label}: {exc}") from exc
+            if isinstance(image, bytes):
+                key_parts += [b"image-bytes", image]
+                finger_parts += [b"image-bytes", image]
+                ours["image_b64"] = base64.b64encode(image).decode("ascii")
+            else:
+                assert isinstance(image, str)
+                stat = os.stat(image)
+                key_parts += [b"image-path", image.encode("utf-8")]
+                finger_parts += [b"image-path", f"{image}|{stat.st_size}|{stat.st_mtime_ns}".encode()]
+                ours["image_path"] = image
+                if self.inline_images:
+                    with open(image, "rb") as fh:
+                        ours["image_b64"] = base64.b64encode(fh.read()).decode("ascii")
+            if self.supports_images:
+                mode: Literal["text", "caption", "image", "image+text"] = (
+                    "image+text" if text.strip() and self.fuse_captions else "image"
+                )
+            elif text.strip():
+                mode = "caption"
+            else:
+                raise ImageEmbedderRequiredError(
+                    f"{label} has an image but no caption (text), and the store's embedder "
+                    f"{embedder_name(self.embedder)!r} cannot embed images; give the candidate a "
+                    "caption or configure an ImageTextEmbedder"
+                )
+        elif text.strip():
+            mode = "text"
+        else:
+            raise ValueError(f"{label} is empty: it has neither text nor an image")
+
+        if candidate.id is not None:
+            candidate_id = str(candidate.id)
+        else:
+            candidate_id = "sha256:" + _sha256(*key_parts)[:32]
+        fingerprint = _sha256(*finger_parts)
+        payload: dict[str, Any] = {
+            CONTENT_KEY: text,
+            METADATA_KEY: {**metadata, "candidate_id": candidate_id, **ours},
+        }
+        record = _sha256(
+            fingerprint.encode(),
+            metadata_json.encode(),
+            candidate_id.encode(),
+            embedder_name(self.embedder).encode(),
+            mode.encode(),
+            json.dumps(sorted(ours)).encode(),
+        )
+        payload[INTERNAL_KEY] = {
+            "version": _PAYLOAD_VERSION,
+            "fingerprint": fingerprint,
+            "record": record,
+            "embedder": embedder_name(self.embedder),
+            "indexed_by": mode,
+        }
+        return _Prepared(candidate_id, point_id(candidate_id), text, image, mode, fingerprint, record, payload)
+
+    def _check_vectors(self, vectors: Any, n: int, what: str) -> np.ndarray:
+        array = np.asarray(vectors, dtype=np.float32)
+        if array.shape != (n, self.dim):
+            raise ValueError(
+                f"embedder {embedder_name(self.embedder)!r} returned {what} of shape "
+                f"{array.shape}, expected {(n, self.dim)}"
+            )
+        return array
+
+    def _embed_prepared(self, items: Sequence[_Prepared]) -> np.ndarray:
+        out = np.zeros((len(items), self.dim), dtype=np.float32)
+        text_rows = [i for i, p in enumerate(items) if p.mode != "image"]
+        image_rows = [i for i, p in enumerate(items) if p.mode in ("image", "image+text")]
+        if text_rows:
+            vecs = self._check_vectors(
+                self.embedder.embed_texts([items[i].text for i in text_rows]), len(text_rows), "text embeddings"
+            )
+            out[text_rows] = _normalise(vecs)
+        if image_rows:
+            images = [load_image(items[i].image) for i in image_rows]  # type: ignore[arg-type]
+            vecs = self._check_vectors(self.embedder.embed_images(images), len(image_rows), "image embeddings")  # type: ignore[union-attr]
+            out[image_rows] += _normalise(vecs)
+        return _normalise(out)
+
+    def add(
+        self,
+        candidates: Sequence[Candidate | str],
+        batch_size: int = 64,
+        show_progress: bool = True,
+    ) -> list[str]:
+        """Embed and upsert ``candidates`` in batches; return their candidate ids, in order.
+
+        The whole list is validated first (images decoded, metadata checked), so a bad item
+        raises before anything is written. Ids are idempotent: the candidate's ``id`` if
+        given, else a hash of its text and image; re-adding an item overwrites it (or skips
+        it when unchanged). Server writes are retried on connection errors and timeouts.
+
+        Raises:
+            ImageLoadError: an image cannot be decoded (the message names the item).
+            ImageEmbedderRequiredError: an image without caption and no image-text embedder.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        prepared = [self._prepare(i, c) for i, c in enumerate(candidates)]
+        ids = [p.candidate_id for p in prepared]
+        unique = list({p.point_id: p for p in prepared}.values())  # last duplicate wins
+        if not unique:
+            return ids
+        self._ensure_collection(create=True)
+
+        from tqdm.auto import tqdm
+
+        with tqdm(total=len(unique), desc="Indexing", unit="cand", disable=not show_progress) as bar:
+            for start in range(0, len(unique), batch_size):
+                batch = unique[start : start + batch_size]
+                self._write_batch(batch)
+                bar.update(len(batch))
+        return ids
+
+    def _write_batch(self, batch: Sequence[_Prepared]) -> None:
+        pids = [p.point_id for p in batch]
+        existing = {
+            str(r.id): (r.payload or {}).get(INTERNAL_KEY) or {}
+            for r in self._call(
+                self._client.retrieve,
+                self.collection_name,
+                ids=pids,
+                with_payload=models.PayloadSelectorInclude(include=[INTERNAL_KEY]),
+                with_vectors=False,
+            )
+        }
+        todo = [
+            p for p in batch
+            if not (self.skip_unchanged and existing.get(p.point_id, {}).get("record") == p.record)
+        ]
+        if not todo:
+            return
+        # Keep cached content tokens of points whose content did not change.
+        keep = [p.point_id for p in todo if existing.get(p.point_id, {}).get("fingerprint") == p.fingerprint]
+        if keep:
+            for r in self._call(
+                self._client.retrieve,
+                self.collection_name,
+                ids=keep,
+                with_payload=models.PayloadSelectorInclude(include=[TOKENS_KEY]),
+                with_vectors=False,
+            ):
+                tokens = (r.payload or {}).get(TOKENS_KEY)
+                if tokens:
+                    next(p for p in todo if p.point_id == str(r.id)).payload[TOKENS_KEY] = tokens
+        vectors = self._embed_prepared(todo)
+        points = [
+            models.PointStruct(id=p.point_id, vector=self._vector_struct(v), payload=p.payload)
+            for p, v in zip(todo, vectors)
+        ]
+        self._call(self._client.upsert, self.collection_name, points=points, wait=True)
+
+    def put_content_tokens(
+        self,
+        ids: Sequence[str],
+        tensors: Sequence[Any] | Any,
+        model_signature: str,
+        *,
+        dtype: Literal["float16", "float32"] | None = None,
+        batch_size: int = 256,
+    ) -> None:
+        """Cache each candidate's compressed content tokens ``t_con`` under ``model_signature``.
+
+        Args:
+            ids: candidate ids (as returned by :meth:`add`).
+            tensors: one ``(hidden,)`` or ``(n, hidden)`` float tensor/array per id (or a stacked
+                tensor whose first dimension matches ``ids``).
+            model_signature: identifies the model that produced them; :meth:`search` only
+                returns tokens whose signature matches.
+            dtype: storage precision; default float16 for float16 input, float32 otherwise. The
+                tensor comes back in its original dtype.
+
+        Raises:
+            UnknownCandidateError: an id is not in the store.
+        """
+        if not isinstance(model_signature, str) or not model_signature:
+            raise ValueError("model_signature must be a non-empty string")
+        ids = [str(i) for i in ids]
+        if len(tensors) != len(ids):
+            raise ValueError(f"got {len(tensors)} tensors for {len(ids)} ids")
+        entries = [
+            _encode_tokens(t, model_signature, dtype, label=f"content tokens of {cid!r}")
+            for cid, t in zip(ids, tensors)
+        ]
+        pids = [point_id(cid) for cid in ids]
+        found: set[str] = set()
+        if self._ensure_collection(create=False):
+            found = {
+                str(r.id)
+                for r in self._call(
+                    self._client.retrieve, self.collection_name, ids=pids, with_payload=False, with_vectors=False
+                )
+            }
+        missing = [cid for cid, pid in zip(ids, pids) if pid not in found]
+        if missing:
+            raise UnknownCandidateError(f"candidate ids not in collection {self.collection_name!r}: {missing[:10]}")
+        for start in range(0, len(ids), batch_size):
+            operations = [
+                models.SetPayloadOperation(
+                    set_payload=models.SetPayload(payload={TOKENS_KEY: entry}, points=[pid])
+                )
+                for pid, entry in zip(pids[start : start + batch_size], entries[start : start + batch_size])
+            ]
+            self._call(self._client.batch_update_points, self.collection_name, update_operations=operations, wait=True)
+
+    def delete(self, ids: Iterable[str]) -> None:
+        """Delete candidates by id (unknown ids are ignored)."""
+        pids = [point_id(str(i)) for i in ids]
+        if not pids or not self._ensure_collection(create=False):
+            return
+        self._call(
+            self._client.delete,
+            self.collection_name,
+            points_selector=models.PointIdsList(points=pids),
+            wait=True,
+        )
+
+    # ------------------------------------------------------------------ reading
+
+    def count(self) -> int:
+        """Number of candidates in the collection (0 when it does not exist yet)."""
+        if not self._call(self._client.collection_exists, self.collection_name):
+            return 0
+        return int(self._call(self._client.count, self.collection_name, exact=True).count)
+
+    def get(self, ids: Sequence[str], *, with_content_tokens: str | None = None) -> list[Candidate]:
+        """The stored candidates for ``ids``, in that order; unknown ids are left out."""
+        pids = [point_id(str(i)) for i in ids]
+        if not pids or not self._ensure_collection(create=False):
+            return []
+        records = self._call(
+            self._client.retrieve,
+            self.collection_name,
+            ids=pids,
+            with_payload=self._payload_selector(with_content_tokens),
+            with_vectors=False,
+        )
+        by_id = {str(r.id): r for r in records}
+        return [self._to_candidate(by_id[pid], None, with_content_tokens) for pid in pids if pid in by_id]
+
+    def search(
+        self,
+        query: Query | str,
+        top_k: int = 50,
+        *,
+        with_content_tokens: str | None = None,
+        query_filter: models.Filter | None = None,
+        score_threshold: float | None = None,
+    ) -> list[Candidate]:
+        """The ``top_k`` nearest candidates to ``query``, best first.
+
+        Each result has the caller's ``id``, ``text``, ``image`` (a path, or bytes when the
+        image was stored as bytes) and ``metadata`` with ``retrieval_score``. With
+        ``with_content_tokens=<model signature>``, ``content_tokens`` is set (a torch tensor)
+        where a cache entry of that signature exists.
+
+        Raises:
+            ImageEmbedderRequiredError: an image query and no image-text embedder.
+        """
+        q = Query.coerce(query)
+        if q.has_image and not self.supports_images:
+            raise ImageEmbedderRequiredError(
+                f"an image query needs an image-text embedder, but the store's embedder "
+                f"{embedder_name(self.embedder)!r} only embeds text"
+            )
+        if not q.text.strip() and not q.has_image:
+            raise ValueError("empty query: give text or an image")
+        if top_k < 1 or not self._ensure_collection(create=False):
+            return []
+        vector = self._embed_query(q)
+        response = self._call(
+            self._client.query_points,
+            self.collection_name,
+            query=[float(x) for x in vector],
+            using=self.vector_name or None,
+            limit=top_k,
+            query_filter=query_filter,
+            score_threshold=score_threshold,
+            with_payload=self._payload_selector(with_content_tokens),
+            with_vectors=False,
+        )
+        return [self._to_candidate(p, p.score, with_content_tokens) for p in response.points]
+
+    def _embed_query(self, q: Query) -> np.ndarray:
+        vector = np.zeros(self.dim, dtype=np.float32)
+        if q.text.strip():
+            embed = getattr(self.embedder, "embed_queries", None) or self.embedder.embed_texts
+            vector += _normalise(self._check_vectors(embed([q.text]), 1, "query embeddings"))[0]
+        if q.has_image:
+            image = load_image(q.image)  # type: ignore[arg-type]
+            vecs = self.embedder.embed_images([image])  # type: ignore[union-attr]
+            vector += _normalise(self._check_vectors(vecs, 1, "image embeddings"))[0]
+        return _normalise(vector[None, :])[0]
+
+    @staticmethod
+    def _payload_selector(with_content_tokens: str | None) -> Any:
+        if with_content_tokens:
+            return True
+        return models.PayloadSelectorExclude(exclude=[TOKENS_KEY])
+
+    @staticmethod
+    def _to_candidate(point: Any, score: float | None, signature: str | None) -> Candidate:
+        payload = point.payload or {}
+        metadata = dict(payload.get(METADATA_KEY) or {})
+        candidate_id = metadata.pop("candidate_id", None) or str(point.id)
+        image_b64 = metadata.pop("image_b64", None)
+        image_path = metadata.pop("image_path", None)
+        image: str | bytes | None = base64.b64decode(image_b64) if image_b64 else image_path
+        if score is not None:
+            metadata["retrieval_score"] = float(score)
+        tokens = None
+        entry = payload.get(TOKENS_KEY)
+        if signature and entry and entry.get("signature") == signature:
+            tokens = _decode_tokens(entry)
+        return Candidate(
+            text=payload.get(CONTENT_KEY) or "",
+            image=image,
+            id=str(candidate_id),
+            metadata=metadata,
+            content_tokens=tokens,
+        )
+
+
+def _normalise(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
+    return vectors / np.where(norms > 0, norms, 1.0)
+
+
+def _encode_tokens(tensor: Any, signature: str, dtype: str | None, label: str) -> dict[str, Any]:
+    """A JSON-able cache entry for one ``t_con`` tensor."""
+    orig_dtype = "float32"
+    if hasattr(tensor, "detach"):  # torch tensor
+        orig_dtype = str(tensor.dtype).removeprefix("torch.")
+        tensor = tensor.detach().to("cpu")
+        if not tensor.is_floating_point():
+            raise TypeError(f"{label}: expected a float tensor, got {tensor.dtype}")
+        array = tensor.float().numpy() if orig_dtype not in ("float16", "float32", "float64") else tensor.numpy()
+    else:
+        array = np.asarray(tensor)
+        if not np.issubdtype(array.dtype, np.floating):
+            raise TypeError(f"{label}: expected a float array, got {array.dtype}")
+        orig_dtype = str(array.dtype)
+    if array.ndim not in (1, 2):
+        raise ValueError(f"{label}: expected shape (hidden,) or (n, hidden), got {tuple(array.shape)}")
+    storage = dtype or ("float16" if orig_dtype == "float16" else "float32")
+    if storage not in ("float16", "float32"):
+        raise ValueError(f"dtype must be 'float16' or 'float32', got {storage!r}")
+    data = np.ascontiguousarray(array, dtype=np.dtype(storage).newbyteorder("<"))
+    return {
+        "signature": signature,
+        "dtype": storage,
+        "orig_dtype": orig_dtype,
+        "shape": list(array.shape),
+        "data": base64.b64encode(data.tobytes()).decode("ascii"),
+    }
+
+
+def _decode_tokens(entry: dict[str, Any]) -> Any:
+    """The torch tensor of a cache entry (in its original dtype)."""
+    import torch
+
+    storage = np.dtype(entry["dtype"]).newbyteorder("<")
+    array = np.frombuffer(base64.b64decode(entry["data"]), dtype=storage).reshape(entry["shape"])
+    tensor = torch.from_numpy(array.astype(array.dtype.newbyteorder("="), copy=True))
+    target = getattr(torch, str(entry.get("orig_dtype", entry["dtype"])), None)
+    return tensor.to(target) if isinstance(target, torch.dtype) else tensor
+
+
+__all__ = [
+    "CollectionMismatchError",
+    "ImageEmbedderRequiredError",
+    "QdrantCandidateStore",
+    "StoreLockedError",
+    "StoreUnavailableError",
+    "UnknownCandidateError",
+    "default_store_path",
+    "point_id",
+]

@@ -1,0 +1,596 @@
+"""Tests of the Qdrant candidate store: real embedded Qdrant, the real offline MiniLM model."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from retrv_r1_plugin.store import (
+    CollectionMismatchError,
+    ImageEmbedderRequiredError,
+    QdrantCandidateStore,
+    SentenceTransformerImageTextEmbedder,
+    StoreLockedError,
+    StoreUnavailableError,
+    TextEmbedder,
+    UnknownCandidateError,
+    default_store_path,
+    point_id,
+)
+from retrv_r1_plugin.types import Candidate, ImageLoadError, Query
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+PASSAGES = [
+    Candidate("Paris is the capital and largest city of France.", id="paris", metadata={"topic": "geo"}),
+    Candidate("Photosynthesis converts light energy into chemical energy in plants.", id="photo"),
+    Candidate("The Great Barrier Reef is the world's largest coral reef system.", id="reef"),
+    Candidate("Python is a popular programming language for data science.", id="python"),
+    Candidate("Mount Everest is Earth's highest mountain above sea level.", id="everest"),
+    Candidate("Bread is baked from a dough of flour and water.", id="bread"),
+]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(scope="module")
+def minilm() -> TextEmbedder:
+    """The default offline embedder, loaded once for the module."""
+    embedder = TextEmbedder()
+    assert embedder.dim == 384
+    return embedder
+
+
+@pytest.fixture
+def store(minilm: TextEmbedder):
+    with QdrantCandidateStore(minilm, location=":memory:") as s:
+        yield s
+
+
+class CountingEmbedder:
+    """A user-supplied wrapper that counts the texts it embeds (and can fail on demand)."""
+
+    def __init__(self, inner: TextEmbedder, fail_on_call: int | None = None) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.texts: list[str] = []
+        self.calls = 0
+        self.fail_on_call = fail_on_call
+
+    @property
+    def dim(self) -> int:
+        return self.inner.dim
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        self.calls += 1
+        if self.fail_on_call is not None and self.calls == self.fail_on_call:
+            raise KeyboardInterrupt("simulated interruption")
+        self.texts.extend(texts)
+        return self.inner.embed_texts(texts)
+
+
+class ColourEmbedder:
+    """Tiny deterministic image-text embedder (a test double of a CLIP-like model).
+
+    Images map to their RGB colour histogram, texts to the histogram of the colour they
+    name; both are projected to 384 dimensions by a fixed random matrix.
+    """
+
+    name = "colour-histogram-test"
+    COLOURS = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220), "grey": (128, 128, 128)}
+
+    def __init__(self, dim: int = 384) -> None:
+        self.dim = dim
+        self.projection = np.random.default_rng(0).standard_normal((24, dim))
+        self.images_embedded = 0
+
+    def _histogram(self, image: Image.Image) -> np.ndarray:
+        pixels = np.asarray(image.convert("RGB").resize((16, 16))).reshape(-1, 3)
+        hist = np.concatenate([np.bincount(pixels[:, c] // 32, minlength=8) for c in range(3)]).astype(float)
+        return hist / hist.sum()
+
+    def embed_images(self, images: list[Image.Image]) -> np.ndarray:
+        self.images_embedded += len(images)
+        return np.stack([self._histogram(i) @ self.projection for i in images])
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        out = []
+        for text in texts:
+            colour = next((c for c in self.COLOURS if c in text.lower()), "grey")
+            out.append(self._histogram(Image.new("RGB", (4, 4), self.COLOURS[colour])) @ self.projection)
+        return np.stack(out)
+
+
+def png_bytes(colour: tuple[int, int, int], size: tuple[int, int] = (32, 32), fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def _encode(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dump(store: QdrantCandidateStore) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
+    """All points of the store's collection: (id -> payload, id -> vector)."""
+    points, _ = store.client.scroll(store.collection_name, limit=10_000, with_payload=True, with_vectors=True)
+    return {str(p.id): p.payload for p in points}, {str(p.id): np.asarray(p.vector) for p in points}
+
+
+# --------------------------------------------------------------------------- text
+
+
+def test_add_search_ranks_the_right_passage_first(store: QdrantCandidateStore) -> None:
+    ids = store.add(PASSAGES, show_progress=False)
+    assert ids == [c.id for c in PASSAGES]
+    assert store.count() == len(PASSAGES)
+
+    queries = {
+        "What is the capital of France?": "paris",
+        "How do plants turn sunlight into energy?": "photo",
+        "tallest mountain on the planet": "everest",
+        "which language do data scientists code in": "python",
+    }
+    for query, expected in queries.items():
+        hits = store.search(query, top_k=3)
+        assert [h.id for h in hits][0] == expected, query
+        scores = [h.metadata["retrieval_score"] for h in hits]
+        assert scores == sorted(scores, reverse=True)
+
+    best = store.search(Query(text="capital of France"), top_k=1)[0]
+    assert best.text == PASSAGES[0].text
+    assert best.metadata["topic"] == "geo"
+    assert best.image is None and best.content_tokens is None
+    assert len(store.search("capital of France", top_k=2)) == 2
+
+
+def test_ids_are_idempotent_and_readding_keeps_count(store: QdrantCandidateStore) -> None:
+    anonymous = [Candidate("An id-less passage about volcanoes."), "A bare string about glaciers."]
+    first = store.add(PASSAGES + anonymous, show_progress=False)
+    assert store.count() == len(PASSAGES) + 2
+    assert all(i.startswith("sha256:") for i in first[-2:])
+
+    second = store.add(PASSAGES + anonymous, show_progress=False)
+    assert second == first
+    assert store.count() == len(PASSAGES) + 2
+
+    # Same id, new content: overwritten in place, not duplicated.
+    store.add([Candidate("Lyon is a large city in France known for its cuisine.", id="paris")], show_progress=False)
+    assert store.count() == len(PASSAGES) + 2
+    assert store.get(["paris"])[0].text.startswith("Lyon")
+    # Duplicates inside one call collapse to one point.
+    store.add([Candidate("dup one", id="dup"), Candidate("dup two", id="dup")], show_progress=False)
+    assert store.count() == len(PASSAGES) + 3
+    assert store.get(["dup"])[0].text == "dup two"
+
+
+def test_interrupted_indexing_converges_and_skips_done_work(minilm: TextEmbedder) -> None:
+    corpus = PASSAGES + [Candidate(f"Extra passage number {i} about topic {i}.") for i in range(4)]
+    flaky = CountingEmbedder(minilm, fail_on_call=3)
+    with QdrantCandidateStore(flaky, location=":memory:") as interrupted:
+        with pytest.raises(KeyboardInterrupt):
+            interrupted.add(corpus, batch_size=3, show_progress=False)
+        assert interrupted.count() == 6  # two batches made it
+
+        resumed = CountingEmbedder(minilm)
+        interrupted.embedder = resumed
+        interrupted.add(corpus, batch_size=3, show_progress=False)
+        assert interrupted.count() == len(corpus)
+        assert sorted(resumed.texts) == sorted(c.text for c in corpus[6:])  # done work is skipped
+
+        with QdrantCandidateStore(minilm, location=":memory:") as fresh:
+            fresh.add(corpus, batch_size=4, show_progress=False)
+            payloads, vectors = dump(interrupted)
+            fresh_payloads, fresh_vectors = dump(fresh)
+            assert payloads == fresh_payloads
+            assert vectors.keys() == fresh_vectors.keys()
+            for key, vector in vectors.items():  # batch composition changes padding: tiny float noise
+                np.testing.assert_allclose(vector, fresh_vectors[key], atol=1e-5)
+
+
+def test_get_delete_count_and_empty_cases(store: QdrantCandidateStore) -> None:
+    assert store.count() == 0
+    assert store.search("anything") == []
+    assert store.get(["paris"]) == []
+    store.delete(["paris"])  # no collection yet: no error
+
+    store.add(PASSAGES, show_progress=False)
+    got = store.get(["reef", "nope", "paris"])
+    assert [c.id for c in got] == ["reef", "paris"]
+    assert got[1].metadata == {"topic": "geo"}
+    store.delete(["reef", "nope"])
+    assert store.count() == len(PASSAGES) - 1
+    assert "reef" not in [c.id for c in store.search("coral reef", top_k=10)]
+
+    with pytest.raises(ValueError, match="empty query"):
+        store.search("   ")
+    with pytest.raises(ValueError, match="reserved"):
+        store.add([Candidate("x", id="bad", metadata={"image_path": "/tmp/x.png"})], show_progress=False)
+    with pytest.raises(ValueError, match="candidate 0 .*empty"):
+        store.add([Candidate("", id="blank")], show_progress=False)
+    assert store.count() == len(PASSAGES) - 1
+
+
+def test_progress_bar_is_shown(store: QdrantCandidateStore, capsys: pytest.CaptureFixture[str]) -> None:
+    store.add(PASSAGES, batch_size=2, show_progress=True)
+    assert "Indexing" in capsys.readouterr().err
+    store.add(PASSAGES, batch_size=2, show_progress=False)
+    assert "Indexing" not in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- images
+
+
+def test_images_by_path_and_bytes_round_trip(minilm: TextEmbedder, tmp_path: Path) -> None:
+    red_path = tmp_path / "red.png"
+    Image.new("RGB", (40, 30), (220, 20, 20)).save(red_path)
+    jpeg = png_bytes((20, 20, 220), fmt="JPEG")
+    pil = Image.new("RGB", (8, 8), (20, 200, 20))
+    items = [
+        Candidate("a photo of a red square", image=str(red_path), id="img-path"),
+        Candidate("a drawing of a blue ocean wave", image=jpeg, id="img-bytes"),
+        Candidate("a green leaf on a tree", image=pil, id="img-pil"),
+    ]
+    with QdrantCandidateStore(minilm, location=":memory:") as store:
+        store.add(PASSAGES + items, show_progress=False)
+
+        hit = store.search("red square photo", top_k=1)[0]
+        assert hit.id == "img-path" and hit.image == str(red_path.resolve())
+        hit = store.search("ocean wave drawing", top_k=1)[0]
+        assert hit.id == "img-bytes" and hit.image == jpeg
+        hit = store.search("green leaf", top_k=1)[0]
+        assert hit.id == "img-pil" and isinstance(hit.image, bytes)
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(hit.image))), np.asarray(pil))
+
+        by_id = {c.id: c for c in store.get(["img-path", "img-bytes"])}
+        assert by_id["img-path"].image == str(red_path.resolve())
+        assert by_id["img-bytes"].image == jpeg
+        # Payload keys follow langchain-qdrant plus our image keys.
+        payload = store.client.retrieve(store.collection_name, [point_id("img-path")])[0].payload
+        assert payload["page_content"] == "a photo of a red square"
+        assert payload["metadata"]["image_path"] == str(red_path.resolve())
+        assert payload["metadata"]["candidate_id"] == "img-path"
+
+    with QdrantCandidateStore(minilm, location=":memory:", inline_images=True) as store:
+        store.add(items[:1], show_progress=False)
+        assert store.get(["img-path"])[0].image == red_path.read_bytes()
+
+
+def test_image_without_caption_needs_an_image_embedder(store: QdrantCandidateStore) -> None:
+    store.add(PASSAGES[:2], show_progress=False)
+    with pytest.raises(ImageEmbedderRequiredError, match="'no-caption'"):
+        store.add(
+            [Candidate("a caption", image=png_bytes((1, 2, 3)), id="ok"), Candidate(image=png_bytes((9, 9, 9)), id="no-caption")],
+            show_progress=False,
+        )
+    assert store.count() == 2
+    with pytest.raises(ImageEmbedderRequiredError, match="image query"):
+        store.search(Query(text="red", image=png_bytes((200, 0, 0))))
+
+
+def test_corrupt_image_raises_and_writes_nothing(store: QdrantCandidateStore, tmp_path: Path) -> None:
+    store.add(PASSAGES[:1], show_progress=False)
+    good = Candidate("a caption", image=png_bytes((5, 5, 5)), id="good")
+    truncated = png_bytes((200, 100, 50), size=(64, 64))[:60]
+    for bad, name in [
+        (Candidate("broken", image=b"definitely not an image", id="garbage"), "garbage"),
+        (Candidate("cut off", image=truncated, id="truncated"), "truncated"),
+        (Candidate("missing", image=str(tmp_path / "nope.png"), id="missing-file"), "missing-file"),
+    ]:
+        with pytest.raises(ImageLoadError, match=f"'{name}'"):
+            store.add([PASSAGES[1], good, bad], batch_size=1, show_progress=False)
+        assert store.count() == 1
+        assert store.get(["good", str(PASSAGES[1].id)]) == []
+
+
+def test_image_text_embedder_makes_images_searchable(tmp_path: Path) -> None:
+    embedder = ColourEmbedder()
+    colours = {"red": (230, 10, 10), "green": (10, 210, 10), "blue": (10, 10, 230)}
+    with QdrantCandidateStore(embedder, location=":memory:") as store:
+        assert store.supports_images
+        store.add([Candidate(image=png_bytes(rgb), id=name) for name, rgb in colours.items()], show_progress=False)
+        assert embedder.images_embedded == 3
+        for name, rgb in colours.items():
+            assert store.search(f"something {name}", top_k=1)[0].id == name  # text -> image
+            near = tuple(max(0, min(255, v + 15)) for v in rgb)
+            hit = store.search(Query(image=png_bytes(near)), top_k=3)[0]  # image -> image
+            assert hit.id == name and hit.image == png_bytes(rgb)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised, tiny CLIP saved as a plain transformers folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-clip")
+    bpe = Tokenizer(models.BPE(unk_token="<|endoftext|>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel()
+    bpe.train_from_iterator(
+        ["a red square", "a blue circle", "green leaves"] * 5,
+        trainers.BpeTrainer(vocab_size=300, special_tokens=["<|startoftext|>", "<|endoftext|>"]),
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>", unk_token="<|endoftext|>", model_max_length=32,
+    )
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=1, pad_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+    CLIPModel(config).save_pretrained(folder)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
+def test_sentence_transformers_clip_folder_as_image_text_embedder(tiny_clip_dir: Path, minilm: TextEmbedder) -> None:
+    embedder = SentenceTransformerImageTextEmbedder(tiny_clip_dir, device="cpu")
+    striped = Image.new("RGB", (32, 32), (255, 255, 255))
+    striped.paste((0, 0, 0), (0, 0, 32, 8))
+    images = {"red": png_bytes((230, 10, 10)), "stripes": _encode(striped)}
+    with QdrantCandidateStore(embedder, location=":memory:") as store:
+        assert store.supports_images and store.dim == 16
+        store.add([Candidate(image=data, id=name) for name, data in images.items()], show_progress=False)
+        for name, data in images.items():
+            hit = store.search(Query(image=data), top_k=2)[0]
+            assert hit.id == name and hit.metadata["retrieval_score"] == pytest.approx(1.0, abs=1e-4)
+        assert len(store.search("a red square", top_k=2)) == 2
+    with pytest.raises(ValueError, match="cannot embed images"):
+        SentenceTransformerImageTextEmbedder(model=minilm.model).embed_images([Image.new("RGB", (4, 4))])
+
+
+# --------------------------------------------------------------------------- content tokens
+
+
+def test_content_token_cache_round_trip(store: QdrantCandidateStore) -> None:
+    store.add(PASSAGES, show_progress=False)
+    torch.manual_seed(0)
+    tokens = {
+        "paris": torch.randn(16),
+        "reef": torch.randn(4, 16).to(torch.bfloat16),
+        "python": torch.randn(2, 16).half(),
+    }
+    store.put_content_tokens(list(tokens), list(tokens.values()), model_signature="model-A")
+
+    def cached(signature: str | None) -> dict[str, object]:
+        hits = store.search("coral reef city programming", top_k=len(PASSAGES), with_content_tokens=signature)
+        return {h.id: h.content_tokens for h in hits}
+
+    got = cached("model-A")
+    for cid, tensor in tokens.items():
+        assert got[cid].dtype == tensor.dtype and torch.equal(got[cid], tensor)
+    assert got["bread"] is None
+    assert all(v is None for v in cached("model-B").values())
+    assert all(v is None for v in cached(None).values())
+    assert torch.equal(store.get(["reef"], with_content_tokens="model-A")[0].content_tokens, tokens["reef"])
+
+    # Re-indexing unchanged content (even with new metadata) keeps the cache ...
+    store.add(PASSAGES, show_progress=False)
+    store.add([Candidate(PASSAGES[3].text, id="python", metadata={"new": 1})], show_progress=False)
+    got = cached("model-A")
+    assert torch.equal(got["paris"], tokens["paris"]) and torch.equal(got["python"], tokens["python"])
+    # ... changed content invalidates it.
+    store.add([Candidate("Paris hosts the Louvre museum.", id="paris")], show_progress=False)
+    got = cached("model-A")
+    assert got["paris"] is None and torch.equal(got["reef"], tokens["reef"])
+
+    # float16 storage of float32 tensors, stacked input.
+    stacked = torch.randn(2, 16)
+    store.put_content_tokens(["bread", "photo"], stacked, "model-B", dtype="float16")
+    got = store.get(["bread", "photo"], with_content_tokens="model-B")
+    assert got[0].content_tokens.dtype == torch.float32
+    assert torch.allclose(got[1].content_tokens, stacked[1], atol=1e-2)
+    assert not torch.equal(got[1].content_tokens, stacked[1])  # really stored as float16
+
+    with pytest.raises(UnknownCandidateError, match="never-added"):
+        store.put_content_tokens(["paris", "never-added"], [torch.zeros(16), torch.zeros(16)], "model-A")
+    with pytest.raises(ValueError, match="shape"):
+        store.put_content_tokens(["paris"], [torch.zeros(2, 3, 16)], "model-A")
+    assert store.count() == len(PASSAGES)
+
+
+# --------------------------------------------------------------------------- embedded on disk
+
+
+def test_persistent_store_lock_and_reopen(minilm: TextEmbedder, tmp_path: Path) -> None:
+    path = tmp_path / "qdrant"
+    with QdrantCandidateStore(minilm, path=path) as store:
+        store.add(PASSAGES, show_progress=False)
+
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from retrv_r1_plugin.store import QdrantCandidateStore; "
+            "s = QdrantCandidateStore(path=sys.argv[1]); print('ready', s.count(), flush=True); "
+            "sys.stdin.read(); s.close()",
+            str(path),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1"},
+    )
+    try:
+        assert holder.stdout.readline().split() == ["ready", str(len(PASSAGES))]
+        with pytest.raises(StoreLockedError, match=str(path)):
+            QdrantCandidateStore(minilm, path=path)
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    assert holder.returncode == 0
+
+    with QdrantCandidateStore(minilm, path=path) as reopened:  # lock released by the other process
+        assert reopened.count() == len(PASSAGES)
+        assert reopened.search("capital of France", top_k=1)[0].id == "paris"
+    with pytest.raises(CollectionMismatchError, match="384-d"):
+        with QdrantCandidateStore(ColourEmbedder(dim=8), path=path) as wrong:
+            wrong.search("red")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="XDG_DATA_HOME is honoured on Linux")
+def test_default_location_is_the_user_data_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    assert default_store_path() == tmp_path / "retrv-r1-plugin" / "qdrant"
+    with QdrantCandidateStore(ColourEmbedder(dim=8)) as store:
+        assert store.path == tmp_path / "retrv-r1-plugin" / "qdrant"
+        store.add([Candidate("red thing", id="r")], show_progress=False)
+    assert (tmp_path / "retrv-r1-plugin" / "qdrant" / ".lock").exists()
+    assert (tmp_path / "retrv-r1-plugin" / "qdrant" / "collection" / "retrv_r1").is_dir()
+
+
+# --------------------------------------------------------------------------- langchain-qdrant
+
+
+def test_langchain_qdrant_reads_our_collection(minilm: TextEmbedder) -> None:
+    Embeddings = pytest.importorskip("langchain_core.embeddings").Embeddings
+    QdrantVectorStore = pytest.importorskip("langchain_qdrant").QdrantVectorStore
+
+    class MiniLMEmbeddings(Embeddings):
+        def embed_documents(self, texts: list[str]) -> list[list[float]]:
+            return minilm.embed_texts(texts).tolist()
+
+        def embed_query(self, text: str) -> list[float]:
+            return minilm.embed_queries([text])[0].tolist()
+
+    with QdrantCandidateStore(minilm, location=":memory:") as store:
+        store.add(PASSAGES, show_progress=False)
+        named = QdrantCandidateStore(minilm, client=store.client, collection_name="named", vector_name="dense")
+        named.add(PASSAGES, show_progress=False)
+
+        for ours, vector_name in [(store, ""), (named, "dense")]:
+            lc = QdrantVectorStore(
+                client=store.client,
+                collection_name=ours.collection_name,
+                embedding=MiniLMEmbeddings(),
+                vector_name=vector_name,
+            )
+            docs = lc.similarity_search_with_score("What is the capital of France?", k=2)
+            doc, score = docs[0]
+            assert doc.page_content == PASSAGES[0].text
+            assert doc.metadata["candidate_id"] == "paris" and doc.metadata["topic"] == "geo"
+            ours_best = ours.search("What is the capital of France?", top_k=1)[0]
+            assert score == pytest.approx(ours_best.metadata["retrieval_score"], abs=1e-5)
+
+        # And the other way round: what langchain writes, our store can search.
+        lc = QdrantVectorStore(client=store.client, collection_name="retrv_r1", embedding=MiniLMEmbeddings())
+        lc.add_texts(["Kangaroos are marsupials native to Australia."], metadatas=[{"source": "lc"}])
+        hit = store.search("animals of Australia", top_k=1)[0]
+        assert hit.text.startswith("Kangaroos") and hit.metadata["source"] == "lc"
+        assert store.count() == len(PASSAGES) + 1
+        named.close()
+        assert store.count() == len(PASSAGES) + 1  # a borrowed client is not closed
+
+
+# --------------------------------------------------------------------------- server mode
+
+
+def test_unreachable_server_raises_store_unavailable_naming_the_url() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    with pytest.raises(StoreUnavailableError, match=url.replace(".", r"\.")) as info:
+        QdrantCandidateStore(ColourEmbedder(dim=8), url=url, retries=2, backoff=0.01, check_compatibility=False)
+    assert "3 attempt" in str(info.value)
+    assert time.monotonic() - start < 10
+
+
+def test_server_that_never_answers_times_out_with_retries() -> None:
+    with socket.socket() as silent:  # accepts connections (backlog) but never replies
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        start = time.monotonic()
+        with pytest.raises(StoreUnavailableError, match="2 attempt"):
+            QdrantCandidateStore(
+                ColourEmbedder(dim=8), url=url, timeout=1, retries=1, backoff=0.01, check_compatibility=False
+            )
+        elapsed = time.monotonic() - start
+    assert 1.5 < elapsed < 15  # two attempts, each cut off by the 1 s timeout
+
+
+def test_transient_server_errors_are_retried_with_backoff() -> None:
+    """A server answering 503 twice, then OK: the store opens after the retries."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    requests: list[tuple[float, str]] = []
+
+    class Flaky(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server API
+            requests.append((time.monotonic(), self.path))
+            ok = len(requests) > 2
+            body = json.dumps({"result": {"exists": False}, "status": "ok", "time": 0.0} if ok else {"status": {"error": "busy"}})
+            self.send_response(200 if ok else 503)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        store = QdrantCandidateStore(
+            ColourEmbedder(dim=8), url=url, retries=3, backoff=0.1, collection_name="c", check_compatibility=False
+        )
+        assert store.url == url
+        assert [path for _, path in requests] == ["/collections/c/exists"] * 3
+        gaps = [b[0] - a[0] for a, b in zip(requests, requests[1:])]
+        assert gaps[0] >= 0.09 and gaps[1] >= 0.19  # exponential backoff
+        assert store.count() == 0  # collection does not exist on this server
+        store.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+QDRANT_URL = os.environ.get("QDRANT_URL")
+
+
+@pytest.mark.skipif(not QDRANT_URL, reason="set QDRANT_URL to run the Qdrant server tests")
+def test_server_round_trip(minilm: TextEmbedder) -> None:
+    name = f"retrv_r1_test_{uuid.uuid4().hex[:8]}"
+    store = QdrantCandidateStore(minilm, url=QDRANT_URL, api_key=os.environ.get("QDRANT_API_KEY"), collection_name=name)
+    try:
+        assert store.add(PASSAGES, batch_size=4, show_progress=False) == [c.id for c in PASSAGES]
+        store.add(PASSAGES, show_progress=False)
+        assert store.count() == len(PASSAGES)
+        assert store.search("capital of France", top_k=1)[0].id == "paris"
+        store.put_content_tokens(["paris"], [torch.ones(3, 8)], "sig")
+        assert torch.equal(store.get(["paris"], with_content_tokens="sig")[0].content_tokens, torch.ones(3, 8))
+        store.delete(["paris"])
+        assert store.count() == len(PASSAGES) - 1
+    finally:
+        store.client.delete_collection(name)
+        store.close()
