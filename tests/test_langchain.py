@@ -1,0 +1,359 @@
+"""LangChain adapters: RetrvR1Retriever (standard suite) and RetrvR1Compressor, real Qdrant + MiniLM."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import math
+import sys
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("langchain_core")
+
+from langchain_classic.retrievers import ContextualCompressionRetriever  # noqa: E402
+from langchain_core.callbacks import BaseCallbackHandler  # noqa: E402
+from langchain_core.documents import Document  # noqa: E402
+from langchain_core.embeddings import Embeddings  # noqa: E402
+from langchain_core.vectorstores import InMemoryVectorStore  # noqa: E402
+from langchain_tests.integration_tests import RetrieversIntegrationTests  # noqa: E402
+
+from retrv_r1_plugin._optional import MissingExtraError  # noqa: E402
+from retrv_r1_plugin.integrations.langchain import (  # noqa: E402
+    RetrvR1Compressor,
+    RetrvR1Retriever,
+    candidate_to_document,
+    document_to_candidate,
+)
+from retrv_r1_plugin.store import QdrantCandidateStore, TextEmbedder  # noqa: E402
+from retrv_r1_plugin.testing import scripted_generation  # noqa: E402
+from retrv_r1_plugin.types import Candidate, ImageLoadError, NoAnswerError, Query  # noqa: E402
+
+from conftest import make_text_model, make_vl_model  # noqa: E402
+
+CORPUS = [
+    ("photo", "Photosynthesis lets plants turn sunlight, water and carbon dioxide into sugar."),
+    ("rocket", "The rocket launched from the pad and climbed into the blue sky."),
+    ("chloro", "Chlorophyll in leaves absorbs light for photosynthesis."),
+    ("coffee", "A cup of coffee is served in a white mug."),
+    ("grow", "Plants need light to grow and produce oxygen."),
+    ("cat", "The cat slept on the sofa all afternoon."),
+    ("paris", "Paris is the capital and largest city of France."),
+    ("bread", "Bread is baked from a dough of flour and water."),
+]
+QUESTION = "how do plants make sugar from light?"
+WINNER = 2  # the boosted label: the 3rd first-stage candidate wins
+
+
+@functools.cache
+def minilm() -> TextEmbedder:
+    return TextEmbedder()
+
+
+@functools.cache
+def text_store() -> QdrantCandidateStore:
+    store = QdrantCandidateStore(minilm(), location=":memory:", collection_name="lc_docs")
+    store.add([Candidate(text, id=cid, metadata={"source": "corpus"}) for cid, text in CORPUS], show_progress=False)
+    return store
+
+
+@functools.cache
+def tiny_text_model():
+    return make_text_model(seed=0, max_candidates=16)
+
+
+@functools.cache
+def boosted_model():
+    model = make_text_model(seed=1, max_candidates=16)
+    with torch.no_grad():
+        model.backbone.lm_head.weight[model.special.labels[WINNER]] *= 40
+    return model
+
+
+class MiniLMEmbeddings(Embeddings):
+    """all-MiniLM-L6-v2 (the offline bundled model) as LangChain embeddings."""
+
+    def embed_documents(self, texts: list[str]) -> list[list[float]]:
+        return minilm().embed_texts(texts).tolist()
+
+    def embed_query(self, text: str) -> list[float]:
+        return minilm().embed_queries([text])[0].tolist()
+
+
+@functools.cache
+def vector_store() -> InMemoryVectorStore:
+    vs = InMemoryVectorStore(MiniLMEmbeddings())
+    vs.add_documents([Document(page_content=text, id=cid, metadata={"source": "corpus"}) for cid, text in CORPUS])
+    return vs
+
+
+# ------------------------------------------------------------------ the standard suite
+
+
+class TestRetrvR1RetrieverStandard(RetrieversIntegrationTests):
+    """langchain-tests==1.1.9 standard retriever tests, on a real in-memory Qdrant store."""
+
+    @property
+    def retriever_constructor(self) -> type[RetrvR1Retriever]:
+        return RetrvR1Retriever
+
+    @property
+    def retriever_constructor_params(self) -> dict[str, Any]:
+        return {"model": tiny_text_model(), "store": text_store(), "k": 2, "reasoning_budget": 2}
+
+    @property
+    def retriever_query_example(self) -> str:
+        return QUESTION
+
+    @property
+    def num_results_arg_name(self) -> str:
+        return "k"
+
+
+class TestRetrvR1RetrieverStandardOverBaseRetriever(TestRetrvR1RetrieverStandard):
+    """The same suite with candidates from another LangChain retriever."""
+
+    @property
+    def retriever_constructor_params(self) -> dict[str, Any]:
+        base = vector_store().as_retriever(search_kwargs={"k": 6})
+        return {"model": tiny_text_model(), "base_retriever": base, "k": 2, "reasoning_budget": 2}
+
+
+# ------------------------------------------------------------------ retriever
+
+
+def test_documents_are_ordered_by_the_models_scores():
+    model = boosted_model()
+    retriever = RetrvR1Retriever(model=model, store=text_store(), k=4, first_stage_k=5, reasoning_budget=3)
+    docs = retriever.invoke(QUESTION)
+    first_stage = text_store().search(QUESTION, top_k=5)
+    direct = model.rank(QUESTION, first_stage, reasoning_budget=3)
+    assert len(docs) == 4
+    assert docs[0].id == first_stage[WINNER].id and docs[0].metadata["relevance_score"] > 0.9
+    assert [d.id for d in docs] == [first_stage[i].id for i in direct.order[:4]]
+    assert [d.metadata["relevance_score"] for d in docs] == pytest.approx([direct.scores[i] for i in direct.order[:4]])
+    scores = [d.metadata["relevance_score"] for d in docs]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_metadata():
+    retriever = RetrvR1Retriever(model=tiny_text_model(), store=text_store(), k=3, reasoning_budget=4)
+    docs = retriever.invoke(QUESTION)
+    texts = dict(CORPUS)
+    for doc in docs:
+        assert doc.page_content == texts[doc.id]
+        meta = doc.metadata
+        assert meta["source"] == "corpus"
+        assert isinstance(meta["relevance_score"], float) and 0 <= meta["relevance_score"] <= 1
+        assert isinstance(meta["retrieval_score"], float)  # the first-stage (cosine) score, kept
+        assert isinstance(meta["retrv_r1_reasoning"], str) and meta["retrv_r1_reasoning"] == docs[0].metadata["retrv_r1_reasoning"]
+        assert meta["retrv_r1_inspected"] is False
+        assert "retrv_r1_fallback" in meta
+    quiet = RetrvR1Retriever(model=tiny_text_model(), store=text_store(), k=2, reasoning_budget=0, return_reasoning=False)
+    assert all("retrv_r1_reasoning" not in d.metadata for d in quiet.invoke(QUESTION))
+
+
+def test_inspection_and_fallback_flags_and_strict():
+    model = make_text_model(seed=4)
+    retriever = RetrvR1Retriever(model=model, store=text_store(), k=3, first_stage_k=3, reasoning_budget=40)
+    script = ["<inspection-index-start>", "<cand_1>", "<inspection-index-end>", "<answer>"]
+    with scripted_generation(model, script):
+        docs = retriever.invoke(QUESTION)
+    first_id = text_store().search(QUESTION, top_k=3)[0].id
+    assert {d.id: d.metadata["retrv_r1_inspected"] for d in docs} == {d.id: d.id == first_id for d in docs}
+    with scripted_generation(model, ["some", "<|im_end|>"]):
+        docs = retriever.invoke(QUESTION)
+    assert all(d.metadata["retrv_r1_fallback"] == "forced_answer" for d in docs)
+    strict = RetrvR1Retriever(model=model, store=text_store(), k=3, first_stage_k=3, reasoning_budget=40, strict=True)
+    with scripted_generation(model, ["some", "<|im_end|>"]), pytest.raises(NoAnswerError):
+        strict.invoke(QUESTION)
+
+
+def test_k_and_first_stage_k_overrides():
+    model = tiny_text_model()
+    retriever = RetrvR1Retriever(model=model, store=text_store(), k=4, reasoning_budget=0)
+    assert len(retriever.invoke(QUESTION)) == 4
+    assert len(retriever.invoke(QUESTION, k=1)) == 1
+    assert len(retriever.invoke(QUESTION, k=6)) == 6
+    assert len(retriever.invoke(QUESTION, k=6, first_stage_k=3)) == 3  # only 3 candidates to rerank
+    # the reranked set is exactly the first stage's first_stage_k
+    got = {d.id for d in retriever.invoke(QUESTION, k=10, first_stage_k=5)}
+    assert got == {c.id for c in text_store().search(QUESTION, top_k=5)}
+    with pytest.raises(ValueError, match="first_stage_k"):
+        retriever.invoke(QUESTION, first_stage_k=17)
+    with pytest.raises(ValueError, match="k must be"):
+        retriever.invoke(QUESTION, k=0)
+
+
+async def test_ainvoke_with_k():
+    for source in ({"store": text_store()}, {"base_retriever": vector_store().as_retriever(search_kwargs={"k": 5})}):
+        retriever = RetrvR1Retriever(model=tiny_text_model(), k=4, reasoning_budget=2, **source)
+        got = await retriever.ainvoke(QUESTION, k=2)
+        want = retriever.invoke(QUESTION, k=2)
+        assert [(d.id, d.metadata["relevance_score"]) for d in got] == [(d.id, d.metadata["relevance_score"]) for d in want]
+
+
+def test_base_retriever_source_and_child_callbacks():
+    starts: list[str] = []
+
+    class Starts(BaseCallbackHandler):
+        def on_retriever_start(self, serialized: Any, query: str, **kwargs: Any) -> None:
+            starts.append(query)
+
+    model = boosted_model()
+    base = vector_store().as_retriever(search_kwargs={"k": 8})
+    retriever = RetrvR1Retriever(model=model, base_retriever=base, k=3, first_stage_k=5, reasoning_budget=2)
+    docs = retriever.invoke(QUESTION, config={"callbacks": [Starts()]})
+    first = base.invoke(QUESTION)[:5]
+    assert docs[0].id == first[WINNER].id and len(docs) == 3
+    assert starts == [QUESTION, QUESTION]  # ours, then the base retriever's as a child run
+    assert all(d.metadata["source"] == "corpus" for d in docs)
+
+
+def test_empty_first_stage_returns_empty(monkeypatch):
+    model = make_text_model(seed=5)
+
+    def boom(*a, **k):
+        raise AssertionError("the model must not be called")
+
+    monkeypatch.setattr(model, "rank", boom)
+    empty_store = QdrantCandidateStore(minilm(), location=":memory:", collection_name="empty")
+    assert RetrvR1Retriever(model=model, store=empty_store).invoke(QUESTION) == []
+    empty_vs = InMemoryVectorStore(MiniLMEmbeddings())
+    assert RetrvR1Retriever(model=model, base_retriever=empty_vs.as_retriever()).invoke(QUESTION) == []
+    assert RetrvR1Retriever(model=model, store=lambda q, top_k: []).invoke(QUESTION) == []
+    assert RetrvR1Compressor(model=model).compress_documents([], QUESTION) == []
+
+
+def test_constructor_validation():
+    model = tiny_text_model()
+    with pytest.raises(ValueError, match="exactly one"):
+        RetrvR1Retriever(model=model)
+    with pytest.raises(ValueError, match="exactly one"):
+        RetrvR1Retriever(model=model, store=text_store(), base_retriever=vector_store().as_retriever())
+    with pytest.raises(ValueError, match="max_candidates"):
+        RetrvR1Retriever(model=model, store=text_store(), first_stage_k=100)
+    with pytest.raises(TypeError, match="search"):
+        RetrvR1Retriever(model=model, store=object())
+
+
+def test_callable_store_and_checkpoint_path(tmp_path):
+    model = make_text_model(seed=3)
+    model.save_pretrained(tmp_path / "ckpt")
+    calls = []
+
+    def search(query: Query, top_k: int) -> list[Candidate]:
+        calls.append((query.text, top_k))
+        return [Candidate(text, id=cid) for cid, text in CORPUS[:top_k]]
+
+    retriever = RetrvR1Retriever(model=str(tmp_path / "ckpt"), device="cpu", store=search, k=2, first_stage_k=4, reasoning_budget=2)
+    docs = retriever.invoke(QUESTION)
+    assert calls == [(QUESTION, 4)] and len(docs) == 2
+    direct = model.rank(QUESTION, [t for _, t in CORPUS[:4]], reasoning_budget=2)
+    assert [d.metadata["relevance_score"] for d in docs] == pytest.approx([direct.scores[i] for i in direct.order[:2]])
+
+
+# ------------------------------------------------------------------ compressor
+
+
+def test_contextual_compression_retriever_end_to_end():
+    model = boosted_model()
+    base = vector_store().as_retriever(search_kwargs={"k": 5})
+    compressor = RetrvR1Compressor(model=model, top_n=2, reasoning_budget=2)
+    pipeline = ContextualCompressionRetriever(base_compressor=compressor, base_retriever=base)
+    docs = pipeline.invoke(QUESTION)
+    first = base.invoke(QUESTION)
+    assert len(docs) == 2 and docs[0].id == first[WINNER].id
+    assert docs[0].metadata["relevance_score"] > 0.9 >= docs[1].metadata["relevance_score"]
+    assert "retrv_r1_reasoning" in docs[0].metadata
+    # the input documents are not modified
+    assert all("relevance_score" not in d.metadata for d in base.invoke(QUESTION))
+
+
+async def test_compressor_async_and_top_n_none():
+    compressor = RetrvR1Compressor(model=tiny_text_model(), top_n=None, reasoning_budget=0)
+    docs = [Document(page_content=t, id=cid) for cid, t in CORPUS[:5]]
+    got = await compressor.acompress_documents(docs, QUESTION)
+    assert len(got) == 5 and math.isclose(sum(d.metadata["relevance_score"] for d in got), 1.0, rel_tol=1e-5)
+    assert compressor.top_n is None and RetrvR1Compressor(model=tiny_text_model()).top_n == 3
+
+
+def test_prior_relevance_score_moves_to_retrieval_score():
+    compressor = RetrvR1Compressor(model=tiny_text_model(), top_n=2, reasoning_budget=0)
+    docs = [Document(page_content=t, id=cid, metadata={"relevance_score": 0.5 + i / 10}) for i, (cid, t) in enumerate(CORPUS[:3])]
+    out = compressor.compress_documents(docs, QUESTION)
+    olds = {d.id: d.metadata["relevance_score"] for d in docs}
+    assert all(d.metadata["retrieval_score"] == olds[d.id] for d in out)
+    assert [d.metadata["relevance_score"] for d in docs] == [0.5, 0.6, 0.7]
+
+
+# ------------------------------------------------------------------ images
+
+
+class ColorEmbedder:
+    """A 3-d image-text embedder (mean RGB / colour words), to make images first-stage searchable."""
+
+    name = "test-color"
+    dim = 3
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        rows = [[float(c in t.lower()) for c in ("red", "green", "blue")] for t in texts]
+        return np.array([r if any(r) else [1.0, 1.0, 1.0] for r in rows], dtype=np.float32)
+
+    def embed_images(self, images: list[Any]) -> np.ndarray:
+        return np.array([np.asarray(im.convert("RGB"), dtype=np.float32).mean(axis=(0, 1)) for im in images], dtype=np.float32)
+
+
+def test_image_query_on_the_vl_model(images):
+    model = make_vl_model(seed=0)
+    captions = {"red": "a red square", "green": "a green rectangle", "blue": "a blue rectangle"}
+    cands = [Candidate(captions[n], image=str(p), id=n) for n, p in images.items()]
+    cands.append(Candidate("a text about the sky", id="sky"))
+
+    # text-only first stage: searched by the query text, reranked with the query image
+    with QdrantCandidateStore(minilm(), location=":memory:", collection_name="captions") as store:
+        store.add(cands, show_progress=False)
+        retriever = RetrvR1Retriever(model=model, store=store, k=4, reasoning_budget=2)
+        docs = retriever.invoke("which one is red?", image=images["red"])
+        assert len(docs) == 4 and {d.id for d in docs} == {"red", "green", "blue", "sky"}
+        assert {d.id: d.metadata.get("image_path") for d in docs}["green"] == str(images["green"])
+        first = store.search("which one is red?", top_k=4)
+        direct = model.rank(Query("which one is red?", images["red"]), first, reasoning_budget=2)
+        assert [d.metadata["relevance_score"] for d in docs] == pytest.approx([direct.scores[i] for i in direct.order])
+        # the image matters to the reranker
+        blue = retriever.invoke("which one is red?", image=images["blue"])
+        assert {d.id: d.metadata["relevance_score"] for d in blue} != pytest.approx({d.id: d.metadata["relevance_score"] for d in docs})
+        with pytest.raises(ValueError, match="image-only query"):
+            retriever.invoke("", image=images["red"])
+
+    # image-capable first stage: an image-only query
+    with QdrantCandidateStore(ColorEmbedder(), location=":memory:", collection_name="colors") as store:
+        store.add(cands, show_progress=False)
+        retriever = RetrvR1Retriever(model=model, store=store, k=2, first_stage_k=3, reasoning_budget=0)
+        docs = retriever.invoke("", image=images["green"])
+        assert len(docs) == 2
+        assert store.search(Query(image=images["green"]), top_k=1)[0].id == "green"
+
+    # bad images name the document
+    bad = Document(page_content="x", id="broken-doc", metadata={"image_path": "/nonexistent/x.png"})
+    with pytest.raises(ImageLoadError, match="broken-doc"):
+        RetrvR1Compressor(model=model).compress_documents([bad], "q")
+
+
+def test_document_candidate_round_trip(images):
+    raw = images["red"].read_bytes()
+    for cand in (Candidate("t", image=str(images["red"]), id="a", metadata={"x": 1}), Candidate("t", image=raw, id="b")):
+        doc = candidate_to_document(cand)
+        back = document_to_candidate(doc, load_images=False)
+        assert (back.text, back.id, back.image) == (cand.text, cand.id, cand.image)
+    assert document_to_candidate(candidate_to_document(Candidate("t", image=raw))).image.size == (56, 56)
+
+
+def test_missing_extra_names_the_pip_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "langchain_core", None)
+    monkeypatch.delitem(sys.modules, "retrv_r1_plugin.integrations.langchain")
+    with pytest.raises(MissingExtraError, match=r"pip install 'retrv-r1-plugin\[langchain\]'"):
+        importlib.import_module("retrv_r1_plugin.integrations.langchain")
