@@ -1,0 +1,247 @@
+"""``retrv-r1``: index a corpus into Qdrant, search and rerank, train, evaluate.
+
+    retrv-r1 index ./docs                      # folder of text/image files, JSONL, or BEIR corpus.jsonl
+    retrv-r1 search "how do plants make food?" --model retrv-r1-smollm2-wordnet
+    retrv-r1 search "" --image cat.jpg --model ./my-vl-checkpoint
+    retrv-r1 rank "query" "candidate one" "candidate two" --model PATH
+    retrv-r1 train sft --config training/configs/sft.yaml
+    retrv-r1 eval --beir DIR --model MODEL --top-k 20 --output results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Iterable
+
+from .types import Candidate, Query, RankResult, RetrvR1Error
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
+TEXT_SUFFIXES = {".txt", ".md", ".rst"}
+DEFAULT_MODEL_ENV = "RETRV_R1_MODEL"
+DEFAULT_MODEL = "retrv-r1-smollm2-wordnet"
+
+
+# ----------------------------------------------------------------------------- corpus reading
+def read_corpus(path: str | os.PathLike) -> list[Candidate]:
+    """Candidates from a folder of files, a JSONL file, or a BEIR ``corpus.jsonl``.
+
+    JSONL lines may use BEIR keys (``_id``, ``title``, ``text``) or ours (``id``, ``text``,
+    ``image_path``, ``metadata``); relative image paths resolve against the file's folder.
+    In a folder, ``x.txt`` next to ``x.jpg`` is that image's caption.
+    """
+    p = Path(path)
+    if p.is_dir():
+        return _read_folder(p)
+    if p.is_file() and p.suffix in (".jsonl", ".json"):
+        return list(_read_jsonl(p))
+    raise FileNotFoundError(f"{p} is neither a folder nor a .jsonl file")
+
+
+def _read_folder(folder: Path) -> list[Candidate]:
+    files = sorted(f for f in folder.rglob("*") if f.is_file())
+    images = {f.with_suffix(""): f for f in files if f.suffix.lower() in IMAGE_SUFFIXES}
+    out: list[Candidate] = []
+    for f in files:
+        rel = str(f.relative_to(folder))
+        if f.suffix.lower() in IMAGE_SUFFIXES:
+            caption_file = next((f.with_suffix(s) for s in TEXT_SUFFIXES if f.with_suffix(s).is_file()), None)
+            caption = caption_file.read_text(errors="replace").strip() if caption_file else ""
+            out.append(Candidate(text=caption, image=str(f), id=rel, metadata={"file_path": str(f)}))
+        elif f.suffix.lower() in TEXT_SUFFIXES and f.with_suffix("") not in images:
+            out.append(Candidate(text=f.read_text(errors="replace").strip(), id=rel, metadata={"file_path": str(f)}))
+    if not out:
+        raise ValueError(f"no text ({sorted(TEXT_SUFFIXES)}) or image files found in {folder}")
+    return out
+
+
+def _read_jsonl(path: Path) -> Iterable[Candidate]:
+    with path.open() as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
+            ident = row.get("_id", row.get("id"))
+            text = row.get("text", "") or ""
+            if row.get("title") and "_id" in row:
+                text = f"{row['title']}: {text}" if text else row["title"]
+            image = row.get("image_path") or row.get("image")
+            if image and not os.path.isabs(image):
+                image = str(path.parent / image)
+            if not text and not image:
+                raise ValueError(f"{path}:{lineno}: a line needs 'text' or 'image_path'")
+            meta = dict(row.get("metadata") or {})
+            yield Candidate(text=text, image=image, id=str(ident) if ident is not None else None, metadata=meta)
+
+
+# ----------------------------------------------------------------------------- helpers
+def load_model(name: str | None, device: str | None = None):
+    from .model import RetrvR1Model
+
+    name = name or os.environ.get(DEFAULT_MODEL_ENV) or DEFAULT_MODEL
+    return RetrvR1Model.from_pretrained(name, device=device)
+
+
+def open_store(args: argparse.Namespace):
+    from .store import QdrantCandidateStore
+
+    kwargs = {"collection_name": args.collection}
+    if args.url:
+        kwargs.update(url=args.url, api_key=args.api_key or os.environ.get("QDRANT_API_KEY"))
+    elif args.store:
+        kwargs["path"] = args.store
+    return QdrantCandidateStore(**kwargs)
+
+
+def print_ranking(result: RankResult, top_n: int, show_reasoning: bool = True) -> None:
+    for rank, (i, score) in enumerate(result.top_k(top_n), 1):
+        cand = result.candidates[i]
+        label = cand.id or f"#{i}"
+        text = " ".join(cand.text.split())[:100]
+        kind = " [image]" if cand.image is not None else ""
+        mark = " (inspected)" if i in result.inspected else ""
+        print(f"{rank:>2}. {score:.3f}  {label}{kind}{mark}  {text}")
+    if result.fallback:
+        print(f"   fallback: {result.fallback}")
+    if show_reasoning and result.reasoning:
+        print(f"   reasoning: {' '.join(result.reasoning.split())[:400]}")
+
+
+def result_json(result: RankResult, top_n: int) -> dict:
+    return {
+        "ranking": [
+            {"index": i, "id": result.candidates[i].id, "score": s, "text": result.candidates[i].text,
+             "inspected": i in result.inspected}
+            for i, s in result.top_k(top_n)
+        ],
+        "reasoning": result.reasoning,
+        "fallback": result.fallback,
+        "notes": result.notes,
+        "usage": vars(result.usage) | {"context_tokens": result.usage.context_tokens},
+    }
+
+
+# ----------------------------------------------------------------------------- commands
+def cmd_index(args: argparse.Namespace) -> int:
+    candidates = read_corpus(args.path)
+    with open_store(args) as store:
+        ids = store.add(candidates, batch_size=args.batch_size, show_progress=not args.quiet)
+        if args.model:
+            model = load_model(args.model, args.device)
+            tokens = model.encode_candidates(candidates)
+            store.put_content_tokens(ids, tokens, model.content_signature)
+        print(f"indexed {len(ids)} candidates into collection {args.collection!r} ({store.count()} in total)")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    model = load_model(args.model, args.device)
+    query = Query(text=args.query, image=args.image)
+    with open_store(args) as store:
+        candidates = store.search(query, top_k=args.top_k, with_content_tokens=model.content_signature)
+    if not candidates:
+        print("no results: the collection is empty")
+        return 0
+    result = model.rank(query, candidates, reasoning_budget=args.reasoning_budget, max_inspections=args.max_inspections)
+    if args.json:
+        print(json.dumps(result_json(result, args.top_n), indent=2))
+    else:
+        print_ranking(result, args.top_n)
+    return 0
+
+
+def cmd_rank(args: argparse.Namespace) -> int:
+    model = load_model(args.model, args.device)
+    result = model.rank(Query(text=args.query, image=args.image), args.candidates,
+                        reasoning_budget=args.reasoning_budget, max_inspections=args.max_inspections)
+    if args.json:
+        print(json.dumps(result_json(result, len(args.candidates)), indent=2))
+    else:
+        print_ranking(result, len(args.candidates))
+    return 0
+
+
+def cmd_train(argv: list[str]) -> int:
+    from ._optional import require
+
+    require("peft", "train")
+    from training.cli import main_train
+
+    return main_train(argv)
+
+
+def cmd_eval(argv: list[str]) -> int:
+    from training.evaluate import main_eval
+
+    return main_eval(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="retrv-r1", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def store_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--store", help="embedded Qdrant folder (default: the user data directory)")
+        p.add_argument("--url", help="Qdrant server URL (server or cluster mode)")
+        p.add_argument("--api-key", help="Qdrant API key (or QDRANT_API_KEY)")
+        p.add_argument("--collection", default="retrv_r1")
+
+    def model_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", help=f"checkpoint path or bundled name (default: ${DEFAULT_MODEL_ENV} or {DEFAULT_MODEL})")
+        p.add_argument("--device", help="torch device, e.g. cpu or cuda")
+        p.add_argument("--reasoning-budget", type=int, default=None)
+        p.add_argument("--max-inspections", type=int, default=None)
+        p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("index", help="index a folder, JSONL file or BEIR corpus.jsonl")
+    p.add_argument("path")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--model", help="also cache this model's content tokens in the store")
+    p.add_argument("--device")
+    p.add_argument("--quiet", action="store_true")
+    store_args(p)
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("search", help="first-stage search, then rerank with Retrv-R1")
+    p.add_argument("query")
+    p.add_argument("--image", help="image query (path)")
+    p.add_argument("--top-k", type=int, default=20, help="candidates from the first stage")
+    p.add_argument("--top-n", type=int, default=5, help="results to print")
+    store_args(p)
+    model_args(p)
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("rank", help="rerank candidates given on the command line")
+    p.add_argument("query")
+    p.add_argument("candidates", nargs="+")
+    p.add_argument("--image", help="image query (path)")
+    model_args(p)
+    p.set_defaults(func=cmd_rank)
+
+    sub.add_parser("train", help="training stages: align | sft | rl (see training/)", add_help=False)
+    sub.add_parser("eval", help="evaluate on a BEIR or M-BEIR set", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train":
+        return cmd_train(argv[1:])
+    if argv and argv[0] == "eval":
+        return cmd_eval(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (RetrvR1Error, FileNotFoundError, ValueError) as exc:
+        print(f"retrv-r1: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
