@@ -1,0 +1,206 @@
+"""``retrv-r1 eval``: first stage in embedded Qdrant, Retrv-R1 on the top K, metrics.
+
+    retrv-r1 eval --beir DIR --model MODEL --top-k 20 --output results.json
+    retrv-r1 eval --mbeir-queries Q.jsonl --mbeir-pool POOL.jsonl --model MODEL --top-k 10
+
+Prints a table and writes JSON of the shape::
+
+    {"first_stage": {"R@1", "R@5", "R@10", "nDCG@10", "MRR@10"}, "reranked": {...},
+     "seconds_per_query", "context_tokens_per_query", "inspections_per_query", ...}
+
+The reranked list is the model's order of the top K followed by the rest of the first
+stage's list, so metrics at cut-offs above K stay comparable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from retrv_r1_plugin.evaluation.metrics import evaluate_rankings
+from retrv_r1_plugin.types import Candidate, Query
+
+from .data.formats import RetrievalDataset, load_beir, load_mbeir
+
+METRIC_KEYS = ("R@1", "R@5", "R@10", "nDCG@10", "MRR@10")
+
+
+@dataclass
+class EvalResult:
+    first_stage: dict[str, float]
+    reranked: dict[str, float] | None
+    seconds_per_query: float
+    context_tokens_per_query: float
+    inspections_per_query: float
+    num_queries: int
+    top_k: int
+    fallbacks: dict[str, int] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {
+            "first_stage": self.first_stage,
+            "reranked": self.reranked,
+            "seconds_per_query": self.seconds_per_query,
+            "context_tokens_per_query": self.context_tokens_per_query,
+            "inspections_per_query": self.inspections_per_query,
+            "num_queries": self.num_queries,
+            "top_k": self.top_k,
+            "fallbacks": self.fallbacks,
+        }
+        out.update(self.extra)
+        return out
+
+
+def dataset_candidates(dataset: RetrievalDataset) -> list[Candidate]:
+    """The corpus as store candidates (doc id kept as ``Candidate.id``)."""
+    out = []
+    for doc_id, doc in dataset.corpus.items():
+        text = f"{doc.title}: {doc.text}" if doc.title and doc.text else (doc.text or doc.title)
+        out.append(Candidate(text=text, image=doc.image_path, id=doc_id))
+    return out
+
+
+def query_object(dataset: RetrievalDataset, qid: str) -> Query:
+    record = dataset.queries[qid]
+    return Query(text=record.text, image=record.image_path)
+
+
+def build_first_stage(dataset: RetrievalDataset, *, store_path: str | None = None, show_progress: bool = True):
+    """An embedded Qdrant collection over the corpus (in memory unless ``store_path``)."""
+    from retrv_r1_plugin.store import QdrantCandidateStore
+
+    kwargs: dict[str, Any] = {"path": store_path} if store_path else {"location": ":memory:"}
+    store = QdrantCandidateStore(collection_name=f"eval_{dataset.name or 'set'}".replace("-", "_"), **kwargs)
+    store.add(dataset_candidates(dataset), show_progress=show_progress)
+    return store
+
+
+def evaluate(
+    dataset: RetrievalDataset,
+    search: Callable[[Query, int], list[Candidate]],
+    model=None,
+    *,
+    top_k: int = 20,
+    max_queries: int | None = None,
+    rank_kwargs: dict[str, Any] | None = None,
+    show_progress: bool = True,
+) -> EvalResult:
+    """First-stage metrics, and reranked metrics when ``model`` is given."""
+    from tqdm.auto import tqdm
+
+    qids = sorted(q for q in dataset.queries if dataset.qrels.get(q))
+    if max_queries:
+        qids = qids[:max_queries]
+    if not qids:
+        raise ValueError("no queries with relevance judgements in this split")
+    first: dict[str, list[str]] = {}
+    reranked: dict[str, list[str]] = {}
+    seconds = tokens = inspections = 0.0
+    fallbacks: dict[str, int] = {}
+    for qid in tqdm(qids, desc="eval", disable=not show_progress):
+        query = query_object(dataset, qid)
+        hits = search(query, max(top_k, 10))
+        ids = [str(c.id) for c in hits]
+        first[qid] = ids
+        if model is None or not hits:
+            reranked[qid] = ids
+            continue
+        start = time.perf_counter()
+        result = model.rank(query, hits[:top_k], **(rank_kwargs or {}))
+        seconds += time.perf_counter() - start
+        tokens += result.usage.context_tokens
+        inspections += len(result.inspected)
+        if result.fallback:
+            fallbacks[result.fallback] = fallbacks.get(result.fallback, 0) + 1
+        reranked[qid] = [ids[i] for i in result.order] + ids[top_k:]
+    n = len(qids)
+    qrels = {q: dataset.qrels[q] for q in qids}
+    return EvalResult(
+        first_stage=evaluate_rankings(first, qrels),
+        reranked=evaluate_rankings(reranked, qrels) if model is not None else None,
+        seconds_per_query=seconds / n,
+        context_tokens_per_query=tokens / n,
+        inspections_per_query=inspections / n,
+        num_queries=n,
+        top_k=top_k,
+        fallbacks=fallbacks,
+    )
+
+
+def format_table(result: EvalResult, label: str = "reranked") -> str:
+    rows = [("first stage", result.first_stage)]
+    if result.reranked is not None:
+        rows.append((label, result.reranked))
+    lines = ["| | " + " | ".join(METRIC_KEYS) + " |", "|---|" + "---|" * len(METRIC_KEYS)]
+    for name, metrics in rows:
+        lines.append(f"| {name} | " + " | ".join(f"{metrics[k]:.3f}" for k in METRIC_KEYS) + " |")
+    lines.append(
+        f"\n{result.num_queries} queries, top-{result.top_k}: {result.seconds_per_query:.2f} s/query, "
+        f"{result.context_tokens_per_query:.0f} context tokens/query, {result.inspections_per_query:.2f} inspections/query"
+        + (f", fallbacks {result.fallbacks}" if result.fallbacks else "")
+    )
+    return "\n".join(lines)
+
+
+def load_dataset(args: argparse.Namespace) -> RetrievalDataset:
+    if args.beir:
+        ds = load_beir(args.beir, split=args.split)
+        ds.name = ds.name or Path(args.beir).name
+        return ds
+    if args.mbeir_queries and args.mbeir_pool:
+        ds = load_mbeir(args.mbeir_queries, args.mbeir_pool, image_root=args.image_root)
+        ds.name = ds.name or Path(args.mbeir_queries).stem
+        return ds
+    raise SystemExit("give --beir DIR, or --mbeir-queries FILE with --mbeir-pool FILE")
+
+
+def main_eval(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="retrv-r1 eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--beir", help="BEIR-layout folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv)")
+    p.add_argument("--mbeir-queries", help="M-BEIR query JSONL")
+    p.add_argument("--mbeir-pool", help="M-BEIR candidate pool JSONL")
+    p.add_argument("--image-root", help="folder M-BEIR image paths are relative to")
+    p.add_argument("--split", default="test")
+    p.add_argument("--model", help="checkpoint path or bundled name; omit for the first stage only")
+    p.add_argument("--top-k", type=int, default=20)
+    p.add_argument("--max-queries", type=int)
+    p.add_argument("--compression", choices=["icm", "none"])
+    p.add_argument("--reasoning-budget", type=int)
+    p.add_argument("--max-inspections", type=int)
+    p.add_argument("--store", help="embedded Qdrant folder for the first stage (default: in memory)")
+    p.add_argument("--output", help="write the JSON here")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+
+    dataset = load_dataset(args)
+    store = build_first_stage(dataset, store_path=args.store, show_progress=not args.quiet)
+    model = None
+    rank_kwargs: dict[str, Any] = {}
+    if args.model:
+        from retrv_r1_plugin.model import RetrvR1Model
+
+        model = RetrvR1Model.from_pretrained(args.model)
+        if args.top_k > model.config.max_candidates:
+            raise SystemExit(f"--top-k {args.top_k} exceeds the model's {model.config.max_candidates} labels")
+        rank_kwargs = {k: v for k, v in dict(compression=args.compression, reasoning_budget=args.reasoning_budget,
+                                             max_inspections=args.max_inspections).items() if v is not None}
+    result = evaluate(dataset, lambda q, k: store.search(q, top_k=k), model, top_k=args.top_k,
+                      max_queries=args.max_queries, rank_kwargs=rank_kwargs, show_progress=not args.quiet)
+    result.extra.update(dataset=dataset.name, split=args.split, model=args.model, **rank_kwargs)
+    print(format_table(result))
+    if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        Path(args.output).write_text(json.dumps(result.to_dict(), indent=2))
+    store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_eval())
