@@ -151,9 +151,8 @@ class RetrvR1Model(nn.Module):
         lora = _has_lora(self.lm)
         if save_backbone:
             bdir = out / BACKBONE_DIR
-            if lora:
-                raise ValueError("merge or drop LoRA adapters before saving the full backbone")
-            self.lm.save_pretrained(bdir)
+            # With LoRA, backbone/ holds the base weights and adapter/ the adapters (loaded back on top).
+            self.lm.save_pretrained(bdir, state_dict=_base_state_dict(self.lm) if lora else None)
             self.backbone.tokenizer.save_pretrained(bdir)
             if self.backbone.image_processor is not None:
                 self.backbone.image_processor.save_pretrained(bdir)
@@ -457,6 +456,11 @@ def _load_token_rows(model, rows: dict[str, torch.Tensor]) -> None:
 
 def _has_lora(model) -> bool:
     return bool(getattr(model, "peft_config", None))
+
+
+def _base_state_dict(model) -> dict[str, torch.Tensor]:
+    """The state dict of a model with injected LoRA layers, adapters left out, base names restored."""
+    return {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items() if ".lora_" not in k}
 
 
 def _save_lora(model, directory: Path) -> None:

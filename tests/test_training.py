@@ -1,0 +1,426 @@
+"""The three training stages on tiny models: targets and masks, log-prob equality, learning,
+LoRA round trips, exact resume, multimodal inputs, and the command line."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the training/ package is not installed with the plugin
+    sys.path.insert(0, str(ROOT))
+
+from retrv_r1_plugin.model import RetrvR1Model  # noqa: E402
+from retrv_r1_plugin.tokens import tokenize_trusted, tokenize_untrusted  # noqa: E402
+from training.align import AlignTrainer  # noqa: E402
+from training.cli import main_train  # noqa: E402
+from training.config import AlignConfig, LoraSettings, RLConfig, RunConfig, SFTConfig  # noqa: E402
+from training.cot import ProgrammaticTeacher, synthesize_cot  # noqa: E402
+from training.examples import CandidateRecord, TrainingExample, write_examples  # noqa: E402
+from training.grpo import GRPOTrainer, sample_rollouts  # noqa: E402
+from training.params import configure_trainable  # noqa: E402
+from training.sequences import build_sequence, prepare_example, target_logprobs  # noqa: E402
+from training.sft import SFTTrainer  # noqa: E402
+from training.trainer import load_model  # noqa: E402
+
+# single-token words of the tiny tokenizer (with a leading space)
+WORDS = ["cat", "dog", "apple", "rocket", "sky", "table", "sofa", "light", "sugar", "photo", "blue", "red", "white", "cup", "fox", "step"]
+OVERRIDES = {"max_candidates": 8, "system_prompt": "Rerank."}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run ~10x faster on one thread than on two contended ones."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def make_examples(n: int, k: int = 4, seed: int = 0, fixed_positive: int | None = None) -> list[TrainingExample]:
+    """Query "a X" among candidates "a W"; the positive holds X (at ``fixed_positive`` if given)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        words = rng.sample(WORDS, k)
+        pos = rng.randrange(k) if fixed_positive is None else fixed_positive
+        cands = [CandidateRecord(id=f"d{i}_{j}", text=f"a {w}", score=1.0 - 0.1 * j) for j, w in enumerate(words)]
+        out.append(TrainingExample(id=f"q{i}", query_text=f"a {words[pos]}", candidates=cands, positive=pos))
+    return out
+
+
+def tiny(init: str = "tiny:text", **overrides) -> RetrvR1Model:
+    return load_model(RunConfig(init_from=init, model_overrides={**OVERRIDES, **overrides}))
+
+
+def ids_of(model, *parts) -> list[int]:
+    """Token ids of structural token names (``"<...>"``) and plain text pieces."""
+    vocab = model.tokenizer.get_vocab()
+    out: list[int] = []
+    for p in parts:
+        out.extend([vocab[p]] if p in vocab and p.startswith("<") else tokenize_untrusted(model.tokenizer, p, model.special.forbidden_in_untrusted))
+    return out
+
+
+INSPECT_2 = ["<inspection-index-start>", "<cand_2>", "<inspection-index-end>"]
+
+
+# =========================================================================== targets and masks
+
+
+def test_only_model_written_tokens_are_targets_and_masked_positions_get_zero_gradient():
+    model = tiny()
+    ex = make_examples(1)[0]
+    written = ids_of(model, "look", *INSPECT_2, " fine", "</think>", "<answer>")
+    with torch.enable_grad():
+        prompt, encoded = prepare_example(model, ex, reasoning_budget=32)
+        seq = build_sequence(model, prompt, encoded, written, 1, reasoning_budget=32, max_inspections=2)
+        assert [c.role for c in seq.chunks].count("spliced") == 1 and seq.machine.inspected == [1]
+        assert seq.target_ids.tolist() == written + [model.special.labels[1]]
+        # each target is predicted from the position right before it; the answer at the last position
+        assert torch.equal(seq.full.ids[seq.target_positions[:-1] + 1], seq.target_ids[:-1])
+        assert int(seq.target_positions[-1]) == len(seq) - 1
+        start = 0
+        spliced_positions = set()
+        for c in seq.chunks:
+            if c.role in ("spliced", "prompt", "forced"):
+                spliced_positions.update(range(start, start + len(c)))
+            start += len(c)
+        assert not spliced_positions & set((seq.target_positions[:-1] + 1).tolist())
+        configure_trainable(model, lm="lora", train_icm=True, train_token_rows=True, lora=LoraSettings(r=4, alpha=8))
+        logp, hidden = target_logprobs(model, seq, return_hidden=True)
+        hidden.retain_grad()
+        (-logp.sum()).backward()
+    grad = hidden.grad[0].abs().sum(-1)
+    predicting = set(seq.target_positions.tolist())
+    others = [i for i in range(len(seq)) if i not in predicting]
+    assert torch.count_nonzero(grad[others]) == 0  # prompt, spliced and forced tokens are never predicted
+    assert torch.all(grad[sorted(predicting)] > 0)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.icm.parameters())  # grads reach the ICM
+    # spliced tokens are still context: inspecting another candidate changes what follows
+    other = ids_of(model, "look", "<inspection-index-start>", "<cand_3>", "<inspection-index-end>", " fine", "</think>", "<answer>")
+    with torch.no_grad():
+        seq2 = build_sequence(model, prompt.__class__(prompt.ids, prompt.embeds.detach()), encoded, other, 1, reasoning_budget=32, max_inspections=2)
+        after = target_logprobs(model, seq2)[-3:]
+    assert not torch.allclose(after, logp.detach()[-3:])
+
+
+@pytest.mark.parametrize("temperature,answer_space", [(1.0, "labels"), (0.7, "labels"), (0.7, "vocab")])
+def test_recomputed_logprobs_equal_sampling_logprobs(temperature, answer_space):
+    model = tiny()
+    ex = make_examples(1, seed=3)[0]
+    rollouts = sample_rollouts(model, ex, [11, 12, 13], reasoning_budget=10, max_inspections=2, temperature=temperature, answer_space=answer_space)
+    scripted = ids_of(model, "x", *INSPECT_2, "y", "<inspection-index-start>", "<cand_4>", "<inspection-index-end>", "</think>", "<answer>")
+    if temperature == 1.0:  # scripted tokens carry unscaled log-probs, so only at T = 1
+        rollouts += sample_rollouts(model, ex, [14], reasoning_budget=20, max_inspections=2, script=scripted, answer_space=answer_space)
+        assert rollouts[-1].inspected == [1, 3] and rollouts[-1].stop_reason == "answer"
+    assert len({tuple(r.written) for r in rollouts}) > 1
+    for r in rollouts:
+        with torch.enable_grad():
+            prompt, encoded = prepare_example(model, ex, reasoning_budget=20 if r.inspected else 10)
+            seq = build_sequence(model, prompt, encoded, r.written, None, reasoning_budget=20 if r.inspected else 10, max_inspections=2, answer_token=r.answer_token)
+            logp = target_logprobs(model, seq, temperature=temperature, answer_space=answer_space)
+        assert logp.requires_grad and len(logp) == len(r.sampled_logprobs) == len(r.written) + 1
+        torch.testing.assert_close(logp.detach(), torch.tensor(r.sampled_logprobs), atol=1e-4, rtol=0)
+
+
+# =========================================================================== stage 1
+
+
+def _pretrain_describer(model, steps: int = 150) -> None:
+    """Stand-in for a pretrained LM: teach the tiny LM (full fine-tuning, before it is frozen)
+    to describe the token in the align frame ``Candidate: [e_X]\\nDescription: a X``, where the
+    slot holds the word's own embedding. Alignment must then make ``t_con`` of the full
+    candidate "a X" play that role."""
+    tok, sp = model.tokenizer, model.special
+    pre, mid = tokenize_trusted(tok, "Candidate: "), tokenize_trusted(tok, "\nDescription: ")
+    emb = model.lm.get_input_embeddings()
+    word_ids, rows = [], []
+    for w in WORDS:
+        (wid,) = tok(" " + w, add_special_tokens=False)["input_ids"]
+        word_ids.append(wid)
+        rows.append(pre + [sp.content_slot] + mid + tokenize_untrusted(tok, "a " + w, sp.forbidden_in_untrusted) + [sp.eos[0]])
+    ids = torch.tensor(rows)
+    start = len(pre) + 1 + len(mid)
+    opt = torch.optim.Adam(model.lm.parameters(), lr=3e-3)
+    for _ in range(steps):
+        e = emb(ids).clone()
+        e[:, len(pre)] = emb.weight[torch.tensor(word_ids)]
+        logits = model.lm(inputs_embeds=e).logits[:, start - 1 : -1]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, start:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss.detach()) < 0.1
+    model.icm.output_scale.fill_(model.backbone.embedding_rms())
+    model.eval()
+
+
+def _align_eval(trainer: AlignTrainer, examples) -> float:
+    """Content loss on fixed examples (every candidate), no gradient."""
+    tot = n = 0.0
+    cfg = dataclasses.replace(trainer.cfg, content_per_example=4, relation_per_example=0)
+    old, trainer.cfg = trainer.cfg, cfg
+    try:
+        with torch.no_grad():
+            from training.sequences import chunk_targets, forward_hidden, logits_at
+
+            for ex in examples:
+                for _, chunks in trainer._items(ex, random.Random(0)):
+                    full, pos, ids = chunk_targets(chunks)
+                    logits = logits_at(trainer.model, forward_hidden(trainer.model, full), pos)
+                    tot += float(torch.nn.functional.cross_entropy(logits, ids, reduction="sum"))
+                    n += len(ids)
+    finally:
+        trainer.cfg = old
+    return tot / n
+
+
+def test_align_lowers_its_loss_and_trains_only_the_icm(tmp_path):
+    examples = make_examples(16)
+    write_examples(tmp_path / "ex.jsonl", examples)
+    model = tiny()
+    _pretrain_describer(model)
+    cfg = AlignConfig(init_from="tiny:text", data=str(tmp_path / "ex.jsonl"), output_dir=str(tmp_path / "align"), steps=30, batch_size=2,
+                      lr=3e-3, save_every=15, progress=False, relation_per_example=1, model_overrides=OVERRIDES)
+    trainer = AlignTrainer(cfg, model=model)
+    lm_before = {k: v.clone() for k, v in model.lm.state_dict().items()}
+    icm_before = {k: v.clone() for k, v in model.icm.state_dict().items()}
+    before = _align_eval(trainer, examples[:6])
+    final = trainer.train()
+    after = _align_eval(trainer, examples[:6])
+    assert after < before - 1.0, (before, after)  # t_con now tells the frozen LM which word it is
+    assert all(torch.equal(v, model.lm.state_dict()[k]) for k, v in lm_before.items())  # LM frozen, bit for bit
+    changed = [k for k, v in icm_before.items() if not torch.equal(v, model.icm.state_dict()[k])]
+    assert any(k.startswith("relate.") for k in changed) and any(k.startswith("compress.") for k in changed)
+    assert trainer.history[-1]["relation_loss"] > 0
+    loaded = RetrvR1Model.from_pretrained(final)
+    assert all(torch.equal(v, loaded.icm.state_dict()[k]) for k, v in model.icm.state_dict().items())
+    assert (tmp_path / "align" / "curves.png").stat().st_size > 1000
+    assert sorted(p.name for p in (tmp_path / "align").glob("checkpoint-*")) == ["checkpoint-000015", "checkpoint-000030"]
+    assert not list((tmp_path / "align").glob(".tmp-*"))
+
+
+def test_align_self_targets_come_from_the_frozen_lm_reading_full_tokens(tmp_path):
+    write_examples(tmp_path / "ex.jsonl", make_examples(2))
+    cfg = AlignConfig(init_from="tiny:text", data=str(tmp_path / "ex.jsonl"), output_dir=str(tmp_path / "a"), steps=1, batch_size=2,
+                      content_target="self", relation_target="self", relation_input="rel", content_per_example=2,
+                      relation_per_example=2, max_target_tokens=6, progress=False, model_overrides=OVERRIDES)
+    trainer = AlignTrainer(cfg)
+    metrics = trainer.train_step(0)
+    targets = trainer._self_targets
+    assert {k[1] for k in targets} == {"content", "relation"} and len(targets) == 8
+    assert all(len(t) <= 7 and (t[-1] in trainer.model.special.eos) for t in targets.values())
+    assert metrics["content_loss"] > 0 and metrics["relation_loss"] > 0
+
+
+# =========================================================================== stage 2
+
+
+def _traces(tmp_path: Path, examples, name: str = "traces.jsonl") -> Path:
+    path = tmp_path / name
+    _, stats = synthesize_cot(examples, ProgrammaticTeacher(max_inspections=2), path)
+    assert stats.kept == len(examples)
+    return path
+
+
+def test_sft_lowers_its_loss_and_lora_round_trips(tmp_path):
+    traces = _traces(tmp_path, make_examples(16))
+    cfg = SFTConfig(init_from="tiny:text", data=str(traces), output_dir=str(tmp_path / "sft"), steps=24, batch_size=2, lr=1e-2,
+                    save_every=12, reasoning_budget=128, max_inspections=2, lora=LoraSettings(r=8, alpha=16), progress=False,
+                    model_overrides=OVERRIDES)
+    trainer = SFTTrainer(cfg)
+    model = trainer.model
+    emb = model.lm.get_input_embeddings().weight
+    emb_before = emb.detach().clone()
+    icm_before = [p.detach().clone() for p in model.icm.parameters()]
+    final = trainer.train()
+    losses = [r["loss"] for r in trainer.history]
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.5, losses
+    assert all(r["inspections"] >= 0 for r in trainer.history) and max(r["inspections"] for r in trainer.history) > 0
+    # only LoRA, the ICM and the added tokens' embedding rows changed
+    added = sorted(model.tokenizer.added_tokens_decoder.keys())
+    rest = [i for i in range(emb.shape[0]) if i not in set(added)]
+    assert torch.equal(emb.detach()[rest], emb_before[rest]) and not torch.equal(emb.detach()[added], emb_before[added])
+    assert any(not torch.equal(a, b) for a, b in zip(icm_before, model.icm.parameters()))
+    assert any(".lora_" in n for n, p in model.lm.named_parameters() if p.requires_grad)
+    # round trip: adapters (and the base weights of this config-built backbone) reload exactly
+    assert (final / "adapter" / "adapter_model.safetensors").is_file() and (final / "backbone").is_dir()
+    loaded = RetrvR1Model.from_pretrained(final)
+    ex = make_examples(1, seed=9)[0]
+    a = model.rank(ex.query(), ex.candidate_objects(), reasoning_budget=6)
+    b = loaded.rank(ex.query(), ex.candidate_objects(), reasoning_budget=6)
+    assert a.scores == b.scores and a.reasoning == b.reasoning
+    assert {k: v for k, v in model.lm.state_dict().items()}.keys() == loaded.lm.state_dict().keys()
+
+
+def test_lora_on_a_backbone_with_a_source_saves_adapters_only(tmp_path):
+    from retrv_r1_plugin.testing import build_tiny_text_backbone
+
+    bb = build_tiny_text_backbone(0)
+    bb.model.save_pretrained(tmp_path / "base")
+    bb.tokenizer.save_pretrained(tmp_path / "base")
+    traces = _traces(tmp_path, make_examples(4))
+    cfg = SFTConfig(init_from=str(tmp_path / "base"), data=str(traces), output_dir=str(tmp_path / "sft"), steps=2, batch_size=2, lr=1e-2,
+                    save_every=2, reasoning_budget=128, lora=LoraSettings(r=4, alpha=8), progress=False, model_overrides=OVERRIDES)
+    trainer = SFTTrainer(cfg)
+    final = trainer.train()
+    assert not (final / "backbone").exists() and (final / "adapter").is_dir() and (final / "token_embeddings.safetensors").is_file()
+    loaded = RetrvR1Model.from_pretrained(final)
+    for k, v in trainer.model.lm.state_dict().items():
+        assert torch.equal(v, loaded.lm.state_dict()[k]), k
+
+
+def test_full_fine_tuning_saves_the_whole_backbone(tmp_path):
+    from retrv_r1_plugin.testing import build_tiny_text_backbone
+
+    bb = build_tiny_text_backbone(0)
+    bb.model.save_pretrained(tmp_path / "base")
+    bb.tokenizer.save_pretrained(tmp_path / "base")
+    traces = _traces(tmp_path, make_examples(4))
+    cfg = SFTConfig(init_from=str(tmp_path / "base"), data=str(traces), output_dir=str(tmp_path / "sft"), steps=2, batch_size=2, lr=1e-3,
+                    save_every=2, reasoning_budget=128, lm="full", progress=False, model_overrides=OVERRIDES)
+    trainer = SFTTrainer(cfg)
+    layer = trainer.model.lm.model.layers[0].mlp.up_proj.weight
+    before = layer.detach().clone()
+    final = trainer.train()
+    assert not torch.equal(before, layer.detach())  # every LM weight trains, not only adapters
+    assert (final / "backbone").is_dir() and not (final / "adapter").exists()
+    loaded = RetrvR1Model.from_pretrained(final)
+    assert torch.equal(loaded.lm.model.layers[0].mlp.up_proj.weight, layer.detach())
+
+
+# =========================================================================== stage 3
+
+
+def test_grpo_raises_the_reward_on_a_learnable_task(tmp_path):
+    # the first stage is always right here (positive at index 0): the policy can learn to trust it
+    write_examples(tmp_path / "ex.jsonl", make_examples(16, fixed_positive=0))
+    cfg = RLConfig(init_from="tiny:text", data=str(tmp_path / "ex.jsonl"), output_dir=str(tmp_path / "rl"), steps=16, batch_size=2, group_size=4,
+                   lr=1e-2, save_every=8, reasoning_budget=4, max_inspections=1, lora=LoraSettings(r=8, alpha=16), progress=False,
+                   model_overrides=OVERRIDES)
+    trainer = GRPOTrainer(cfg)
+    trainer.train()
+    h = trainer.history
+    first, last = sum(r["reward"] for r in h[:3]) / 3, sum(r["reward"] for r in h[-4:]) / 4
+    assert last > first + 0.3 and h[-1]["accuracy"] >= 0.75, [r["reward"] for r in h]
+    for key in ("reward_format", "reward_result", "accuracy", "inspections", "reasoning_len", "frac_zero_std_groups", "lambda", "kl", "clip_ratio"):
+        assert key in h[0]
+    assert [r["lambda"] for r in h] == pytest.approx([t / 15 for t in range(16)])
+    assert max(r["logprob_mismatch"] for r in h) < 1e-4  # the loss saw what the sampler saw
+    assert h[0]["reasoning_len"] == 4.0  # the budget forced the answer: no format reward yet
+    lines = (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == list(range(1, 17))
+
+
+def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
+    write_examples(tmp_path / "ex.jsonl", make_examples(6, seed=1))
+    cfg = RLConfig(init_from="tiny:text", data=str(tmp_path / "ex.jsonl"), output_dir=str(tmp_path / "full"), steps=4, batch_size=2, group_size=3,
+                   lr=5e-3, scheduler="linear", warmup_steps=1, save_every=2, reasoning_budget=6, max_inspections=1, beta=0.05,
+                   lora=LoraSettings(r=4, alpha=8), progress=False, model_overrides=OVERRIDES)
+    full = GRPOTrainer(cfg)
+    full.train()
+    part_cfg = dataclasses.replace(cfg, output_dir=str(tmp_path / "part"))
+    assert GRPOTrainer(part_cfg).train(stop_after=2) is None
+    assert (tmp_path / "part" / "checkpoint-000002" / "model" / "retrv_r1.json").is_file()
+    assert not (tmp_path / "part" / "final").exists()
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        GRPOTrainer(part_cfg).train()  # a fresh run never silently mixes with an earlier one
+    resumed = GRPOTrainer(part_cfg)
+    assert resumed.train(resume=True) is not None
+    assert resumed.step == 4 and resumed.history == full.history
+    for (n, p), (m, q) in zip(full.model.named_parameters(), resumed.model.named_parameters()):
+        assert n == m and torch.equal(p, q), n
+    sa, sb = full.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
+    assert full.lr == resumed.lr and full.history[-1]["kl"] > 0
+
+
+# =========================================================================== multimodal
+
+
+def test_multimodal_inputs_reach_the_training_forward(tmp_path):
+    paths = {}
+    for name, color, size in [("red", (220, 20, 20), (56, 56)), ("green", (20, 200, 20), (84, 56)), ("blue", (20, 20, 220), (56, 56))]:
+        paths[name] = tmp_path / f"{name}.png"
+        Image.new("RGB", size, color).save(paths[name])
+    cands = [CandidateRecord(id=n, text="a square", image=str(paths[n])) for n in ("red", "green", "blue")]
+    ex = TrainingExample(id="m", query_text="the green one", query_image=str(paths["green"]), candidates=cands, positive=1)
+    model = tiny("tiny:qwen2_5_vl")
+    configure_trainable(model, lm="lora", train_icm=True, train_token_rows=True, lora=LoraSettings(r=4, alpha=8))
+    script = ids_of(model, "hm", *INSPECT_2, " ok", "</think>", "<answer>")
+    (r,) = sample_rollouts(model, ex, [5], reasoning_budget=16, max_inspections=2, script=script)
+    assert r.inspected == [1]
+
+    def logprobs(example):
+        with torch.enable_grad():
+            prompt, encoded = prepare_example(model, example, reasoning_budget=16)
+            seq = build_sequence(model, prompt, encoded, r.written, None, reasoning_budget=16, max_inspections=2, answer_token=r.answer_token)
+            return seq, target_logprobs(model, seq, answer_space="labels")
+
+    seq, logp = logprobs(ex)
+    # the query image sits in the prompt, the inspected candidate's image in its splice (3-D mRoPE positions)
+    assert len(seq.full.grids) == 2 and [c for c in seq.chunks if c.role == "spliced"][0].grids
+    assert int((seq.full.ids == model.backbone.image_token_id).sum()) > 0
+    torch.testing.assert_close(logp.detach(), torch.tensor(r.sampled_logprobs), atol=1e-4, rtol=0)
+    # pixels matter: swap the inspected candidate's image (same text) and the query image
+    swapped = dataclasses.replace(ex, candidates=[cands[0], dataclasses.replace(cands[1], image=str(paths["blue"])), cands[2]])
+    _, logp_cand = logprobs(swapped)
+    _, logp_query = logprobs(dataclasses.replace(ex, query_image=str(paths["red"])))
+    assert (logp_cand.detach() - logp.detach()).abs().max() > 1e-4 and (logp_query.detach() - logp.detach()).abs().max() > 1e-4
+    # gradients reach the ICM from image candidates; the vision tower stays frozen
+    (-logp.sum()).backward()
+    assert model.icm.in_proj.weight.grad.abs().sum() > 0
+    assert all(p.grad is None and not p.requires_grad for p in model.lm.model.visual.parameters())
+    # a full SFT step through the trainer on the vision-language model
+    write_examples(tmp_path / "ex.jsonl", [ex])
+    traces = _traces(tmp_path, [ex])
+    cfg = SFTConfig(init_from="tiny:qwen2_5_vl", data=str(traces), output_dir=str(tmp_path / "vl"), steps=2, batch_size=1, lr=1e-3,
+                    save_every=2, reasoning_budget=128, lora=LoraSettings(r=4, alpha=8), progress=False, model_overrides=OVERRIDES)
+    trainer = SFTTrainer(cfg)
+    final = trainer.train()
+    assert trainer.history[1]["loss"] < trainer.history[0]["loss"]
+    assert RetrvR1Model.from_pretrained(final).backbone.is_vision
+
+
+# =========================================================================== command line
+
+
+def test_cli_chains_the_three_stages(tmp_path, capsys):
+    examples = make_examples(6, fixed_positive=0)
+    write_examples(tmp_path / "ex.jsonl", examples)
+    traces = _traces(tmp_path, examples)
+    smoke = str(ROOT / "training" / "configs" / "tiny_smoke.yaml")
+
+    def run(stage, *sets, resume=False):
+        argv = [stage, "--config", smoke] + [x for s in sets for x in ("--set", s)] + (["--resume"] if resume else [])
+        return main_train(argv)
+
+    assert run("align", f"data={tmp_path / 'ex.jsonl'}", f"output_dir={tmp_path / 'align'}") == 0
+    align_final = tmp_path / "align" / "final"
+    assert run("sft", f"init_from={align_final}", f"data={traces}", f"output_dir={tmp_path / 'sft'}", "reasoning_budget=128", "lora.r=4") == 0
+    sft_final = tmp_path / "sft" / "final"
+    assert run("rl", f"init_from={sft_final}", f"data={tmp_path / 'ex.jsonl'}", f"output_dir={tmp_path / 'rl'}", "reasoning_budget=8",
+               "group_size=2", "max_inspections=1") == 0
+    rl_final = tmp_path / "rl" / "final"
+    models = [RetrvR1Model.from_pretrained(p) for p in (align_final, sft_final, rl_final)]
+    assert (sft_final / "adapter").is_dir() and (rl_final / "adapter").is_dir()
+    icm = [m.icm.in_proj.weight for m in models]
+    assert not torch.equal(icm[0], icm[1]) and not torch.equal(icm[1], icm[2])  # each stage trained the ICM further
+    assert "final model written to" in capsys.readouterr().out
+    for stage in ("align", "sft", "rl"):
+        out = tmp_path / stage
+        assert (out / "curves.png").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) == 4
+        assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-000002", "checkpoint-000004"]
+    # --resume from a finished run only rewrites final/; a bad config is a clean error
+    assert run("rl", f"init_from={sft_final}", f"data={tmp_path / 'ex.jsonl'}", f"output_dir={tmp_path / 'rl'}", "reasoning_budget=8",
+               "group_size=2", "max_inspections=1", resume=True) == 0
+    assert len((tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()) == 4
+    assert run("rl", "group_size=1") == 2

