@@ -420,3 +420,28 @@ def test_example_configs_load_and_typos_are_refused(tmp_path):
     bad.write_text("init_from: tiny:text\nloss_type: ppo\n")
     with pytest.raises(ValueError, match="loss_type"):
         load_config("rl", bad)
+
+
+def test_cot_cache_does_not_mix_examples_that_share_an_id(tmp_path):
+    """Two data sets may reuse query ids (e.g. WordNet def2word / word2def); the cache must not
+    hand one example's trace to the other."""
+    from training.cot import ProgrammaticTeacher, synthesize_cot
+    from training.examples import read_examples, write_examples
+
+    base = tmp_path / "a.jsonl"
+    write_examples(base, _two_examples_with_same_id())
+    examples = read_examples(base)
+    assert examples[0].id == examples[1].id and examples[0].positive != examples[1].positive
+    traces, stats = synthesize_cot(examples, ProgrammaticTeacher(), tmp_path / "out.jsonl", cache_path=tmp_path / "cache.jsonl", progress=False)
+    assert stats.wrong_answer == 0 and stats.kept == 2 and stats.called == 2
+    assert sorted(t.answer for t in traces) == sorted(e.positive for e in examples)
+
+
+def _two_examples_with_same_id():
+    from training.examples import CandidateRecord, TrainingExample
+
+    cands = [CandidateRecord(id=f"d{i}", text=f"candidate {i}", score=1.0 - i / 10) for i in range(4)]
+    return [
+        TrainingExample(id="q-1", query_text="first task", candidates=cands, positive=1),
+        TrainingExample(id="q-1", query_text="second task", candidates=cands, positive=3),
+    ]

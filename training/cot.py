@@ -29,6 +29,7 @@ never pays for the same call twice.
 from __future__ import annotations
 
 import http.client
+import hashlib
 import json
 import logging
 import os
@@ -401,6 +402,12 @@ class OpenAITeacher:
 # --------------------------------------------------------------------------- synthesis
 
 
+def _cache_key(example: TrainingExample) -> str:
+    """Example id plus a fingerprint of its content: two data sets may reuse the same ids."""
+    digest = hashlib.sha1(json.dumps(example.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return f"{example.id}#{digest}"
+
+
 @dataclass
 class SynthesisStats:
     kept: int = 0
@@ -466,7 +473,8 @@ def synthesize_cot(
     stats = SynthesisStats()
     kept: list[CoTTrace] = []
     for ex in tqdm(examples, desc=f"CoT ({teacher.name})", disable=not progress):
-        raw = cache.get(teacher.name, ex.id)
+        key = _cache_key(ex)
+        raw = cache.get(teacher.name, key)
         if raw is None:
             try:
                 raw = teacher.generate(ex)
@@ -477,7 +485,7 @@ def synthesize_cot(
                 stats.failed += 1
                 continue
             stats.called += 1
-            cache.put(teacher.name, ex.id, raw)
+            cache.put(teacher.name, key, raw)
         else:
             stats.cached += 1
         reasoning, answer, inspected, problems = parse_teacher_output(raw, ex.k)
