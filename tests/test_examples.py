@@ -1,0 +1,111 @@
+"""The examples and the content-cache benchmark run end to end (as subprocesses, tiny models).
+
+The models are the tiny random-weight ones of ``conftest`` saved as checkpoints, so these
+tests check the plumbing and the printed output, not ranking quality or timings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import make_text_model, make_vl_model
+
+ROOT = Path(__file__).resolve().parent.parent
+SCORE = r"0\.\d{3}"
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("example-models")
+    out = {"text": root / "text", "vl": root / "vl"}
+    make_text_model(max_candidates=32).save_pretrained(out["text"])
+    make_vl_model(max_candidates=32).save_pretrained(out["vl"])
+    return out
+
+
+def run_script(script: str, *args: str, stdin: str | None = None, timeout: float = 120) -> str:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / script), *map(str, args)],
+        input=stdin, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{script} exited with {proc.returncode}:\n{output[-4000:]}"
+    assert "Traceback" not in output, output[-4000:]
+    return proc.stdout
+
+
+def test_langchain_chain(checkpoints):
+    out = run_script(
+        "examples/langchain_chain.py", "--model", checkpoints["text"], "--reasoning-budget", "2",
+        "--query", "rocket launch to the Moon", "--k", "2", "--first-stage-k", "6",
+    )
+    assert f"reranker: {checkpoints['text']}" in out
+    assert "indexed 20 candidates (6 images)" in out
+    assert "cached content tokens t_con for 20 candidates" in out  # ICM model: cache filled
+    chain, compression = out.split("== ContextualCompressionRetriever")
+    assert "Q: rocket launch to the Moon" in chain and "Q: rocket launch to the Moon" in compression
+    ranked = re.findall(rf"^  \[(\d)\] score ({SCORE}) \(first stage -?{SCORE}\)", chain, flags=re.MULTILINE)
+    assert [r[0] for r in ranked] == ["1", "2"]
+    assert float(ranked[0][1]) >= float(ranked[1][1])
+    assert re.search(r"^  A: According to the best-ranked passage: \S", chain, flags=re.MULTILINE)
+    assert len(re.findall(rf"^  \d\. score {SCORE}  ", compression, flags=re.MULTILINE)) == 2
+
+
+def test_multimodal_chatbot_vision_model(checkpoints):
+    out = run_script(
+        "examples/multimodal_chatbot.py", "--model", checkpoints["vl"], "--reasoning-budget", "2",
+        "--query", "a photo of a cat", "--image", "cat.jpg",
+    )
+    assert "backbone qwen2_5_vl" in out and "corpus: 20 nodes (6 images, 14 text passages)" in out
+    assert "you> a photo of a cat" in out and "you> /image cat.jpg" in out
+    answers = re.findall(r"^bot> best image: (\S+\.jpg)$", out, flags=re.MULTILINE)
+    assert len(answers) == 2 and all(Path(a).is_file() for a in answers)
+    assert len(re.findall(rf"^     score {SCORE} \(rank \d+ of 20 nodes", out, flags=re.MULTILINE)) == 2
+    assert len(re.findall(r"^     caption: \S", out, flags=re.MULTILINE)) == 2
+    assert len(re.findall(rf"^       [123]\. {SCORE} \[(image|text)\]", out, flags=re.MULTILINE)) == 6
+
+
+def test_multimodal_chatbot_text_model_from_stdin(checkpoints):
+    out = run_script(
+        "examples/multimodal_chatbot.py", "--model", checkpoints["text"], "--reasoning-budget", "2",
+        stdin="rocket launch\n\n/image cat.jpg\n/image missing.png\n/quit\nnever read\n",
+    )
+    assert "images are reranked by their captions" in out
+    assert len(re.findall(r"^bot> best image: \S+\.jpg$", out, flags=re.MULTILINE)) == 1
+    assert "cannot read an image query" in out  # image-only query on a text-only model
+    assert "bot> error: no image at 'missing.png'" in out  # reported, the REPL goes on
+    assert "never read" not in out
+
+
+def test_content_cache_benchmark_tiny(tmp_path):
+    path = tmp_path / "cache.json"
+    out = run_script(
+        "benchmarks/content_cache.py", "--tiny", "--n", "16", "--ks", "8", "--budgets", "0,2", "--queries", "2",
+        "--json", path,
+    )
+    assert "| K | budget | ICM content ms (no cache)" in out
+    payload = json.loads(path.read_text())
+    assert {"model", "device", "threads", "indexing", "results", "content_signature"} <= set(payload)
+    assert {"encode_candidates_ms", "put_content_tokens_ms", "encode_candidates_icm_content_calls"} <= set(payload["indexing"])
+    assert payload["indexing"]["encode_candidates_icm_content_calls"] > 0
+    rows = payload["results"]
+    assert [(r["k"], r["reasoning_budget"]) for r in rows] == [(8, 0), (8, 2)]
+    for row in rows:
+        assert {"rank_speedup", "end_to_end_speedup", "max_score_diff"} <= set(row)
+        uncached, cached = row["uncached"], row["cached"]
+        for side in (uncached, cached):
+            assert {"search_ms", "icm_content_ms", "rank_ms", "icm_content_calls", "candidates_with_cached_tokens"} <= set(side)
+        # Without the cache every rank call computes t_con; with it, none does.
+        assert uncached["icm_content_calls"] >= row["queries"] and uncached["icm_content_rows"] == 8 * row["queries"]
+        assert cached["icm_content_calls"] == 0 and cached["icm_content_rows"] == 0
+        assert cached["candidates_with_cached_tokens"] == 8 * row["queries"]
+        assert uncached["candidates_with_cached_tokens"] == 0
+        assert row["max_score_diff"] < 1e-4  # cached tokens give the same scores
