@@ -14,15 +14,77 @@ Nothing is ever decoded and re-tokenized: the multi-turn sequence is built by co
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
 import torch
+from PIL import Image
 
 from .backbone import Backbone, ImageTokens
 from .tokens import SpecialTokenIds, tokenize_trusted, tokenize_untrusted
-from .types import Candidate, ImageInput, Query, load_image
+from .types import Candidate, ImageInput, ImageLoadError, Query, load_image
+
+logger = logging.getLogger(__name__)
 
 ROLES = ("prompt", "generated", "spliced", "forced")
+
+#: Qwen-VL image processors refuse images whose long side is over 200 times the short one.
+MAX_IMAGE_ASPECT_RATIO = 200
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """An accelerator OOM, or a CPU allocation failure (a ``RuntimeError`` about allocating memory)."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    if isinstance(exc, RuntimeError):
+        message = str(exc).lower()
+        return "out of memory" in message or ("allocat" in message and "memory" in message)
+    return False
+
+
+def map_batches(fn: Callable[[list], Sequence[Any]], items: Sequence[Any], batch_size: int, *, what: str, notes: list[str] | None = None) -> list:
+    """``fn`` over ``items`` in batches of at most ``batch_size``, results concatenated in order.
+
+    A batch that runs out of memory is retried in halves, down to one item per batch (a
+    single item that still does not fit re-raises); each split is logged and recorded in
+    ``notes``.
+    """
+    items = list(items)
+    size = max(1, int(batch_size))
+    out: list = []
+    start = 0
+    while start < len(items):
+        batch = items[start : start + size]
+        try:
+            part = list(fn(batch))
+        except Exception as exc:
+            if len(batch) == 1 or not is_out_of_memory(exc):
+                raise
+            part = None  # leave the except block first, so the failed batch's tensors are freed
+        if part is None:
+            size = max(1, len(batch) // 2)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            message = f"{what}: a batch of {len(batch)} ran out of memory; split into batches of {size}"
+            logger.warning(message)
+            if notes is not None:
+                notes.append(message)
+            continue
+        out.extend(part)
+        start += len(batch)
+    return out
+
+
+def check_vision_image(image: Image.Image, what: str) -> Image.Image:
+    """Refuse, naming ``what``, an image the Qwen-VL processor cannot take."""
+    width, height = image.size
+    if max(width, height) > MAX_IMAGE_ASPECT_RATIO * min(width, height):
+        raise ImageLoadError(
+            f"{what}: image of {width}x{height} pixels has an aspect ratio above {MAX_IMAGE_ASPECT_RATIO}, "
+            "which the vision processor refuses; crop or pad it"
+        )
+    return image
 
 
 @dataclass
@@ -120,6 +182,7 @@ class ContextBuilder:
         *,
         max_text_tokens: int,
         image_tokens: ImageTokens | None = None,
+        what: str = "image",
     ) -> Encoded:
         """Full tokens of a query or candidate: ``[image] text`` (text truncated if needed)."""
         ids = tokenize_untrusted(self.tok, text, self.special.forbidden_in_untrusted)
@@ -132,7 +195,7 @@ class ContextBuilder:
         if image is not None or image_tokens is not None:
             if self.backbone.is_vision:
                 if image_tokens is None:
-                    image_tokens = self.backbone.encode_images([load_image(image)])[0]
+                    image_tokens = self.backbone.encode_images([check_vision_image(load_image(image), what)])[0]
                 parts.append(self.image_chunk(image_tokens))
             else:
                 ignored_image = True
@@ -143,16 +206,17 @@ class ContextBuilder:
         return Encoded(chunk=cat_chunks(parts), truncated_from=truncated_from, ignored_image=ignored_image)
 
     def encode_query(self, query: Query, max_text_tokens: int) -> Encoded:
-        return self.encode(query.text, query.image, max_text_tokens=max_text_tokens)
+        return self.encode(query.text, query.image, max_text_tokens=max_text_tokens, what="the query")
 
-    def encode_candidates(self, candidates: list[Candidate], max_text_tokens: int) -> list[Encoded]:
-        """Encode candidates; images are decoded first (clear errors) then run as one batch."""
+    def encode_candidates(self, candidates: list[Candidate], max_text_tokens: int, notes: list[str] | None = None) -> list[Encoded]:
+        """Encode candidates; images are decoded first (clear errors) then run as one batch
+        (split in halves if it runs out of memory, recorded in ``notes``)."""
         images = {}
         if self.backbone.is_vision:
-            pil = {i: load_image(c.image) for i, c in enumerate(candidates) if c.image is not None}
+            pil = {i: check_vision_image(load_image(c.image), f"candidate {i}") for i, c in enumerate(candidates) if c.image is not None}
             if pil:
                 order = list(pil)
-                toks = self.backbone.encode_images([pil[i] for i in order])
+                toks = map_batches(self.backbone.encode_images, [pil[i] for i in order], len(order), what="vision encoder", notes=notes)
                 images = dict(zip(order, toks))
         out = []
         for i, c in enumerate(candidates):

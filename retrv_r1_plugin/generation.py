@@ -92,9 +92,12 @@ class InspectionDecoder:
         sampling: SamplingConfig,
         allow_inspection: bool = True,
         script: list[int] | None = None,
+        context_limit: int | None = None,
     ) -> GenerationTrace:
         """Generate with inspections. ``script`` replaces the model's choices with given
-        tokens (teacher forcing for tests and fault injection); the model still runs."""
+        tokens (teacher forcing for tests and fault injection); the model still runs.
+        An inspection whose splice would leave no room in ``context_limit`` for the rest of
+        the budget and the answer is not made: reasoning stops there (a forced answer)."""
         state = {"cache": self.backbone.new_cache(), "next_pos": 0, "chunks": []}
         generator = None
         if sampling.do_sample:
@@ -118,7 +121,16 @@ class InspectionDecoder:
             logits = self._run(self.builder.text_chunk([tok], role="generated"), state)
             splice = machine.step(tok)
             if splice is not None:
-                logits = self._run(self.builder.inspection_chunk(splice, candidates[splice]), state)
+                chunk = self.builder.inspection_chunk(splice, candidates[splice])
+                used = sum(len(c) for c in state["chunks"])
+                if context_limit is not None and used + len(chunk) + max(0, reasoning_budget - len(machine.written)) + 2 > context_limit:
+                    machine.inspected.remove(splice)
+                    machine.stop(
+                        "context_limit",
+                        f"inspecting candidate {splice} would exceed the context limit of {context_limit} tokens; answering now",
+                    )
+                else:
+                    logits = self._run(chunk, state)
         trace.inspected, trace.notes = machine.inspected, machine.notes
         trace.wrote_answer, trace.stop_reason = machine.wrote_answer, machine.stop_reason
         if not thinking:
@@ -200,7 +212,8 @@ def forced_tail(special: SpecialTokenIds, machine: InspectionMachine) -> list[in
     """Tokens the system appends so that the sequence ends at an answer position."""
     if machine.wrote_answer:
         return []
-    closed = machine.written[-1:] == [special.think_end]
+    think_tags = [t for t in machine.written if t in (special.think_start, special.think_end)]
+    closed = think_tags[-1:] == [special.think_end]  # the model closed its reasoning itself
     return [special.answer_start] if closed else [special.think_end, special.answer_start]
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from .backbone import Backbone, ModelLoadError, load_backbone, resolve_source
 from .config import CONFIG_NAME, Compression, RetrvR1Config
-from .context import ContextBuilder, Encoded
+from .context import ContextBuilder, Encoded, map_batches
 from .generation import ANSWER_OUT_OF_RANGE, FORCED_ANSWER, GenerationTrace, InspectionDecoder, SamplingConfig
 from .icm import ICMConfig, InformationCompressionModule
 from .tokens import add_special_tokens, init_added_embeddings, resolve_special_tokens
@@ -28,6 +28,11 @@ ICM_WEIGHTS = "icm.safetensors"
 TOKEN_ROWS = "token_embeddings.safetensors"
 BACKBONE_DIR = "backbone"
 ADAPTER_DIR = "adapter"
+
+#: Candidates per ICM forward when neither the call (``icm_batch_size=``) nor the config
+#: (``config.extra["icm_batch_size"]``) says otherwise; a batch that runs out of memory is
+#: split further, down to one candidate.
+DEFAULT_ICM_BATCH_SIZE = 32
 
 
 class TooManyCandidatesError(RetrvR1Error, ValueError):
@@ -216,30 +221,49 @@ class RetrvR1Model(nn.Module):
                     )
         return cands
 
-    def _encode(self, cands: list[Candidate], max_text_tokens: int | None = None) -> list[Encoded]:
-        return self.builder.encode_candidates(cands, max_text_tokens or self.config.max_candidate_tokens)
+    def _encode(self, cands: list[Candidate], max_text_tokens: int | None = None, notes: list[str] | None = None) -> list[Encoded]:
+        return self.builder.encode_candidates(cands, max_text_tokens or self.config.max_candidate_tokens, notes)
 
-    def _content_tokens(self, encoded: list[Encoded]) -> torch.Tensor:
-        """``t_con`` of encoded candidates, ``(K, H)``, batched and padded."""
-        embeds, mask = _pad([e.embeds for e in encoded])
-        return self.icm.content(embeds, mask)
+    def _icm_batch_size(self, given: int | None) -> int:
+        size = self.config.extra.get("icm_batch_size", DEFAULT_ICM_BATCH_SIZE) if given is None else given
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"icm_batch_size must be a positive int, got {size!r}")
+        return size
+
+    def _icm_rows(self, fn, encoded: list[Encoded], batch_size: int, notes: list[str] | None, what: str) -> torch.Tensor:
+        """``fn(embeds, mask)`` (an ICM computation, one row per candidate) over ``encoded`` in
+        batches of ``batch_size``, each padded to the same length, halved on OOM: ``(K, H)``."""
+        length = max(len(e.chunk) for e in encoded)
+
+        def run(part: list[Encoded]) -> tuple[torch.Tensor, ...]:
+            embeds, mask = _pad([e.embeds for e in part], length)
+            return fn(embeds, mask).unbind(0)
+
+        return torch.stack(map_batches(run, encoded, batch_size, what=what, notes=notes))
+
+    def _content_tokens(self, encoded: list[Encoded], batch_size: int | None = None, notes: list[str] | None = None) -> torch.Tensor:
+        """``t_con`` of encoded candidates, ``(K, H)``, in padded batches."""
+        return self._icm_rows(self.icm.content, encoded, self._icm_batch_size(batch_size), notes, "ICM content tokens")
 
     @torch.inference_mode()
     def encode_candidates(self, candidates: Sequence[Candidate | str], batch_size: int = 32) -> list[torch.Tensor]:
         """Query-independent content tokens ``t_con`` (one ``(H,)`` float32 CPU tensor each).
 
         Store them (with :attr:`content_signature`) and pass them back as
-        ``Candidate.content_tokens`` so reranking skips recomputing them.
+        ``Candidate.content_tokens`` so reranking skips recomputing them. A batch that runs
+        out of memory is split in halves (down to one candidate) with a logged warning.
         """
         cands = [Candidate.coerce(c) for c in candidates]
         out: list[torch.Tensor] = []
         for start in range(0, len(cands), batch_size):
             encoded = self._encode(cands[start : start + batch_size])
-            out.extend(t.float().cpu() for t in self._content_tokens(encoded))
+            out.extend(t.float().cpu() for t in self._content_tokens(encoded, batch_size))
         return out
 
-    def _slots(self, query: Encoded, cands: list[Candidate], encoded: list[Encoded], notes: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        embeds, mask = _pad([e.embeds for e in encoded])
+    def _slots(
+        self, query: Encoded, cands: list[Candidate], encoded: list[Encoded], notes: list[str], batch_size: int | None = None
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        batch_size = self._icm_batch_size(batch_size)
         hidden = self.backbone.hidden_size
         cached = [c.content_tokens for c in cands]
         usable = [t is not None and tuple(torch.as_tensor(t).shape) in ((hidden,), (1, hidden)) for t in cached]
@@ -248,12 +272,12 @@ class RetrvR1Model(nn.Module):
         if all(usable):
             content = torch.stack([torch.as_tensor(t).reshape(hidden) for t in cached]).to(self.device, self.backbone.dtype)
         else:
-            content = self.icm.content(embeds, mask)
+            content = self._content_tokens(encoded, batch_size, notes)
             for i, ok in enumerate(usable):
                 if ok:
                     content[i] = torch.as_tensor(cached[i]).reshape(hidden).to(content)
         q = query.embeds.unsqueeze(0)
-        relation = self.icm.relation(embeds, q, mask, None)
+        relation = self._icm_rows(lambda e, m: self.icm.relation(e, q, m, None), encoded, batch_size, notes, "ICM relation tokens")
         return [(content[i], relation[i]) for i in range(len(encoded))]
 
     # ================================================================ ranking
@@ -265,13 +289,15 @@ class RetrvR1Model(nn.Module):
         compression: Compression | None = None,
         think: bool = True,
         reasoning_budget: int = 0,
+        icm_batch_size: int | None = None,
     ) -> tuple[Any, list[Encoded], list[str]]:
         """Build the initial context for one query (used by :meth:`rank` and by training)."""
         q = Query.coerce(query)
         cands = self._check_candidates(candidates)
+        icm_batch_size = self._icm_batch_size(icm_batch_size)
         mode = compression or self.config.compression
         notes: list[str] = []
-        encoded = self._encode(cands)
+        encoded = self._encode(cands, notes=notes)
         q_enc = self.builder.encode_query(q, self.config.max_query_tokens)
         if q_enc.truncated_from:
             notes.append(f"query truncated from {q_enc.truncated_from} to {self.config.max_query_tokens} tokens")
@@ -286,7 +312,7 @@ class RetrvR1Model(nn.Module):
             if not q.text.strip():
                 raise ValueError(f"the query is an image, but backbone {self.backbone.model_type!r} is text-only")
             notes.append("query image ignored by the text-only backbone")
-        slots = self._slots(q_enc, cands, encoded, notes) if mode == "icm" else None
+        slots = self._slots(q_enc, cands, encoded, notes, icm_batch_size) if mode == "icm" else None
         prompt = self.builder.prompt(q_enc, encoded, slots, think=think)
         limit = self._context_limit()
         if limit is not None and len(prompt) + reasoning_budget > limit:
@@ -326,12 +352,16 @@ class RetrvR1Model(nn.Module):
         top_p: float = 1.0,
         seed: int | None = None,
         strict: bool = False,
+        icm_batch_size: int | None = None,
     ) -> RankResult:
         """Rerank ``candidates`` for ``query``.
 
         Returns a :class:`RankResult` whose ``scores[i]`` is the model's probability that
         candidate ``i`` is the best one. With ``strict=True`` a model output without a clean
         answer raises :class:`NoAnswerError` instead of falling back (see ``fallback``).
+        ``icm_batch_size`` caps how many candidates one ICM forward compresses (default:
+        ``config.extra["icm_batch_size"]`` or 32); a batch that runs out of memory (ICM or
+        vision tower) is retried in halves down to one candidate, with a note.
         """
         budget = self.config.reasoning_budget if reasoning_budget is None else reasoning_budget
         inspections = self.config.max_inspections if max_inspections is None else max_inspections
@@ -339,7 +369,9 @@ class RetrvR1Model(nn.Module):
         if mode not in ("icm", "none"):
             raise ValueError(f"compression must be 'icm' or 'none', got {mode!r}")
         with self._lock:
-            prompt, encoded, notes = self.prepare(query, candidates, compression=mode, think=budget > 0, reasoning_budget=budget)
+            prompt, encoded, notes = self.prepare(
+                query, candidates, compression=mode, think=budget > 0, reasoning_budget=budget, icm_batch_size=icm_batch_size
+            )
             trace = self.decoder.decode(
                 prompt,
                 encoded,
@@ -347,6 +379,7 @@ class RetrvR1Model(nn.Module):
                 max_inspections=inspections,
                 sampling=SamplingConfig(do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed),
                 allow_inspection=mode == "icm",
+                context_limit=self._context_limit(),
             )
         result = self._result(trace, [Candidate.coerce(c) for c in candidates], notes)
         if strict and result.fallback is not None:
@@ -359,7 +392,11 @@ class RetrvR1Model(nn.Module):
         candidates: Sequence[Sequence[Candidate | str]],
         **kwargs: Any,
     ) -> list[RankResult]:
-        """Rank many queries, each with its own candidates; results in input order."""
+        """Rank many queries, each with its own candidates; results in input order.
+
+        Queries run one by one (``kwargs`` as for :meth:`rank`); inside each, the ICM and
+        vision batches are split in halves when they run out of memory.
+        """
         if len(queries) != len(candidates):
             raise ValueError(f"{len(queries)} queries but {len(candidates)} candidate lists")
         return [self.rank(q, c, **kwargs) for q, c in zip(queries, candidates)]
@@ -419,9 +456,10 @@ class RetrvR1Model(nn.Module):
 
 
 # ==================================================================== helpers
-def _pad(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack ``(L_i, H)`` tensors into ``(B, L, H)`` plus a bool mask of real positions."""
-    length = max(s.shape[0] for s in seqs)
+def _pad(seqs: list[torch.Tensor], length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack ``(L_i, H)`` tensors into ``(B, L, H)`` (``L``: ``length`` or the longest) plus a
+    bool mask of real positions."""
+    length = max(s.shape[0] for s in seqs) if length is None else length
     out = seqs[0].new_zeros(len(seqs), length, seqs[0].shape[-1])
     mask = torch.zeros(len(seqs), length, dtype=torch.bool, device=seqs[0].device)
     for i, s in enumerate(seqs):

@@ -9,6 +9,7 @@ against the ids of every added token as a second line of defence.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +37,9 @@ STRUCTURAL_TOKENS = (
     CONTENT_SLOT,
     RELATION_SLOT,
 )
+
+
+_SURROGATES = re.compile("[\ud800-\udfff]")
 
 
 def label_token(index: int) -> str:
@@ -110,9 +114,13 @@ def resolve_special_tokens(tokenizer, max_candidates: int) -> SpecialTokenIds:
 
 
 def tokenize_untrusted(tokenizer, text: str, forbidden: frozenset[int]) -> list[int]:
-    """Tokenize text that must never produce a special or added token."""
+    """Tokenize text that must never produce a special or added token.
+
+    Lone surrogates (not encodable as UTF-8, e.g. from a broken JSON escape) become U+FFFD.
+    """
     if not text:
         return []
+    text = _SURROGATES.sub("\ufffd", text)
     ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     if any(i in forbidden for i in ids):
         # Tokenizers whose added tokens are not flagged special may still match them even

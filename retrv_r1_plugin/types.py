@@ -47,37 +47,40 @@ def _describe(source: ImageInput) -> str:
 
 
 def load_image(source: ImageInput) -> Image.Image:
-    """Decode ``source`` into an RGB PIL image, or raise :class:`ImageLoadError`."""
-    if isinstance(source, Image.Image):
-        image = source
-    else:
-        try:
-            if isinstance(source, (bytes, bytearray)):
-                image = Image.open(io.BytesIO(bytes(source)))
-            elif isinstance(source, (str, os.PathLike)):
-                path = os.fspath(source)
-                if not os.path.exists(path):
-                    raise ImageLoadError(f"image file not found: {path}")
-                image = Image.open(path)
-            else:
-                raise ImageLoadError(
-                    f"unsupported image type {type(source).__name__}; "
-                    "give a path, bytes or a PIL.Image"
-                )
-            width, height = image.size
-            if width * height > MAX_IMAGE_PIXELS:
-                raise ImageLoadError(
-                    f"image {_describe(source)} has {width}x{height} pixels, above the "
-                    f"limit of {MAX_IMAGE_PIXELS}"
-                )
-            image.load()
-        except ImageLoadError:
-            raise
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-            raise ImageLoadError(f"cannot decode image {_describe(source)}: {exc}") from exc
-    if image.width < 1 or image.height < 1:
-        raise ImageLoadError(f"image {_describe(source)} is empty ({image.width}x{image.height})")
-    return image.convert("RGB") if image.mode != "RGB" else image
+    """Decode ``source`` into an RGB PIL image, or raise :class:`ImageLoadError`.
+
+    The pixel limit and the decoding checks apply to PIL images too (one opened lazily with
+    ``Image.open`` is only decoded here).
+    """
+    try:
+        if isinstance(source, Image.Image):
+            image = source
+        elif isinstance(source, (bytes, bytearray)):
+            image = Image.open(io.BytesIO(bytes(source)))
+        elif isinstance(source, (str, os.PathLike)):
+            path = os.fspath(source)
+            if not os.path.exists(path):
+                raise ImageLoadError(f"image file not found: {path}")
+            image = Image.open(path)
+        else:
+            raise ImageLoadError(
+                f"unsupported image type {type(source).__name__}; "
+                "give a path, bytes or a PIL.Image"
+            )
+        width, height = image.size
+        if width * height > MAX_IMAGE_PIXELS:
+            raise ImageLoadError(
+                f"image {_describe(source)} has {width}x{height} pixels, above the "
+                f"limit of {MAX_IMAGE_PIXELS}"
+            )
+        image.load()
+        if image.width < 1 or image.height < 1:
+            raise ImageLoadError(f"image {_describe(source)} is empty ({image.width}x{image.height})")
+        return image.convert("RGB") if image.mode != "RGB" else image
+    except ImageLoadError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageLoadError(f"cannot decode image {_describe(source)}: {exc}") from exc
 
 
 @dataclass
