@@ -445,3 +445,13 @@ def _two_examples_with_same_id():
         TrainingExample(id="q-1", query_text="first task", candidates=cands, positive=1),
         TrainingExample(id="q-1", query_text="second task", candidates=cands, positive=3),
     ]
+
+
+def test_fp16_is_refused_with_a_clear_error():
+    import pytest
+
+    from training.config import SFTConfig
+
+    SFTConfig(init_from="tiny:text", data="x.jsonl", mixed_precision="bf16").validate()
+    with pytest.raises(ValueError, match="fp16.*not supported"):
+        SFTConfig(init_from="tiny:text", data="x.jsonl", mixed_precision="fp16").validate()

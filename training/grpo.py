@@ -197,9 +197,11 @@ class GRPOTrainer(Trainer):
         lam = self.lam(step)
         idxs = self.order.indices(step, cfg.batch_size)
         batch = [self.examples[i] for i in idxs]
-        groups: list[list[Rollout]] = []
+        mine = self.local_positions(len(batch))  # data parallel: this process's examples (all with one process)
+        local_groups: dict[int, list[Rollout]] = {}
         with self.autocast():
-            for b, ex in enumerate(batch):
+            for b in mine:
+                ex = batch[b]
                 seeds = [rollout_seed(cfg.seed, step, b, g) for g in range(cfg.group_size)]
                 rollouts = sample_rollouts(
                     self.model, ex, seeds, reasoning_budget=cfg.reasoning_budget, max_inspections=cfg.max_inspections,
@@ -211,19 +213,25 @@ class GRPOTrainer(Trainer):
                         num_candidates=ex.k, lam=lam, format_weight=cfg.format_weight, stop_reason=r.stop_reason,
                         direct=cfg.reasoning_budget <= 0,
                     )
-                groups.append(rollouts)
-        rewards = torch.tensor([[r.reward.total for r in g] for g in groups], dtype=torch.float64)
+                local_groups[b] = rollouts
+        # what the loss normalisation and the metrics need from every rollout of the global batch
+        summary = self.gather({b: [(r.reward.total, r.num_targets, r.reward.format, r.reward.result, r.reward.correct, r.reward.format_ok,
+                                    len(r.inspected), len(r.written)) for r in g] for b, g in local_groups.items()}, len(batch))
+        rewards = torch.tensor([[s[0] for s in g] for g in summary], dtype=torch.float64)
         adv = group_advantages(rewards, scale=cfg.scale_rewards)
-        n_seq = sum(len(g) for g in groups)
-        total_tokens = sum(r.num_targets for g in groups for r in g)
+        n_seq = sum(len(g) for g in summary)
+        total_tokens = sum(s[1] for g in summary for s in g)
         max_len = max(1, cfg.reasoning_budget) + 1
         old: dict[tuple[int, int], torch.Tensor] = {}
         ref: dict[tuple[int, int], torch.Tensor] = {}
         loss_sum = kl_sum = clipped_sum = 0.0
         mismatch = 0.0
         norm = 0.0
+        stats_local: dict[int, list[list[tuple[float, float, float | None]]]] = {b: [] for b in local_groups}
         for it in range(cfg.num_iterations):
-            for b, (ex, rollouts) in enumerate(zip(batch, groups)):
+            for b, rollouts in local_groups.items():
+                ex = batch[b]
+                stats_local[b].append([])
                 if self.ref is not None and it == 0:
                     with torch.no_grad(), self.autocast():
                         rp, re_ = prepare_example(self.ref, ex, reasoning_budget=cfg.reasoning_budget, compression=cfg.compression)
@@ -245,22 +253,28 @@ class GRPOTrainer(Trainer):
                         )
                         loss = aggregate_loss(tok_loss, cfg.loss_type, num_sequences=n_seq, total_tokens=total_tokens, max_len=max_len)
                         self.backward(loss, retain_graph=g < len(rollouts) - 1)
-                        loss_sum += float(loss.detach())
-                        clipped_sum += float(stats["clipped"].sum())
-                        if "kl" in stats:
-                            kl_sum += float(stats["kl"].sum())
+                        stats_local[b][it].append((float(loss.detach()), float(stats["clipped"].sum()), float(stats["kl"].sum()) if "kl" in stats else None))
             norm = self.update()
-        flat = [r for g in groups for r in g]
+        per_example = self.gather({b: (s, mismatch) for b, s in stats_local.items()}, len(batch))
+        for it in range(cfg.num_iterations):  # summed in the single-process order
+            for s, _ in per_example:
+                for loss_i, clipped_i, kl_i in s[it]:
+                    loss_sum += loss_i
+                    clipped_sum += clipped_i
+                    if kl_i is not None:
+                        kl_sum += kl_i
+        mismatch = max((m for _, m in per_example), default=mismatch)
+        flat = [s for g in summary for s in g]
         n = len(flat)
         zero_std = float((rewards.std(-1) < 1e-8).float().mean())
         return {
             "reward": float(rewards.mean()),
-            "reward_format": sum(r.reward.format for r in flat) / n,
-            "reward_result": sum(r.reward.result for r in flat) / n,
-            "accuracy": sum(r.reward.correct for r in flat) / n,
-            "format_ok": sum(r.reward.format_ok for r in flat) / n,
-            "inspections": sum(len(r.inspected) for r in flat) / n,
-            "reasoning_len": sum(len(r.written) for r in flat) / n,
+            "reward_format": sum(s[2] for s in flat) / n,
+            "reward_result": sum(s[3] for s in flat) / n,
+            "accuracy": sum(s[4] for s in flat) / n,
+            "format_ok": sum(s[5] for s in flat) / n,
+            "inspections": sum(s[6] for s in flat) / n,
+            "reasoning_len": sum(s[7] for s in flat) / n,
             "frac_zero_std_groups": zero_std,
             "lambda": lam,
             "loss": loss_sum / cfg.num_iterations,

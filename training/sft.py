@@ -63,10 +63,10 @@ class SFTTrainer(Trainer):
     def train_step(self, step: int) -> dict[str, float]:
         cfg = self.cfg
         batch = [self.items[i] for i in self.order.indices(step, cfg.batch_size)]
-        total = sum(len(written) + 1 for _, written in batch)
-        nll_sum = answer_nll = 0.0
-        correct = inspections = 0
-        for trace, written in batch:
+        total = sum(len(written) + 1 for _, written in batch)  # over the global batch (data parallel: every process's share)
+        local: dict[int, tuple[float, float, int, int]] = {}
+        for j in self.local_positions(len(batch)):
+            trace, written = batch[j]
             with torch.enable_grad():
                 with self.autocast():
                     prompt, encoded = prepare_example(self.model, trace.example, reasoning_budget=cfg.reasoning_budget, compression=cfg.compression)
@@ -75,15 +75,20 @@ class SFTTrainer(Trainer):
                     logp, hidden = target_logprobs(self.model, seq, return_hidden=True)
                 nll = -logp.sum()
                 self.backward(nll / total)
-            nll_sum += float(nll.detach())
-            answer_nll += float(-logp[-1].detach())
-            inspections += len(seq.machine.inspected)
             with torch.no_grad():
                 # greedy pick among the labels at the answer position (what ranking reports)
                 last = logits_at(self.model, hidden.detach(), torch.tensor([len(seq) - 1]))[0]
                 labels = torch.tensor(self.model.special.labels[: seq.num_candidates], device=last.device)
-                correct += int(int(torch.argmax(last[labels])) == trace.answer)
+                hit = int(int(torch.argmax(last[labels])) == trace.answer)
+            local[j] = (float(nll.detach()), float(-logp[-1].detach()), len(seq.machine.inspected), hit)
         norm = self.update()
+        nll_sum = answer_nll = 0.0
+        correct = inspections = 0
+        for nll_j, answer_j, inspections_j, hit_j in self.gather(local, len(batch)):  # in batch order
+            nll_sum += nll_j
+            answer_nll += answer_j
+            inspections += inspections_j
+            correct += hit_j
         n = len(batch)
         return {
             "loss": nll_sum / total,

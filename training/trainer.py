@@ -14,6 +14,20 @@ per-step sampling seeds and the curriculum are all functions of the step.
 
 The model stays in ``eval()`` mode during training: no dropout, so log-probs recomputed for
 the loss equal those of sampling (GRPO's ratio starts at exactly 1).
+
+Data parallelism: under ``accelerate launch`` or ``torchrun`` (``WORLD_SIZE`` > 1) every
+process holds the whole model and takes a contiguous, disjoint block of each step's
+examples (:meth:`Trainer.local_positions`, a function of the step and the rank). The stages
+divide their losses by denominators of the *global* batch, so :meth:`Trainer.update` sums
+the trainable parameters' gradients over the processes (``all_reduce``) and every process
+steps with the gradient a single process would compute for the same batch. Metrics are
+gathered per example (:meth:`Trainer.gather`) and computed in the single-process order.
+Only the main process writes checkpoints, ``metrics.jsonl``, curves and ``final/``; the others
+wait at barriers. With one process nothing of this runs and the loop is unchanged.
+
+Test hook: ``RETRV_R1_TEST_KILL_DURING_SAVE=<step>`` makes the process SIGKILL itself while
+it writes the checkpoint of that step (after the weights and the trainer state are in the
+temporary directory, before the rename), to test recovery from a crash during a save.
 """
 
 from __future__ import annotations
@@ -23,6 +37,7 @@ import logging
 import os
 import random
 import shutil
+import signal
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -41,7 +56,7 @@ from .plots import plot_curves
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Trainer", "DataOrder", "load_model", "atomic_directory", "latest_checkpoint", "FINAL_DIR"]
+__all__ = ["Trainer", "DataOrder", "load_model", "atomic_directory", "latest_checkpoint", "recover_output_dir", "FINAL_DIR"]
 
 FINAL_DIR = "final"
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -50,6 +65,9 @@ WEIGHTS_FILE = "trainable.safetensors"
 MODEL_DIR = "model"
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
+KILL_DURING_SAVE_ENV = "RETRV_R1_TEST_KILL_DURING_SAVE"
+"""Test hook: the step whose checkpoint write is interrupted by SIGKILL (see the module docstring)."""
+_GRAD_BUCKET = 1 << 24  # elements per all_reduce of flattened gradients
 
 
 def _dtype(name: str | None) -> torch.dtype | None:
@@ -141,6 +159,51 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return max(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def recover_output_dir(output_dir: str | os.PathLike) -> list[str]:
+    """Clean up what a killed run left in ``output_dir``; returns what was done (for the log).
+
+    * ``.tmp-NAME-PID``: a write :func:`atomic_directory` never finished (the process died
+      before the rename): removed. Such directories are never read as checkpoints.
+    * ``.old-NAME-PID``: the previous ``NAME`` set aside while a new one replaced it. If the
+      process died between the two renames, ``NAME`` is missing and this complete copy is
+      moved back; otherwise it is removed.
+    * ``.trash-NAME-PID``: a pruned checkpoint whose deletion was cut short: removed.
+
+    Directories of a still-running process (another PID that is alive) are left alone.
+    """
+    out = Path(output_dir)
+    done: list[str] = []
+    if not out.is_dir():
+        return done
+    for p in sorted(out.iterdir()):
+        kind = next((k for k in ("tmp", "old", "trash") if p.name.startswith(f".{k}-")), None)
+        if kind is None or not p.is_dir():
+            continue
+        name, _, pid = p.name[len(kind) + 2:].rpartition("-")
+        if not name or not pid.isdigit():
+            continue
+        if int(pid) != os.getpid() and _pid_alive(int(pid)):
+            logger.warning("%s: left in place, process %s is still running", p, pid)
+            continue
+        if kind == "old" and not (out / name).exists():
+            os.replace(p, out / name)
+            done.append(f"restored {name} from {p.name}")
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+            done.append(f"removed {p.name}")
+    return done
+
+
 def _rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -172,14 +235,25 @@ class Trainer:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed % (2**32))
         torch.manual_seed(cfg.seed)
-        self.accelerator = Accelerator(cpu=cfg.device == "cpu", mixed_precision=cfg.mixed_precision)
+        launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # accelerate launch / torchrun
+        # several processes without a GPU: accelerate needs cpu=True to pick gloo (MULTI_CPU)
+        cpu = cfg.device == "cpu" or (launched and not torch.cuda.is_available())
+        self.accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision)
         self.device = self.accelerator.device
+        self.world_size = self.accelerator.num_processes
+        self.rank = self.accelerator.process_index
+        self.is_main = self.accelerator.is_main_process
         self.model = model if model is not None else load_model(cfg)
         self.model.to(self.device)
         self.model.eval()
         torch.manual_seed(cfg.seed)
         self.setup()
         self.trainable_names = [n for n, _ in trainable_parameters(self.model)]
+        if self.distributed:
+            self._sync_trainable()
+            if cfg.batch_size % self.world_size:
+                logger.warning("batch_size=%d is not a multiple of the %d processes: their shares differ", cfg.batch_size, self.world_size)
+            logger.info("data parallel: process %d of %d on %s", self.rank, self.world_size, self.device)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr)
         self.scheduler = self._scheduler()
         self.history: list[dict[str, Any]] = []
@@ -203,6 +277,74 @@ class Trainer:
         name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[self.cfg.scheduler]
         return get_scheduler(name, self.optimizer, num_warmup_steps=self.cfg.warmup_steps, num_training_steps=self.total_updates())
 
+    # ---------------------------------------------------------------- data parallelism
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def local_positions(self, n: int) -> list[int]:
+        """Positions (0..n-1) in a step's global batch of ``n`` examples that this process runs.
+
+        A contiguous block by rank; the blocks are disjoint and cover the batch. One process: all.
+        """
+        return list(range(self.rank * n // self.world_size, (self.rank + 1) * n // self.world_size))
+
+    def gather(self, local: dict[int, Any], n: int) -> list[Any]:
+        """Per-position values (picklable) from every process, in global batch order."""
+        if not self.distributed:
+            return [local[j] for j in range(n)]
+        import torch.distributed as dist
+
+        parts: list[Any] = [None] * self.world_size
+        dist.all_gather_object(parts, local)
+        merged: dict[int, Any] = {}
+        for part in parts:
+            merged.update(part)
+        return [merged[j] for j in range(n)]
+
+    def barrier(self) -> None:
+        if self.distributed:
+            self.accelerator.wait_for_everyone()
+
+    def _sync_trainable(self) -> None:
+        """Start every process from the main process's trainable weights."""
+        import torch.distributed as dist
+
+        with torch.no_grad():
+            for _, p in trainable_parameters(self.model):
+                dist.broadcast(p.data, src=0)
+
+    def _all_reduce_grads(self, params: list[torch.nn.Parameter]) -> None:
+        """Sum the gradients over the processes (each holds its share of the global batch's loss).
+
+        A parameter no process has a gradient for keeps ``grad is None`` (the optimizer skips
+        it, as with one process); one that some process lacks gets zeros there.
+        """
+        import torch.distributed as dist
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        has = torch.tensor([float(p.grad is not None) for p in params], device=self.device)
+        dist.all_reduce(has)
+        grads: list[torch.Tensor] = []
+        for p, h in zip(params, has.tolist()):
+            if h == 0:
+                continue
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        buckets: dict[tuple[torch.dtype, torch.device], list[list[torch.Tensor]]] = {}
+        for g in grads:
+            lists = buckets.setdefault((g.dtype, g.device), [[]])
+            if lists[-1] and sum(t.numel() for t in lists[-1]) + g.numel() > _GRAD_BUCKET:
+                lists.append([])
+            lists[-1].append(g)
+        for lists in buckets.values():
+            for bucket in lists:
+                flat = _flatten_dense_tensors(bucket)
+                dist.all_reduce(flat)
+                for g, reduced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+                    g.copy_(reduced)
+
     def autocast(self):
         return self.accelerator.autocast()
 
@@ -212,6 +354,8 @@ class Trainer:
     def update(self) -> float:
         """Clip, step the optimizer and the scheduler, clear gradients; returns the grad norm."""
         params = [p for _, p in trainable_parameters(self.model)]
+        if self.distributed:
+            self._all_reduce_grads(params)
         norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf"))
         self.optimizer.step()
         self.scheduler.step()
@@ -233,6 +377,12 @@ class Trainer:
         from tqdm.auto import tqdm
 
         self.out.mkdir(parents=True, exist_ok=True)
+        if not resume and self.step == 0 and latest_checkpoint(self.out) is not None:
+            self._refuse(latest_checkpoint(self.out))  # before any clean-up: a refused start changes nothing
+        if self.is_main:
+            for line in recover_output_dir(self.out):
+                logger.warning("%s: %s (left by an interrupted run)", self.out, line)
+        self.barrier()
         ckpt = latest_checkpoint(self.out)
         if resume:
             if ckpt is None:
@@ -240,18 +390,20 @@ class Trainer:
             else:
                 self.load_checkpoint(ckpt)
         elif ckpt is not None and self.step == 0:
-            raise ValueError(f"{self.out} already holds checkpoints ({ckpt.name}): resume them (--resume) or choose another output_dir")
-        (self.out / f"{self.stage}_config.yaml").write_text(yaml.safe_dump(asdict(self.cfg), sort_keys=True))
-        self._rewrite_metrics()
-        bar = tqdm(total=self.cfg.steps, initial=self.step, desc=self.stage, disable=not self.cfg.progress, dynamic_ncols=True)
+            self._refuse(ckpt)
+        if self.is_main:
+            (self.out / f"{self.stage}_config.yaml").write_text(yaml.safe_dump(asdict(self.cfg), sort_keys=True))
+            self._rewrite_metrics()
+        bar = tqdm(total=self.cfg.steps, initial=self.step, desc=self.stage, disable=not self.cfg.progress or not self.is_main, dynamic_ncols=True)
         try:
             while self.step < self.cfg.steps:
                 metrics = self.train_step(self.step)
                 self.step += 1
                 row = {"step": self.step, "lr": self.lr, **metrics}
                 self.history.append(row)
-                with open(self.out / METRICS_FILE, "a", encoding="utf-8") as fh:
-                    fh.write(json.dumps(row) + "\n")
+                if self.is_main:
+                    with open(self.out / METRICS_FILE, "a", encoding="utf-8") as fh:
+                        fh.write(json.dumps(row) + "\n")
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3g}" for k, v in list(metrics.items())[:4] if isinstance(v, (int, float))})
                 if self.step % self.cfg.save_every == 0 or self.step == self.cfg.steps:
@@ -261,10 +413,15 @@ class Trainer:
         finally:
             bar.close()
         final = self.out / FINAL_DIR
-        with atomic_directory(final) as tmp:
-            self.model.save_pretrained(tmp)
-        self.plot()
+        if self.is_main:
+            with atomic_directory(final) as tmp:
+                self.model.save_pretrained(tmp)
+            self.plot()
+        self.barrier()
         return final
+
+    def _refuse(self, ckpt: Path) -> None:
+        raise ValueError(f"{self.out} already holds checkpoints ({ckpt.name}): resume them (--resume) or choose another output_dir")
 
     def plot(self) -> Path | None:
         try:
@@ -283,7 +440,14 @@ class Trainer:
         return {}
 
     def save_checkpoint(self) -> Path:
+        """Write ``checkpoint-<step>`` (main process only; the others wait for it)."""
         path = self.out / f"{CHECKPOINT_PREFIX}{self.step:06d}"
+        if self.is_main:
+            self._write_checkpoint(path)
+        self.barrier()
+        return path
+
+    def _write_checkpoint(self, path: Path) -> None:
         with atomic_directory(path) as tmp:
             save_file(trainable_state(self.model), str(tmp / WEIGHTS_FILE))
             state = {
@@ -298,18 +462,25 @@ class Trainer:
                 "config": asdict(self.cfg),
             }
             torch.save(state, tmp / STATE_FILE)
+            if os.environ.get(KILL_DURING_SAVE_ENV, "") == str(self.step):  # test hook
+                os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
             if self.cfg.save_model_in_checkpoints:
                 self.model.save_pretrained(tmp / MODEL_DIR)
         self._prune()
         self.plot()
-        return path
 
     def _prune(self) -> None:
         if self.cfg.keep_last <= 0:
             return
         ckpts = sorted(self.out.glob(f"{CHECKPOINT_PREFIX}*"), key=lambda p: p.name)
         for old in ckpts[: -self.cfg.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            # out of sight first: a kill during the deletion never leaves a half-deleted checkpoint
+            trash = old.parent / f".trash-{old.name}-{os.getpid()}"
+            try:
+                os.replace(old, trash)
+            except OSError:
+                trash = old
+            shutil.rmtree(trash, ignore_errors=True)
 
     def load_checkpoint(self, path: Path) -> None:
         """Restore weights, optimizer, scheduler, RNG, step and history from ``path``."""
