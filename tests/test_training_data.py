@@ -453,5 +453,8 @@ def test_fp16_is_refused_with_a_clear_error():
     from training.config import SFTConfig
 
     SFTConfig(init_from="tiny:text", data="x.jsonl", mixed_precision="bf16").validate()
+    bare_no = SFTConfig(init_from="tiny:text", data="x.jsonl", mixed_precision=False)  # YAML `no`
+    bare_no.validate()
+    assert bare_no.mixed_precision == "no"
     with pytest.raises(ValueError, match="fp16.*not supported"):
         SFTConfig(init_from="tiny:text", data="x.jsonl", mixed_precision="fp16").validate()

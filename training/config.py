@@ -78,6 +78,8 @@ class RunConfig:
             raise ValueError("steps and batch_size must be >= 1")
         if self.scheduler not in ("constant", "linear", "cosine"):
             raise ValueError(f"scheduler must be constant, linear or cosine, got {self.scheduler!r}")
+        if self.mixed_precision is False:  # YAML 1.1 reads a bare `no` (e.g. --set mixed_precision=no) as false
+            self.mixed_precision = "no"
         if self.mixed_precision == "fp16":
             # fp16 needs loss scaling with unscaled-gradient clipping, which the loop does not do.
             raise ValueError("mixed_precision 'fp16' is not supported (no gradient unscaling); use 'bf16' or 'no'")
