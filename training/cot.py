@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol, Sequence
 
 from .examples import TrainingExample
-from .data.formats import read_jsonl
+from .data.formats import read_jsonl, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -116,16 +116,7 @@ class CoTTrace:
 
 def write_traces(path: str | os.PathLike, traces: Iterable[CoTTrace]) -> int:
     """Write traces as JSON lines (atomically)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    n = 0
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for t in traces:
-            fh.write(json.dumps(t.to_dict(), ensure_ascii=False) + "\n")
-            n += 1
-    os.replace(tmp, p)
-    return n
+    return write_jsonl(path, (t.to_dict() for t in traces))
 
 
 def read_traces(path: str | os.PathLike) -> list[CoTTrace]:

@@ -21,19 +21,17 @@ Examples serialise to JSON lines (:func:`write_examples` / :func:`read_examples`
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
 from retrv_r1_plugin.types import Candidate, Query
 
-from .data.formats import Doc, QueryRecord, RetrievalDataset, load_beir, load_mbeir, load_qrels_tsv, read_jsonl
+from .data.formats import Doc, QueryRecord, RetrievalDataset, load_beir, load_mbeir, load_qrels_tsv, read_jsonl, write_jsonl
 
 SearchFn = Callable[[Query, int], Sequence[Any]]
 
@@ -110,16 +108,7 @@ class TrainingExample:
 
 def write_examples(path: str | os.PathLike, examples: Iterable[TrainingExample]) -> int:
     """Write examples as JSON lines (atomically); returns how many were written."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    n = 0
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for ex in examples:
-            fh.write(json.dumps(ex.to_dict(), ensure_ascii=False) + "\n")
-            n += 1
-    os.replace(tmp, p)
-    return n
+    return write_jsonl(path, (ex.to_dict() for ex in examples))
 
 
 def read_examples(path: str | os.PathLike) -> list[TrainingExample]:

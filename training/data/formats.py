@@ -31,7 +31,7 @@ import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Iterable, Optional, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -225,6 +225,20 @@ def _write_lines(path: Path, lines: Iterator[str]) -> None:
 
 def _dump(obj: Mapping[str, Any]) -> str:
     return json.dumps(obj, ensure_ascii=False)
+
+
+def write_jsonl(path: PathLike, rows: Iterable[Mapping[str, Any]]) -> int:
+    """Write dicts as JSON lines through a temporary file; returns how many were written."""
+    count = 0
+
+    def lines() -> Iterator[str]:
+        nonlocal count
+        for row in rows:
+            count += 1
+            yield _dump(row)
+
+    _write_lines(Path(path), lines())
+    return count
 
 
 # --------------------------------------------------------------------------- BEIR
