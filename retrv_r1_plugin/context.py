@@ -87,6 +87,18 @@ def check_vision_image(image: Image.Image, what: str) -> Image.Image:
     return image
 
 
+def pad_embeddings(seqs: list[torch.Tensor], length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack ``(L_i, H)`` tensors into ``(B, L, H)`` (``L``: ``length`` or the longest) plus a
+    bool mask of real positions."""
+    length = max(s.shape[0] for s in seqs) if length is None else length
+    out = seqs[0].new_zeros(len(seqs), length, seqs[0].shape[-1])
+    mask = torch.zeros(len(seqs), length, dtype=torch.bool, device=seqs[0].device)
+    for i, s in enumerate(seqs):
+        out[i, : s.shape[0]] = s
+        mask[i, : s.shape[0]] = True
+    return out, mask
+
+
 @dataclass
 class Chunk:
     ids: torch.Tensor  # (n,) long

@@ -16,7 +16,7 @@ from torch import nn
 
 from .backbone import Backbone, ModelLoadError, load_backbone, resolve_source
 from .config import CONFIG_NAME, Compression, RetrvR1Config
-from .context import ContextBuilder, Encoded, map_batches
+from .context import ContextBuilder, Encoded, map_batches, pad_embeddings
 from .generation import ANSWER_OUT_OF_RANGE, FORCED_ANSWER, GenerationTrace, InspectionDecoder, SamplingConfig
 from .icm import ICMConfig, InformationCompressionModule
 from .tokens import add_special_tokens, init_added_embeddings, resolve_special_tokens
@@ -236,7 +236,7 @@ class RetrvR1Model(nn.Module):
         length = max(len(e.chunk) for e in encoded)
 
         def run(part: list[Encoded]) -> tuple[torch.Tensor, ...]:
-            embeds, mask = _pad([e.embeds for e in part], length)
+            embeds, mask = pad_embeddings([e.embeds for e in part], length)
             return fn(embeds, mask).unbind(0)
 
         return torch.stack(map_batches(run, encoded, batch_size, what=what, notes=notes))
@@ -456,18 +456,6 @@ class RetrvR1Model(nn.Module):
 
 
 # ==================================================================== helpers
-def _pad(seqs: list[torch.Tensor], length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack ``(L_i, H)`` tensors into ``(B, L, H)`` (``L``: ``length`` or the longest) plus a
-    bool mask of real positions."""
-    length = max(s.shape[0] for s in seqs) if length is None else length
-    out = seqs[0].new_zeros(len(seqs), length, seqs[0].shape[-1])
-    mask = torch.zeros(len(seqs), length, dtype=torch.bool, device=seqs[0].device)
-    for i, s in enumerate(seqs):
-        out[i, : s.shape[0]] = s
-        mask[i, : s.shape[0]] = True
-    return out, mask
-
-
 def _added_ids(tokenizer) -> list[int]:
     return sorted(tokenizer.added_tokens_decoder.keys())
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from retrv_r1_plugin.context import Chunk, Encoded, cat_chunks
+from retrv_r1_plugin.context import Chunk, Encoded, cat_chunks, pad_embeddings
 from retrv_r1_plugin.tokens import tokenize_untrusted
 
 from .config import AlignConfig
@@ -45,16 +45,6 @@ def relation_template(query: str, candidate: str, relevant: bool, max_words: int
     shared = [w for w in dict.fromkeys(_WORD.findall(candidate.lower())) if w in qw][:max_words]
     verdict = "relevant. It is what the query asks for." if relevant else "not relevant. It is not what the query asks for."
     return f"{verdict} Shared words: {', '.join(shared) if shared else 'none'}."
-
-
-def _pad(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(s.shape[0] for s in seqs)
-    out = seqs[0].new_zeros(len(seqs), length, seqs[0].shape[-1])
-    mask = torch.zeros(len(seqs), length, dtype=torch.bool, device=seqs[0].device)
-    for i, s in enumerate(seqs):
-        out[i, : s.shape[0]] = s
-        mask[i, : s.shape[0]] = True
-    return out, mask
 
 
 class AlignTrainer(Trainer):
@@ -130,7 +120,7 @@ class AlignTrainer(Trainer):
             query = model.builder.encode_query(ex.query(), model.config.max_query_tokens)
         content_idx, relation_idx = self._pick(ex, rng)
         chosen = sorted(set(content_idx) | set(relation_idx))
-        embeds, mask = _pad([encoded[i].embeds for i in chosen])
+        embeds, mask = pad_embeddings([encoded[i].embeds for i in chosen])
         row = {c: j for j, c in enumerate(chosen)}
         t_con = model.icm.content(embeds, mask)
         t_rel = model.icm.relation(embeds, query.embeds.unsqueeze(0), mask, None) if relation_idx else None
