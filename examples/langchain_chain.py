@@ -37,6 +37,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 from langchain_core.embeddings import Embeddings  # noqa: E402
 
+DEFAULT_MODEL = "retrv-r1-smollm2-wordnet"  # bundled in retrv_r1_plugin/checkpoints/
 SAMPLE = Path(__file__).resolve().parent.parent / "retrv_r1_plugin" / "data" / "sample"
 COLLECTION = "langchain_chain"
 
@@ -56,18 +57,11 @@ def sample_queries() -> list[str]:
 
 
 def load_reranker_model(name: str | None):
-    """The bundled default checkpoint, or SmolLM2 zero-shot (full tokens) when none is bundled."""
-    from retrv_r1_plugin import RetrvR1Model, smollm2_source
-    from retrv_r1_plugin.model import bundled_checkpoint
+    """A Retrv-R1 checkpoint by path or bundled name (default: the bundled text reranker)."""
+    from retrv_r1_plugin import RetrvR1Model
 
-    if name:
-        return RetrvR1Model.from_pretrained(name), name
-    for default in ("retrv-r1-smollm2-wordnet",):
-        if bundled_checkpoint(default) is not None:
-            return RetrvR1Model.from_pretrained(default), default
-    source, gguf = smollm2_source()
-    model = RetrvR1Model.from_pretrained(source, gguf_file=gguf, compression="none")
-    return model, "SmolLM2-135M-Instruct zero-shot, full tokens (no trained checkpoint bundled)"
+    name = name or DEFAULT_MODEL
+    return RetrvR1Model.from_pretrained(name), name
 
 
 def format_docs(docs) -> str:
