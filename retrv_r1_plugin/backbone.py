@@ -144,9 +144,17 @@ class Backbone:
         return getattr(self.config, "image_token_id", None) if self.is_vision else None
 
     def vision_wrap_ids(self) -> tuple[int, int]:
-        vocab = self.tokenizer.get_vocab()
-        start = getattr(self.config, "vision_start_token_id", None) or vocab["<|vision_start|>"]
-        end = getattr(self.config, "vision_end_token_id", None) or vocab["<|vision_end|>"]
+        """Ids of ``<|vision_start|>`` / ``<|vision_end|>`` (config first, else the tokenizer).
+
+        Called for every image chunk, so the tokenizer's full vocabulary is built only when
+        the config lacks an id.
+        """
+        start = getattr(self.config, "vision_start_token_id", None)
+        end = getattr(self.config, "vision_end_token_id", None)
+        if not start or not end:
+            vocab = self.tokenizer.get_vocab()
+            start = start or vocab["<|vision_start|>"]
+            end = end or vocab["<|vision_end|>"]
         return int(start), int(end)
 
     # ----------------------------------------------------------------- inputs

@@ -197,7 +197,8 @@ def reasoning_to_ids(tokenizer, special: SpecialTokenIds, text: str) -> list[int
     become their single ids; everything else is tokenized as untrusted text, so no other
     special token can appear. A leading ``<think>`` is dropped (the prompt already ends with it).
     """
-    vocab = tokenizer.get_vocab()
+    added = tokenizer.get_added_vocab()  # structural tokens are added tokens: a small dict
+    vocab: dict[str, int] | None = None  # the full vocabulary, built only if one is not
     ids: list[int] = []
     for i, part in enumerate(_STRUCT.split(text)):
         if not part:
@@ -205,9 +206,11 @@ def reasoning_to_ids(tokenizer, special: SpecialTokenIds, text: str) -> list[int
         if i % 2 == 1:
             if part == THINK_START and not ids:
                 continue
-            if part not in vocab:
-                raise ValueError(f"reasoning names {part!r}, which this model has no token for")
-            ids.append(vocab[part])
+            if part not in added:
+                vocab = vocab if vocab is not None else tokenizer.get_vocab()
+                if part not in vocab:
+                    raise ValueError(f"reasoning names {part!r}, which this model has no token for")
+            ids.append(added[part] if part in added else vocab[part])
         else:
             ids.extend(tokenize_untrusted(tokenizer, part, special.forbidden_in_untrusted))
     return ids
