@@ -37,7 +37,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 from langchain_core.embeddings import Embeddings  # noqa: E402
 
-DEFAULT_MODEL = "retrv-r1-smollm2-wordnet"  # bundled in retrv_r1_plugin/checkpoints/
+from retrv_r1_plugin.cli import DEFAULT_MODEL  # noqa: E402  (the bundled text reranker)
 SAMPLE = Path(__file__).resolve().parent.parent / "retrv_r1_plugin" / "data" / "sample"
 COLLECTION = "langchain_chain"
 

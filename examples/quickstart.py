@@ -23,7 +23,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-DEFAULT_MODEL = "retrv-r1-smollm2-wordnet"  # bundled in retrv_r1_plugin/checkpoints/
+from retrv_r1_plugin.cli import DEFAULT_MODEL  # noqa: E402  (the bundled text reranker)
 SAMPLE = Path(__file__).resolve().parent.parent / "retrv_r1_plugin" / "data" / "sample"
 QUERIES = ["How do plants turn sunlight into food?", "a photo of a cat", "rocket launch to the Moon"]
 
