@@ -159,7 +159,15 @@ class Backbone:
 
     # ----------------------------------------------------------------- inputs
     def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model.get_input_embeddings()(ids.to(self.device))
+        embedding = self.model.get_input_embeddings()
+        ids = ids.to(self.device)
+        weight = getattr(embedding, "weight", None)
+        rows = getattr(weight, "_retrv_row_mask", None)  # set by training when only some rows train
+        if rows is not None and weight.requires_grad and torch.is_grad_enabled() and not bool((rows[ids, 0] > 0).any()):
+            # None of these ids has a trainable row, so their gradient would be masked to zero:
+            # skip it. (Each lookup with a gradient allocates a vocabulary-sized dense matrix.)
+            return torch.nn.functional.embedding(ids, weight.detach())
+        return embedding(ids)
 
     def embedding_rms(self) -> float:
         w = self.model.get_input_embeddings().weight.detach().float()

@@ -253,18 +253,21 @@ class ContextBuilder:
         """The initial context. ``slots`` holds ``(t_con, t_rel)`` per candidate in ICM mode;
         ``None`` lays every candidate out in full tokens."""
         before, after = self.chat_frame()
-        parts = [self.text_chunk(before), self.trusted("Query: "), query.chunk, self.trusted("\nCandidates:\n")]
+        colon, newline = tokenize_trusted(self.tok, ": "), tokenize_trusted(self.tok, "\n")
+        # Text pieces are id lists, embedded below in one lookup (one graph node in training
+        # instead of one per piece); queries, candidates and slots arrive embedded.
+        parts: list[list[int] | Chunk] = [before + tokenize_trusted(self.tok, "Query: "), query.chunk, tokenize_trusted(self.tok, "\nCandidates:\n")]
         for i, cand in enumerate(candidates):
-            parts.append(self.text_chunk([self.special.labels[i]] + tokenize_trusted(self.tok, ": ")))
-            if slots is None:
-                parts.append(cand.chunk)
-            else:
-                parts.append(self.slot_chunk(*slots[i]))
-            parts.append(self.trusted("\n"))
-        parts.append(self.text_chunk(after))
+            parts.append([self.special.labels[i]] + colon)
+            parts.append(cand.chunk if slots is None else self.slot_chunk(*slots[i]))
+            parts.append(list(newline))
         opener = self.special.think_start if think else self.special.answer_start
-        parts.append(self.text_chunk([opener]))
-        return cat_chunks(parts, role="prompt")
+        parts.append(after + [opener])
+        pieces = [p for p in parts if isinstance(p, list)]
+        flat = torch.tensor([t for p in pieces for t in p], dtype=torch.long)
+        embedded = iter(self.backbone.embed_ids(flat).split([len(p) for p in pieces]))
+        chunks = [Chunk(ids=torch.tensor(p, dtype=torch.long), embeds=next(embedded)) if isinstance(p, list) else p for p in parts]
+        return cat_chunks(chunks, role="prompt")
 
     def slot_chunk(self, t_con: torch.Tensor, t_rel: torch.Tensor) -> Chunk:
         ids = torch.tensor([self.special.content_slot, self.special.relation_slot], dtype=torch.long)

@@ -45,7 +45,8 @@ def _added_token_ids(model) -> list[int]:
     return sorted(model.tokenizer.added_tokens_decoder.keys())
 
 
-def configure_trainable(model, *, lm: str, train_icm: bool, train_token_rows: bool, lora: LoraSettings | None = None) -> None:
+def configure_trainable(model, *, lm: str, train_icm: bool, train_token_rows: bool, lora: LoraSettings | None = None,
+                        train_vision: bool = False) -> None:
     """Set ``requires_grad`` for a stage. ``lm``: ``lora``, ``full`` or ``frozen``.
 
     With ``train_token_rows`` (and a LoRA or frozen LM) the input/output embedding matrices
@@ -65,22 +66,33 @@ def configure_trainable(model, *, lm: str, train_icm: bool, train_token_rows: bo
         model.backbone_modified = True  # save_pretrained must write the backbone
     elif lm != "frozen":
         raise ValueError(f"lm must be lora, full or frozen, got {lm!r}")
-    for prefix in _vision_prefixes(model):
+    for prefix in _vision_prefixes(model):  # frozen unless asked (a model trained from scratch must learn to see)
         for p in model.lm.get_submodule(prefix).parameters():
-            p.requires_grad_(False)
+            p.requires_grad_(train_vision and lm == "full")
     for p in model.icm.parameters():
         p.requires_grad_(train_icm)
     if train_token_rows and lm != "full":
         rows = torch.tensor(_added_token_ids(model), dtype=torch.long)
         mats = {id(m.weight): m.weight for m in (model.lm.get_input_embeddings(), model.lm.get_output_embeddings()) if m is not None}
         for weight in mats.values():
-            if getattr(weight, "_retrv_row_hook", None) is not None:
-                continue
             mask = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
             mask[rows.to(weight.device)] = 1
             weight.requires_grad_(True)
-            weight._retrv_row_hook = weight.register_hook(lambda g, m=mask: g * m.to(g.dtype))
-            weight._retrv_row_mask = mask
+            weight._retrv_row_mask = mask  # applied by prepare_gradients before every optimizer step
+
+
+def prepare_gradients(params) -> None:
+    """Before clipping and the optimizer step: make sparse gradients dense (AdamW needs
+    dense ones) and zero the gradient outside the trainable rows of a row-masked embedding
+    matrix (once per step, not in a per-backward hook)."""
+    for p in params:
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse:
+            p.grad = p.grad.to_dense()
+        mask = getattr(p, "_retrv_row_mask", None)
+        if mask is not None:
+            p.grad.mul_(mask.to(p.grad.dtype))
 
 
 def trainable_parameters(model) -> list[tuple[str, nn.Parameter]]:

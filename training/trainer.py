@@ -51,7 +51,7 @@ from safetensors.torch import load_file, save_file
 from retrv_r1_plugin.model import RetrvR1Model
 
 from .config import RunConfig
-from .params import load_trainable_state, param_groups, trainable_parameters, trainable_state
+from .params import prepare_gradients, load_trainable_state, param_groups, trainable_parameters, trainable_state
 from .plots import plot_curves
 
 logger = logging.getLogger(__name__)
@@ -80,16 +80,18 @@ def _dtype(name: str | None) -> torch.dtype | None:
 
 
 def load_model(cfg: RunConfig, device: torch.device | str | None = None) -> RetrvR1Model:
-    """Load ``cfg.init_from`` (checkpoint, backbone, ``pkg:...`` or ``tiny:<kind>[:seed]``)."""
+    """Load ``cfg.init_from`` (checkpoint, backbone, ``pkg:...`` or ``tiny:<kind>[:seed[:layers]]``)."""
     source = cfg.init_from
     overrides = dict(cfg.model_overrides)
     torch.manual_seed(cfg.seed)  # a fresh ICM (plain backbone) starts the same on every run
     if source.startswith("tiny:"):
         from retrv_r1_plugin.testing import build_tiny_text_backbone, build_tiny_vl_backbone
 
-        kind, _, seed = source[len("tiny:"):].partition(":")
-        seed_i = int(seed) if seed else cfg.seed
-        backbone = build_tiny_text_backbone(seed_i) if kind == "text" else build_tiny_vl_backbone(kind, seed_i)
+        # tiny:<kind>[:seed[:layers]]; kind text or a Qwen-VL model type
+        kind, *rest = source[len("tiny:"):].split(":")
+        seed_i = int(rest[0]) if rest and rest[0] else cfg.seed
+        layers = int(rest[1]) if len(rest) > 1 else 2
+        backbone = build_tiny_text_backbone(seed_i, num_layers=layers) if kind == "text" else build_tiny_vl_backbone(kind, seed_i, num_layers=layers)
         if cfg.dtype is not None:
             backbone.model.to(_dtype(cfg.dtype))
         torch.manual_seed(cfg.seed)
@@ -354,6 +356,7 @@ class Trainer:
     def update(self) -> float:
         """Clip, step the optimizer and the scheduler, clear gradients; returns the grad norm."""
         params = [p for _, p in trainable_parameters(self.model)]
+        prepare_gradients(params)
         if self.distributed:
             self._all_reduce_grads(params)
         norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf"))
