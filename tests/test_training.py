@@ -424,3 +424,72 @@ def test_cli_chains_the_three_stages(tmp_path, capsys):
                "group_size=2", "max_inspections=1", resume=True) == 0
     assert len((tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()) == 4
     assert run("rl", "group_size=1") == 2
+
+
+# =========================================================================== position debiasing and the direct mode
+
+
+def test_permuted_trace_moves_labels_answer_and_inspections_with_their_candidates(tmp_path):
+    from training.cot import read_traces
+
+    ex = make_examples(1, k=4, seed=3)[0]
+    trace = read_traces(_traces(tmp_path, [ex]))[0]
+    order = [2, 0, 3, 1]  # new position -> old index
+    moved = trace.permuted(order)
+    assert [c.id for c in moved.example.candidates] == [ex.candidates[i].id for i in order]
+    assert moved.example.candidates[moved.answer].id == ex.candidates[trace.answer].id
+    assert moved.example.candidates[moved.example.positive].id == ex.candidates[ex.positive].id
+    assert [moved.example.candidates[i].id for i in moved.inspected] == [ex.candidates[i].id for i in trace.inspected]
+    # every label in the reasoning still names the same candidate
+    import re
+
+    old = [ex.candidates[int(n) - 1].id for n in re.findall(r"<cand_(\d+)>", trace.reasoning)]
+    new = [moved.example.candidates[int(n) - 1].id for n in re.findall(r"<cand_(\d+)>", moved.reasoning)]
+    assert old == new and old
+    with pytest.raises(ValueError, match="not a permutation"):
+        trace.permuted([0, 0, 1, 2])
+
+
+def _direct_accuracy(model, examples) -> float:
+    hits = 0
+    for ex in examples:
+        result = model.rank(ex.query(), ex.candidate_objects(), reasoning_budget=0)
+        hits += result.order[0] == ex.positive
+    return hits / len(examples)
+
+
+def _marker_examples(n: int, seed: int, fixed_positive: int | None) -> list[TrainingExample]:
+    """The positive is the one candidate that mentions "sky" (a content cue a tiny random model
+    learns quickly); the others are other words."""
+    rng = random.Random(seed)
+    others = [w for w in WORDS if w != "sky"]
+    out = []
+    for i in range(n):
+        words = rng.sample(others, 4)
+        pos = rng.randrange(4) if fixed_positive is None else fixed_positive
+        words[pos] = "sky"
+        cands = [CandidateRecord(id=f"d{i}_{j}", text=f"a {w}") for j, w in enumerate(words)]
+        out.append(TrainingExample(id=f"q{i}", query_text="the sky", candidates=cands, positive=pos))
+    return out
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_direct_sft_with_shuffled_candidates_learns_no_position_prior(tmp_path, shuffle):
+    """Every training positive sits at position 0 (a first stage that is always right).
+    Without shuffling the model learns "answer 1" whatever the content; with shuffling the
+    label it must write is spread over all positions, so no position prior is learned."""
+    traces = _traces(tmp_path, _marker_examples(32, seed=1, fixed_positive=0))
+    test = [e for e in _marker_examples(40, seed=99, fixed_positive=None) if e.positive != 0][:20]
+    cfg = SFTConfig(init_from="tiny:text", data=str(traces), output_dir=str(tmp_path / "direct"), steps=30, batch_size=4, lr=1e-2,
+                    save_every=1000, reasoning_budget=0, lm="full", answer_space="labels", shuffle_candidates=shuffle,
+                    progress=False, model_overrides=OVERRIDES)
+    trainer = SFTTrainer(cfg)
+    assert all(written == [] for _, written in trainer.items)  # direct mode: only the label is a target
+    trainer.train()
+    assert all(r["target_tokens"] == 4.0 for r in trainer.history)
+    first = [trainer.model.rank(e.query(), e.candidate_objects(), reasoning_budget=0).scores[0] for e in test]
+    mean_first = sum(first) / len(first)
+    if shuffle:
+        assert mean_first < 0.4, mean_first
+    else:
+        assert mean_first > 0.8, mean_first

@@ -130,6 +130,8 @@ class _PolicyConfig(RunConfig):
     train_icm: bool = True
     train_token_rows: bool = True
     """Train the embedding rows of the added tokens (tags, labels) even with LoRA."""
+    train_vision: bool = False
+    """With ``lm: full``, also train the vision tower (a Qwen-VL model trained from scratch)."""
     reasoning_budget: int = 256
     max_inspections: int = 3
 
@@ -137,6 +139,8 @@ class _PolicyConfig(RunConfig):
         super().validate()
         if self.lm not in ("lora", "full", "frozen"):
             raise ValueError(f"lm must be lora, full or frozen, got {self.lm!r}")
+        if self.train_vision and self.lm != "full":
+            raise ValueError("train_vision needs lm: full (LoRA does not reach the vision tower)")
 
 
 @dataclass
@@ -144,9 +148,31 @@ class SFTConfig(_PolicyConfig):
     """Stage 2, activation SFT on CoT traces (``data``: traces JSONL from ``training.cot``).
 
     The loss is token-mean cross-entropy over model-written tokens and the answer label only.
+    With ``reasoning_budget: 0`` the traces' reasoning is ignored and the model learns the
+    direct mode (prompt ending in ``<answer>``, the label as the only target): listwise
+    classification, ~10x cheaper per example than a reasoning trace.
     """
 
     lr: float = 1e-5
+    answer_space: str = "vocab"
+    """vocab: the answer label's cross-entropy over the whole vocabulary; labels: over the K
+    candidate labels only (a listwise softmax, as ranking reads the scores)."""
+    shuffle_candidates: float = 0.0
+    """Probability (``true`` = 1.0) that a trace's candidates are shown in a fresh seeded
+    random order when it is used (labels in the reasoning, the answer and inspections
+    follow), so the model cannot get by on the first-stage position of the positive
+    instead of reading the content. Below 1.0 it still sees the first-stage order, an
+    informative prior, the rest of the time."""
+
+    def validate(self) -> None:
+        super().validate()
+        if self.answer_space not in ("labels", "vocab"):
+            raise ValueError("answer_space must be labels or vocab")
+        if self.reasoning_budget < 0:
+            raise ValueError("reasoning_budget must be >= 0")
+        self.shuffle_candidates = float(self.shuffle_candidates)
+        if not 0.0 <= self.shuffle_candidates <= 1.0:
+            raise ValueError("shuffle_candidates must be a probability in [0, 1] (or true/false)")
 
 
 @dataclass

@@ -103,6 +103,24 @@ class CoTTrace:
     def to_dict(self) -> dict[str, Any]:
         return {"example": self.example.to_dict(), "reasoning": self.reasoning, "answer": self.answer, "inspected": self.inspected, "teacher": self.teacher}
 
+    def permuted(self, order: Sequence[int]) -> "CoTTrace":
+        """The trace with candidates in ``order`` (``order[new] = old``): the example, the
+        answer, the inspected indices and every ``<cand_N>`` label in the reasoning follow."""
+        example = self.example.permuted(order)
+        new_of_old = {old: new for new, old in enumerate(order)}
+
+        def relabel(m: re.Match) -> str:
+            old = int(m.group(1)) - 1
+            return f"<cand_{new_of_old[old] + 1}>" if old in new_of_old else m.group(0)
+
+        return CoTTrace(
+            example=example,
+            reasoning=_LABEL.sub(relabel, self.reasoning),
+            answer=new_of_old[self.answer],
+            inspected=[new_of_old[i] for i in self.inspected],
+            teacher=self.teacher,
+        )
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "CoTTrace":
         return cls(

@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Optional
 
 import numpy as np
@@ -39,6 +39,7 @@ __all__ = [
     "CandidateRecord",
     "TrainingExample",
     "EmbeddingRetriever",
+    "RandomRetriever",
     "build_examples",
     "examples_from_dataset",
     "examples_from_beir",
@@ -95,6 +96,17 @@ class TrainingExample:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def permuted(self, order: Sequence[int]) -> "TrainingExample":
+        """The same example with candidates shown in ``order`` (``order[new] = old``).
+
+        Training on shuffled orders stops a listwise model from learning "the first-stage
+        top is usually right" (the position bias that makes it copy the first stage).
+        """
+        if sorted(order) != list(range(self.k)):
+            raise ValueError(f"example {self.id!r}: {list(order)} is not a permutation of 0..{self.k - 1}")
+        new_of_old = {old: new for new, old in enumerate(order)}
+        return replace(self, candidates=[self.candidates[i] for i in order], positive=new_of_old[self.positive])
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "TrainingExample":
@@ -318,6 +330,30 @@ class EmbeddingRetriever:
         scores = self.matrix @ v
         order = np.argsort(-scores, kind="stable")[:top_k]
         return [(self.ids[i], float(scores[i])) for i in order]
+
+    __call__ = search
+
+
+class RandomRetriever:
+    """A first stage that returns ``top_k`` documents drawn uniformly at random (seeded by
+    ``seed`` and the query), scored 0.
+
+    For pools nothing offline can embed (images, with no CLIP-style model installed): it
+    builds training examples with varied negatives, and it is the chance-level baseline a
+    reranker must beat. Documented as such wherever it is used; never a silent fallback.
+    """
+
+    def __init__(self, doc_ids: Iterable[str], seed: int = 0) -> None:
+        self.ids = sorted(str(i) for i in doc_ids)
+        if not self.ids:
+            raise ValueError("RandomRetriever needs at least one document")
+        self.seed = seed
+
+    def search(self, query: Query | str, top_k: int) -> list[tuple[str, float]]:
+        q = Query.coerce(query)
+        key = f"{self.seed}:{q.text}:{q.image if isinstance(q.image, str) else ''}"
+        rng = random.Random(key)
+        return [(d, 0.0) for d in rng.sample(self.ids, min(top_k, len(self.ids)))]
 
     __call__ = search
 

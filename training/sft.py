@@ -23,7 +23,19 @@ from .trainer import DataOrder, Trainer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SFTTrainer", "train_sft", "trace_tokens"]
+__all__ = ["SFTTrainer", "candidate_order", "train_sft", "trace_tokens"]
+
+
+def candidate_order(seed: int, step: int, position: int, k: int, probability: float = 1.0) -> list[int] | None:
+    """The seeded random candidate order of batch ``position`` at ``step``, or ``None``
+    (keep the first-stage order) with probability ``1 - probability``. A function of its
+    arguments only, so resumed and data-parallel runs see the same orders."""
+    if probability <= 0.0:
+        return None
+    g = torch.Generator().manual_seed((seed * 1_000_003 + step * 10_007 + position) % (2**63 - 1))
+    if probability < 1.0 and float(torch.rand((), generator=g)) >= probability:
+        return None
+    return torch.randperm(k, generator=g).tolist()
 
 
 def trace_tokens(model, trace: CoTTrace) -> list[int]:
@@ -39,11 +51,14 @@ class SFTTrainer(Trainer):
 
     def setup(self) -> None:
         cfg = self.cfg
-        configure_trainable(self.model, lm=cfg.lm, train_icm=cfg.train_icm, train_token_rows=cfg.train_token_rows, lora=cfg.lora)
+        configure_trainable(self.model, lm=cfg.lm, train_icm=cfg.train_icm, train_token_rows=cfg.train_token_rows, lora=cfg.lora, train_vision=cfg.train_vision)
         traces = read_traces(cfg.data)[: cfg.max_examples]
         self.items: list[tuple[CoTTrace, list[int]]] = []
         dropped = 0
         for t in traces:
+            if cfg.reasoning_budget == 0:  # direct mode: the prompt ends with <answer>, nothing is written
+                self.items.append((t, []))
+                continue
             written = trace_tokens(self.model, t)
             machine = check_written(self.model.special, written, t.example.k, reasoning_budget=cfg.reasoning_budget, max_inspections=cfg.max_inspections, allow_inspection=cfg.compression == "icm")
             if machine.stop_reason != "answer" or len(machine.written) != len(written):
@@ -67,12 +82,17 @@ class SFTTrainer(Trainer):
         local: dict[int, tuple[float, float, int, int]] = {}
         for j in self.local_positions(len(batch)):
             trace, written = batch[j]
+            order = candidate_order(cfg.seed, step, j, trace.example.k, cfg.shuffle_candidates)
+            if order is not None:
+                trace = trace.permuted(order)
+                if written:
+                    written = trace_tokens(self.model, trace)
             with torch.enable_grad():
                 with self.autocast():
                     prompt, encoded = prepare_example(self.model, trace.example, reasoning_budget=cfg.reasoning_budget, compression=cfg.compression)
                     seq = build_sequence(self.model, prompt, encoded, written, trace.answer, reasoning_budget=cfg.reasoning_budget,
                                          max_inspections=cfg.max_inspections, allow_inspection=cfg.compression == "icm")
-                    logp, hidden = target_logprobs(self.model, seq, return_hidden=True)
+                    logp, hidden = target_logprobs(self.model, seq, answer_space=cfg.answer_space, return_hidden=True)
                 nll = -logp.sum()
                 self.backward(nll / total)
             with torch.no_grad():
