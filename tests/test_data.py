@@ -434,3 +434,28 @@ def test_skimage_builder(tmp_path: Path) -> None:
     assert len(seen_captions) == 12  # three captions per photo, one per split
     with pytest.raises(ValueError, match="no captions"):
         build_skimage_tasks(tmp_path, names=["not_an_image"])
+
+
+def test_digits_builder_with_a_relative_output_folder(tmp_path: Path, monkeypatch) -> None:
+    """Regression: a relative --out wrote image paths relative to the working directory,
+    which readers then joined to the root again (``out/out/images/...``)."""
+    from training.data.build_images import build_digits_tasks
+
+    monkeypatch.chdir(tmp_path)
+    build_digits_tasks("rel/out", size=28, per_class=10, seed=0)
+    monkeypatch.chdir("/")
+    test = load_mbeir_task(tmp_path / "rel" / "out", "digits-text2image", "test", check_images=True)
+    assert all(Path(d.image_path).is_file() for d in test.corpus.values())
+
+
+def test_random_first_stage_is_seeded_per_query_and_varies_negatives() -> None:
+    from training.examples import RandomRetriever
+
+    r = RandomRetriever([f"d{i}" for i in range(100)], seed=0)
+    a, b = r.search("seven", 10), r.search("seven", 10)
+    assert a == b and len({d for d, _ in a}) == 10  # deterministic, no duplicates
+    assert r.search("three", 10) != a  # another query draws other documents
+    assert RandomRetriever([f"d{i}" for i in range(100)], seed=1).search("seven", 10) != a
+    assert len(r.search("x", 500)) == 100
+    with pytest.raises(ValueError, match="at least one document"):
+        RandomRetriever([])

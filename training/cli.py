@@ -81,6 +81,9 @@ def main_data(argv: Sequence[str]) -> int:
     ex.add_argument("--collection", default="retrv_r1")
     ex.add_argument("--queries", help="BEIR queries.jsonl for --qdrant-*")
     ex.add_argument("--qrels", help="BEIR qrels TSV for --qdrant-*")
+    ex.add_argument("--first-stage", choices=["minilm", "random"], default="minilm",
+                    help="--beir/--mbeir-*: MiniLM over the corpus text (default), or K documents drawn at random "
+                         "(seeded; for image pools that nothing offline can embed)")
     ex.add_argument("--k", type=int, default=50)
     ex.add_argument("--max-queries", type=int)
     ex.add_argument("--seed", type=int, default=0)
@@ -103,14 +106,15 @@ def main_data(argv: Sequence[str]) -> int:
     _setup_logging()
     try:
         if args.what == "examples":
-            from .data.formats import load_beir_queries, load_mbeir
-            from .examples import EmbeddingRetriever, examples_from_beir, examples_from_dataset, examples_from_store, write_examples
+            from .data.formats import load_beir, load_beir_queries, load_mbeir
+            from .examples import EmbeddingRetriever, RandomRetriever, examples_from_dataset, examples_from_store, write_examples
 
-            if args.beir:
-                examples = examples_from_beir(args.beir, split=args.split, k=args.k, seed=args.seed, max_queries=args.max_queries)
-            elif args.mbeir_queries:
-                ds = load_mbeir(args.mbeir_queries, args.mbeir_pool)
-                retriever = EmbeddingRetriever({i: d for i, d in ds.corpus.items()})
+            if args.beir or args.mbeir_queries:
+                ds = load_beir(args.beir, split=args.split) if args.beir else load_mbeir(args.mbeir_queries, args.mbeir_pool)
+                if args.first_stage == "random":
+                    retriever = RandomRetriever(ds.corpus, seed=args.seed)
+                else:
+                    retriever = EmbeddingRetriever({i: d for i, d in ds.corpus.items()})
                 examples = examples_from_dataset(ds, retriever.search, k=args.k, seed=args.seed, max_queries=args.max_queries)
             elif args.qdrant_path or args.qdrant_url:
                 from retrv_r1_plugin.store.qdrant import QdrantCandidateStore

@@ -176,12 +176,29 @@ def main_eval(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--reasoning-budget", type=int)
     p.add_argument("--max-inspections", type=int)
     p.add_argument("--store", help="embedded Qdrant folder for the first stage (default: in memory)")
+    p.add_argument("--first-stage", choices=["qdrant", "random"], default="qdrant",
+                   help="qdrant: MiniLM vectors in embedded Qdrant (default); random: K documents drawn at random "
+                        "(seeded), the chance-level baseline for image pools nothing offline can embed")
+    p.add_argument("--seed", type=int, default=0, help="seed of --first-stage random")
     p.add_argument("--output", help="write the JSON here")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
 
     dataset = load_dataset(args)
-    store = build_first_stage(dataset, store_path=args.store, show_progress=not args.quiet)
+    store = None
+    if args.first_stage == "random":
+        from .examples import RandomRetriever
+
+        by_id = {str(c.id): c for c in dataset_candidates(dataset)}
+        retriever = RandomRetriever(by_id, seed=args.seed)
+
+        def search(q: Query, k: int) -> list[Candidate]:
+            return [by_id[i] for i, _ in retriever.search(q, k)]
+    else:
+        store = build_first_stage(dataset, store_path=args.store, show_progress=not args.quiet)
+
+        def search(q: Query, k: int) -> list[Candidate]:
+            return store.search(q, top_k=k)
     model = None
     rank_kwargs: dict[str, Any] = {}
     if args.model:
@@ -192,14 +209,15 @@ def main_eval(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(f"--top-k {args.top_k} exceeds the model's {model.config.max_candidates} labels")
         rank_kwargs = {k: v for k, v in dict(compression=args.compression, reasoning_budget=args.reasoning_budget,
                                              max_inspections=args.max_inspections).items() if v is not None}
-    result = evaluate(dataset, lambda q, k: store.search(q, top_k=k), model, top_k=args.top_k,
+    result = evaluate(dataset, search, model, top_k=args.top_k,
                       max_queries=args.max_queries, rank_kwargs=rank_kwargs, show_progress=not args.quiet)
-    result.extra.update(dataset=dataset.name, split=args.split, model=args.model, **rank_kwargs)
+    result.extra.update(dataset=dataset.name, split=args.split, model=args.model, retriever="random" if args.first_stage == "random" else "minilm+qdrant", **rank_kwargs)
     print(format_table(result))
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         Path(args.output).write_text(json.dumps(result.to_dict(), indent=2))
-    store.close()
+    if store is not None:
+        store.close()
     return 0
 
 

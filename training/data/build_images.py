@@ -251,7 +251,7 @@ def build_digits_tasks(
     """Write ``digits-text2image`` and ``digits-image2text``; return their info (counts)."""
     from sklearn.datasets import load_digits
 
-    root = Path(out_root)
+    root = Path(out_root).resolve()  # image paths are written relative to it: a relative root would double up
     digits = load_digits()
     labels = [int(y) for y in digits.target]
     keep = list(range(len(labels)))
@@ -357,7 +357,7 @@ def build_skimage_tasks(
 
     Each photo's three captions are dealt one per split (order shuffled by ``seed``).
     """
-    root = Path(out_root)
+    root = Path(out_root).resolve()
     chosen = list(names) if names is not None else list(SKIMAGE_CAPTIONS)
     unknown = [n for n in chosen if n not in SKIMAGE_CAPTIONS]
     if unknown:
