@@ -1,24 +1,31 @@
-"""A small image-retrieval chatbot: LlamaIndex ``RetrvR1Reranker`` over text and image nodes.
+"""A small image-retrieval chatbot: LlamaIndex ``RetrvR1Reranker`` over image (and text) nodes.
 
-Builds ``ImageNode``s (by ``image_path``) and ``TextNode``s from the bundled sample corpus
-(6 captioned photos and text passages), then answers each turn by reranking all of them
-with Retrv-R1 and printing the best image: its path, caption, score and the model's
-reasoning. Queries are text, an image (``QueryBundle(query_str="", image_path=...)``), or
-both. The corpus is small enough to rerank whole; for a larger one put a first stage in
-front (``VectorStoreIndex.as_query_engine(similarity_top_k=..., node_postprocessors=[reranker])``
-as in ``examples/quickstart.py``), retrieving at most the model's ``max_candidates`` nodes.
+Two corpora, both bundled:
+
+* ``--corpus sample`` (default): the 6 captioned photos and the text passages of the quickstart.
+* ``--corpus digits``: 20 handwritten-digit images (two per digit, held-out test images) as
+  ``ImageNode``s with no text at all, so the reranker has to look at the pixels. Ask "a
+  handwritten digit seven".
+
+Each turn reranks the whole corpus with Retrv-R1 and prints the best image: its path,
+caption, score and the model's reasoning. Queries are text, an image
+(``QueryBundle(query_str="", image_path=...)``), or both. The corpora are small enough to
+rerank whole; for a larger one put a first stage in front, as in ``examples/quickstart.py``.
 
     python examples/multimodal_chatbot.py                            # interactive: type queries
     python examples/multimodal_chatbot.py --query "a photo of a cat" --image cat.jpg
-    echo "/image rocket.jpg" | python examples/multimodal_chatbot.py --model PATH
+    python examples/multimodal_chatbot.py --corpus digits --model PATH --query "a handwritten digit seven"
 
 In the chat: a line is a text query; ``/image PATH [text]`` is an image (+ text) query
-(``PATH`` may also name a sample photo, e.g. ``cat.jpg``); ``/quit`` ends. With a text-only
-model, images are reranked by their captions, and image-only queries cannot be answered.
+(``PATH`` may also name a bundled image, e.g. ``digit-3-0.png`` or ``cat.jpg``); ``/quit``
+ends. With a text-only model, images are reranked by their captions, and image-only
+queries cannot be answered.
 
-Default model: the bundled ``retrv-r1-qwen2vl-digits`` checkpoint; when none is bundled, a
-tiny Qwen2.5-VL built from config with random weights, which demonstrates the pipeline
-(images in, scores and reasoning out), not retrieval quality. Everything runs offline.
+Default model: a bundled ``retrv-r1-qwen2.5-vl-digits`` checkpoint when the install has one
+(none is bundled yet: training it from scratch on this project's CPU did not converge, see
+docs/benchmarks.md); otherwise a tiny Qwen2.5-VL built from config with random weights,
+which demonstrates the pipeline (images in, scores and reasoning out), not retrieval
+quality. Everything runs offline.
 """
 
 from __future__ import annotations
@@ -35,16 +42,27 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 SAMPLE = Path(__file__).resolve().parent.parent / "retrv_r1_plugin" / "data" / "sample"
+DIGITS = SAMPLE / "digits"
+DEFAULT_MODEL = "retrv-r1-qwen2.5-vl-digits"
 HELP = "type a text query, '/image PATH [text]' for an image query, '/quit' to end"
 
 
-def build_nodes():
-    """ImageNodes (by image_path, caption as text) and TextNodes of the sample corpus."""
+def build_nodes(corpus: str = "sample"):
+    """``sample``: ImageNodes (by image_path, caption as text) and TextNodes of the sample
+    corpus; ``digits``: one ImageNode per bundled digit image, without any text."""
+    import json
+
     from llama_index.core.schema import ImageNode, TextNode
 
     from retrv_r1_plugin.cli import read_corpus
 
     nodes = []
+    if corpus == "digits":
+        for item in json.loads((DIGITS / "labels.json").read_text()):
+            node = ImageNode(id_=item["file"], text="", image_path=str(DIGITS / item["file"]), metadata={"kind": "image"})
+            node.excluded_embed_metadata_keys = node.excluded_llm_metadata_keys = ["kind"]
+            nodes.append(node)
+        return nodes
     for cand in read_corpus(SAMPLE / "corpus.jsonl"):
         meta = {"kind": "image" if cand.image is not None else "text"}
         if cand.image is not None:
@@ -58,18 +76,18 @@ def build_nodes():
 
 
 def load_reranker_model(name: str | None):
-    """The bundled multimodal checkpoint, or a tiny random-weight Qwen2.5-VL when none is bundled."""
+    """``name`` (a path or bundled name); else the bundled multimodal checkpoint if this
+    install has one; else a tiny random-weight Qwen2.5-VL, said so in the description."""
     from retrv_r1_plugin import RetrvR1Model
     from retrv_r1_plugin.model import bundled_checkpoint
     from retrv_r1_plugin.testing import build_tiny_vl_backbone
 
     if name:
         return RetrvR1Model.from_pretrained(name), name
-    for default in ("retrv-r1-qwen2vl-digits",):
-        if bundled_checkpoint(default) is not None:
-            return RetrvR1Model.from_pretrained(default), default
+    if bundled_checkpoint(DEFAULT_MODEL) is not None:
+        return RetrvR1Model.from_pretrained(DEFAULT_MODEL), DEFAULT_MODEL
     model = RetrvR1Model.from_backbone(build_tiny_vl_backbone("qwen2_5_vl", seed=0)).eval()
-    return model, ("tiny Qwen2.5-VL built from config (no trained checkpoint bundled), "
+    return model, ("tiny Qwen2.5-VL built from config (no trained multimodal checkpoint is bundled yet), "
                    "random weights: demonstrates the pipeline, not quality")
 
 
@@ -77,10 +95,10 @@ def resolve_image(path: str) -> str:
     """``path`` as given, or the sample photo of that name (``cat.jpg``) when no such file exists."""
     if os.path.exists(path):
         return os.path.abspath(path)
-    sample = SAMPLE / "images" / path
-    if sample.is_file():
-        return str(sample)
-    raise FileNotFoundError(f"no image at {path!r} (nor a sample photo of that name in {SAMPLE / 'images'})")
+    for folder in (SAMPLE / "images", DIGITS):
+        if (folder / path).is_file():
+            return str(folder / path)
+    raise FileNotFoundError(f"no image at {path!r} (nor a bundled image of that name in {SAMPLE / 'images'} or {DIGITS})")
 
 
 def short(text: str, width: int = 90) -> str:
@@ -114,7 +132,8 @@ class Chatbot:
         rank, nws = best
         meta = nws.node.metadata
         print(f"bot> best image: {nws.node.image_path}")
-        print(f"     caption: {short(nws.node.get_content(), 120)}")
+        if nws.node.get_content().strip():
+            print(f"     caption: {short(nws.node.get_content(), 120)}")
         print(f"     score {nws.score:.3f} (rank {rank} of {len(ranked)} nodes, {seconds:.1f} s)")
         if meta.get("retrv_r1_fallback"):
             print(f"     fallback: {meta['retrv_r1_fallback']}")
@@ -125,7 +144,8 @@ class Chatbot:
         for i, other in enumerate(ranked[: self.show], 1):
             kind = "[image]" if isinstance(other.node, ImageNode) else "[text] "
             flag = " (inspected)" if other.node.metadata.get("retrv_r1_inspected") else ""
-            print(f"       {i}. {other.score:.3f} {kind} {short(other.node.get_content(), 80)}{flag}")
+            shown = other.node.get_content().strip() or os.path.basename(getattr(other.node, "image_path", "") or "")
+            print(f"       {i}. {other.score:.3f} {kind} {short(shown, 80)}{flag}")
 
     def turn(self, kind: str, value: str) -> bool:
         """Answer one turn; False when it failed (bad image, model error), reported, not raised."""
@@ -146,7 +166,9 @@ class Chatbot:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="Retrv-R1 checkpoint path or bundled name (text-only models rank images by caption)")
+    parser.add_argument("--model", help=f"Retrv-R1 checkpoint path or bundled name (default {DEFAULT_MODEL}; text-only models rank images by caption)")
+    parser.add_argument("--corpus", choices=["digits", "sample"],
+                        default="sample", help="sample: captioned photos + passages (default); digits: 20 bundled digit images, no text")
     parser.add_argument("--query", dest="turns", action="append", type=lambda s: ("text", s),
                         help="a text query (repeatable; with --query/--image nothing is read from stdin)")
     parser.add_argument("--image", dest="turns", action="append", type=lambda s: ("image", s),
@@ -168,7 +190,7 @@ def main() -> int:
     print(f"  backbone {model.backbone.model_type}, compression={model.config.compression}, max_candidates={model.config.max_candidates}")
     if not vision:
         print("  text-only model: images are reranked by their captions; image-only queries are not supported")
-    nodes = build_nodes()
+    nodes = build_nodes(args.corpus)
     if len(nodes) > model.config.max_candidates:
         nodes = nodes[: model.config.max_candidates]
         print(f"  (only the first {len(nodes)} nodes fit the model's index labels)")

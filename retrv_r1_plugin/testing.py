@@ -84,8 +84,8 @@ def build_tiny_text_backbone(seed: int = 0, hidden_size: int = 64, num_layers: i
     return Backbone(model, tokenizer)
 
 
-def tiny_qwen_vl_config(model_type: str, tokenizer, hidden_size: int = 128):
-    """A small config of a Qwen-VL architecture (2 LM layers, vision depth 2)."""
+def tiny_qwen_vl_config(model_type: str, tokenizer, hidden_size: int = 128, num_layers: int = 2):
+    """A small config of a Qwen-VL architecture (``num_layers`` LM layers, vision depth 2)."""
     from transformers import AutoConfig
 
     vocab = tokenizer.get_vocab()
@@ -97,7 +97,7 @@ def tiny_qwen_vl_config(model_type: str, tokenizer, hidden_size: int = 128):
         vocab_size=len(tokenizer) + 128,
         hidden_size=hidden_size,
         intermediate_size=hidden_size * 2,
-        num_hidden_layers=2,
+        num_hidden_layers=num_layers,
         num_attention_heads=heads,
         num_key_value_heads=2,
         max_position_embeddings=4096,
@@ -133,14 +133,14 @@ def tiny_qwen_vl_config(model_type: str, tokenizer, hidden_size: int = 128):
     )
 
 
-def build_tiny_vl_backbone(model_type: str = "qwen2_5_vl", seed: int = 0, hidden_size: int = 128):
+def build_tiny_vl_backbone(model_type: str = "qwen2_5_vl", seed: int = 0, hidden_size: int = 128, num_layers: int = 2):
     """A tiny Qwen-VL model (random weights) with tokenizer and PIL image processor."""
     from transformers import AutoModelForImageTextToText
 
     from .backbone import Backbone
 
     tokenizer = build_tokenizer()
-    config = tiny_qwen_vl_config(model_type, tokenizer, hidden_size)
+    config = tiny_qwen_vl_config(model_type, tokenizer, hidden_size, num_layers)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config).eval()
     return Backbone(model, tokenizer)

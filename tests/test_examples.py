@@ -73,6 +73,18 @@ def test_multimodal_chatbot_vision_model(checkpoints):
     assert len(re.findall(rf"^       [123]\. {SCORE} \[(image|text)\]", out, flags=re.MULTILINE)) == 6
 
 
+def test_multimodal_chatbot_digits_corpus_has_image_only_nodes(checkpoints):
+    out = run_script(
+        "examples/multimodal_chatbot.py", "--model", checkpoints["vl"], "--corpus", "digits",
+        "--query", "a handwritten digit seven", "--image", "digit-3-0.png",
+    )
+    assert "corpus: 20 nodes (20 images, 0 text passages)" in out
+    answers = re.findall(r"^bot> best image: (\S+/digit-\d-\d\.png)$", out, flags=re.MULTILINE)
+    assert len(answers) == 2 and all(Path(a).is_file() for a in answers)
+    assert "caption:" not in out  # the nodes have no text: the model only sees pixels
+    assert len(re.findall(rf"^       [123]\. {SCORE} \[image\] digit-\d-\d\.png$", out, flags=re.MULTILINE)) == 6
+
+
 def test_multimodal_chatbot_text_model_from_stdin(checkpoints):
     out = run_script(
         "examples/multimodal_chatbot.py", "--model", checkpoints["text"], "--reasoning-budget", "2",

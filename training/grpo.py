@@ -165,7 +165,7 @@ class GRPOTrainer(Trainer):
 
     def setup(self) -> None:
         cfg = self.cfg
-        configure_trainable(self.model, lm=cfg.lm, train_icm=cfg.train_icm, train_token_rows=cfg.train_token_rows, lora=cfg.lora)
+        configure_trainable(self.model, lm=cfg.lm, train_icm=cfg.train_icm, train_token_rows=cfg.train_token_rows, lora=cfg.lora, train_vision=cfg.train_vision)
         self.examples: list[TrainingExample] = read_examples(cfg.data)[: cfg.max_examples]
         self.order = DataOrder(len(self.examples), cfg.seed)
         self.ref = None
