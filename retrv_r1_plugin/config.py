@@ -45,6 +45,9 @@ class RetrvR1Config:
     """Tokens the model may write before it must answer; 0 scores directly, without thinking."""
     max_inspections: int = 3
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    label_after_candidate: bool = False
+    """Also write each candidate's label right after its content (``<cand_i>: ... <cand_i>``),
+    so the label sits next to the text that decides a match (ours, not the paper's)."""
     image_max_pixels: int = 256 * 28 * 28
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -146,11 +146,12 @@ class Encoded:
 class ContextBuilder:
     """Turns queries and candidates into chunks for one backbone and tokenizer."""
 
-    def __init__(self, backbone: Backbone, special: SpecialTokenIds, system_prompt: str) -> None:
+    def __init__(self, backbone: Backbone, special: SpecialTokenIds, system_prompt: str, *, label_after_candidate: bool = False) -> None:
         self.backbone = backbone
         self.tok = backbone.tokenizer
         self.special = special
         self.system_prompt = system_prompt
+        self.label_after_candidate = label_after_candidate
         self._template_cache: tuple[list[int], list[int]] | None = None
 
     # ------------------------------------------------------------------ pieces
@@ -253,14 +254,14 @@ class ContextBuilder:
         """The initial context. ``slots`` holds ``(t_con, t_rel)`` per candidate in ICM mode;
         ``None`` lays every candidate out in full tokens."""
         before, after = self.chat_frame()
-        colon, newline = tokenize_trusted(self.tok, ": "), tokenize_trusted(self.tok, "\n")
+        colon, newline, space = tokenize_trusted(self.tok, ": "), tokenize_trusted(self.tok, "\n"), tokenize_trusted(self.tok, " ")
         # Text pieces are id lists, embedded below in one lookup (one graph node in training
         # instead of one per piece); queries, candidates and slots arrive embedded.
         parts: list[list[int] | Chunk] = [before + tokenize_trusted(self.tok, "Query: "), query.chunk, tokenize_trusted(self.tok, "\nCandidates:\n")]
         for i, cand in enumerate(candidates):
             parts.append([self.special.labels[i]] + colon)
             parts.append(cand.chunk if slots is None else self.slot_chunk(*slots[i]))
-            parts.append(list(newline))
+            parts.append(space + [self.special.labels[i]] + newline if self.label_after_candidate else list(newline))
         opener = self.special.think_start if think else self.special.answer_start
         parts.append(after + [opener])
         pieces = [p for p in parts if isinstance(p, list)]

@@ -64,7 +64,7 @@ class RetrvR1Model(nn.Module):
         self.icm = icm or InformationCompressionModule(config.icm)
         self.icm.to(backbone.device)
         self.special = resolve_special_tokens(backbone.tokenizer, config.max_candidates)
-        self.builder = ContextBuilder(backbone, self.special, config.system_prompt)
+        self.builder = ContextBuilder(backbone, self.special, config.system_prompt, label_after_candidate=config.label_after_candidate)
         self.decoder = InspectionDecoder(backbone, self.builder, self.special)
         self._lock = threading.RLock()
         self._signature: str | None = None

@@ -143,3 +143,23 @@ def test_reasoning_trace_and_usage_are_reported(text_model):
     assert r.reasoning  # the model's written tokens, decoded
     assert r.fallback == "forced_answer"  # a random model never opens <answer> by itself
     assert any("budget of 7" in n for n in r.notes)
+
+
+def test_label_after_candidate_repeats_each_label_after_its_content(tmp_path):
+    from retrv_r1_plugin.testing import build_tiny_text_backbone
+
+    cands = ["a cat", "a dog <cand_1>"]  # untrusted text naming a label stays text
+    plain = RetrvR1Model.from_backbone(build_tiny_text_backbone(), system_prompt="R.")
+    after = RetrvR1Model.from_backbone(build_tiny_text_backbone(), system_prompt="R.", label_after_candidate=True)
+    for model, per_candidate in ((plain, 1), (after, 2)):
+        for mode in ("none", "icm"):
+            prompt, _, _ = model.prepare("q", cands, compression=mode, think=False)
+            ids = prompt.ids.tolist()
+            assert [ids.count(t) for t in after.special.labels[:2]] == [per_candidate, per_candidate]
+    prompt, _, _ = after.prepare("q", cands, compression="none", think=False)
+    text = after.tokenizer.decode(prompt.ids.tolist())
+    assert "<cand_1>: a cat <cand_1>\n" in text
+    after.save_pretrained(tmp_path / "m")
+    loaded = RetrvR1Model.from_pretrained(tmp_path / "m")
+    assert loaded.config.label_after_candidate
+    assert loaded.rank("q", cands, reasoning_budget=0).scores == after.rank("q", cands, reasoning_budget=0).scores
