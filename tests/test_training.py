@@ -450,14 +450,6 @@ def test_permuted_trace_moves_labels_answer_and_inspections_with_their_candidate
         trace.permuted([0, 0, 1, 2])
 
 
-def _direct_accuracy(model, examples) -> float:
-    hits = 0
-    for ex in examples:
-        result = model.rank(ex.query(), ex.candidate_objects(), reasoning_budget=0)
-        hits += result.order[0] == ex.positive
-    return hits / len(examples)
-
-
 def _marker_examples(n: int, seed: int, fixed_positive: int | None) -> list[TrainingExample]:
     """The positive is the one candidate that mentions "sky" (a content cue a tiny random model
     learns quickly); the others are other words."""

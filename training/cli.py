@@ -114,7 +114,7 @@ def main_data(argv: Sequence[str]) -> int:
                 if args.first_stage == "random":
                     retriever = RandomRetriever(ds.corpus, seed=args.seed)
                 else:
-                    retriever = EmbeddingRetriever({i: d for i, d in ds.corpus.items()})
+                    retriever = EmbeddingRetriever(ds.corpus)
                 examples = examples_from_dataset(ds, retriever.search, k=args.k, seed=args.seed, max_queries=args.max_queries)
             elif args.qdrant_path or args.qdrant_url:
                 from retrv_r1_plugin.store.qdrant import QdrantCandidateStore

@@ -50,7 +50,8 @@ def configure_trainable(model, *, lm: str, train_icm: bool, train_token_rows: bo
     """Set ``requires_grad`` for a stage. ``lm``: ``lora``, ``full`` or ``frozen``.
 
     With ``train_token_rows`` (and a LoRA or frozen LM) the input/output embedding matrices
-    get gradients only in the rows of the added tokens (a gradient hook zeroes the rest);
+    get gradients only in the rows of the added tokens (:func:`prepare_gradients` zeroes the
+    rest before each optimizer step);
     put them in a param group without weight decay (:func:`param_groups` does) so the
     other rows stay bit-identical.
     """
@@ -82,16 +83,11 @@ def configure_trainable(model, *, lm: str, train_icm: bool, train_token_rows: bo
 
 
 def prepare_gradients(params) -> None:
-    """Before clipping and the optimizer step: make sparse gradients dense (AdamW needs
-    dense ones) and zero the gradient outside the trainable rows of a row-masked embedding
-    matrix (once per step, not in a per-backward hook)."""
+    """Before clipping and the optimizer step: zero the gradient outside the trainable rows
+    of a row-masked embedding matrix (once per step, not in a per-backward hook)."""
     for p in params:
-        if p.grad is None:
-            continue
-        if p.grad.is_sparse:
-            p.grad = p.grad.to_dense()
         mask = getattr(p, "_retrv_row_mask", None)
-        if mask is not None:
+        if mask is not None and p.grad is not None:
             p.grad.mul_(mask.to(p.grad.dtype))
 
 

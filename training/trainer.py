@@ -51,7 +51,7 @@ from safetensors.torch import load_file, save_file
 from retrv_r1_plugin.model import RetrvR1Model
 
 from .config import RunConfig
-from .params import prepare_gradients, load_trainable_state, param_groups, trainable_parameters, trainable_state
+from .params import load_trainable_state, param_groups, prepare_gradients, trainable_parameters, trainable_state
 from .plots import plot_curves
 
 logger = logging.getLogger(__name__)
