@@ -294,6 +294,15 @@ def load_image_processor(source: str, config):
     return build_image_processor(config)
 
 
+def _forget_gguf_quantization(model) -> None:
+    """GGUF tensors are de-quantized into plain float weights on load, yet transformers keeps
+    the GGUF quantizer on the model, and ``save_pretrained`` then refuses to write a fully
+    fine-tuned backbone. Nothing is quantized any more, so drop the marker."""
+    model.hf_quantizer = None
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+
+
 def load_backbone(
     source: str,
     *,
@@ -322,6 +331,8 @@ def load_backbone(
         raise
     except (OSError, ValueError, KeyError) as exc:
         raise _load_error(source, exc) from exc
+    if gguf_file:
+        _forget_gguf_quantization(model)
     if device is not None:
         model.to(device)
     realign_parameters(model)

@@ -32,6 +32,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--label-after", action="store_true", help="label_after_candidate prompt")
+    p.add_argument("--lm", default="full", choices=["full", "lora"])
+    p.add_argument("--gguf-file", default=None, help="for a GGUF backbone, e.g. SmolLM2-135M-Instruct.Q4_1.gguf")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--report-every", type=int, default=100)
     args = p.parse_args()
     torch.set_num_threads(1)
     rng = random.Random(0)
@@ -45,14 +49,15 @@ def main() -> None:
         traces.append(CoTTrace(example=ex, reasoning="", answer=pos, teacher="direct"))
     tmp = Path(tempfile.mkdtemp())
     write_traces(tmp / "traces.jsonl", traces)
-    cfg = SFTConfig(init_from=args.init, data=str(tmp / "traces.jsonl"), output_dir=str(tmp / "out"), steps=args.steps, batch_size=8,
-                    lr=args.lr, warmup_steps=20, save_every=10**9, reasoning_budget=0, lm="full", answer_space="labels",
+    cfg = SFTConfig(init_from=args.init, data=str(tmp / "traces.jsonl"), output_dir=str(tmp / "out"), steps=args.steps, batch_size=args.batch_size, gguf_file=args.gguf_file,
+                    lr=args.lr, warmup_steps=20, save_every=10**9, reasoning_budget=0, lm=args.lm, answer_space="labels",
                     compression="none", progress=False,
                     model_overrides={"max_candidates": 8, "system_prompt": "Rerank.", "label_after_candidate": args.label_after})
     trainer = SFTTrainer(cfg)
     trainer.train()
     h = trainer.history
-    print("accuracy per 100 steps:", [round(sum(r["answer_accuracy"] for r in h[i:i + 100]) / len(h[i:i + 100]), 2) for i in range(0, len(h), 100)])
+    n = args.report_every
+    print(f"accuracy per {n} steps:", [round(sum(r["answer_accuracy"] for r in h[i:i + n]) / len(h[i:i + n]), 2) for i in range(0, len(h), n)])
 
 
 if __name__ == "__main__":

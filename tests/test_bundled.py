@@ -35,3 +35,22 @@ def test_bundled_checkpoint_ranks_with_lora_and_trained_icm(default_model):
     result = model.rank("a small domesticated feline kept as a pet", cands, reasoning_budget=0)
     assert len(result.scores) == 4 and math.isclose(sum(result.scores), 1.0, rel_tol=1e-5)
     assert result.usage.prompt_tokens < 400  # compressed: two slots per candidate
+
+
+def test_fully_fine_tuned_gguf_backbone_saves_and_reloads(tmp_path):
+    """GGUF weights are de-quantized on load; a fully fine-tuned model must still save."""
+    import torch
+
+    from retrv_r1_plugin.backbone import smollm2_source
+
+    source, gguf_file = smollm2_source()
+    model = RetrvR1Model.from_pretrained(source, gguf_file=gguf_file)
+    weight = model.lm.get_input_embeddings().weight
+    with torch.no_grad():
+        weight[5] += 1.0  # a full fine-tuning update
+    model.backbone_modified = True
+    out = model.save_pretrained(tmp_path / "ckpt")
+    assert (out / "backbone").is_dir()
+    reloaded = RetrvR1Model.from_pretrained(out)
+    assert torch.equal(reloaded.lm.get_input_embeddings().weight[5], weight[5])
+    assert getattr(reloaded.lm, "hf_quantizer", None) is None
