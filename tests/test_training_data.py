@@ -422,6 +422,19 @@ def test_example_configs_load_and_typos_are_refused(tmp_path):
         load_config("rl", bad)
 
 
+def test_numbers_without_a_dot_are_numbers_and_wrong_types_are_named(tmp_path):
+    """YAML 1.1 reads ``1e-3`` as a string; the optimizer must still get a float."""
+    configs = ROOT / "training" / "configs"
+    sft = load_config("sft", configs / "sft.yaml", ["lr=1e-3", "shuffle_candidates=1", "max_examples=null"])
+    assert sft.lr == 0.001 and isinstance(sft.lr, float) and sft.shuffle_candidates == 1.0 and sft.max_examples is None
+    with pytest.raises(ValueError, match="'lr' must be a number"):
+        load_config("sft", configs / "sft.yaml", ["lr=fast"])
+    with pytest.raises(ValueError, match="'steps' must be an integer"):
+        load_config("sft", configs / "sft.yaml", ["steps=2.5"])
+    with pytest.raises(ValueError, match="'train_icm' must be true or false"):
+        load_config("sft", configs / "sft.yaml", ["train_icm=3"])
+
+
 def test_cot_cache_does_not_mix_examples_that_share_an_id(tmp_path):
     """Two data sets may reuse query ids (e.g. WordNet def2word / word2def); the cache must not
     hand one example's trace to the other."""

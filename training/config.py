@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+import typing
 from typing import Any, Mapping
 
 import yaml
@@ -233,9 +234,46 @@ def config_from_dict(stage: str, data: Mapping[str, Any]) -> RunConfig:
         if bad:
             raise ValueError(f"unknown lora keys: {', '.join(bad)}")
         values["lora"] = LoraSettings(**values["lora"])
+    hints = typing.get_type_hints(cls)
+    for key in list(values):
+        values[key] = _coerce_scalar(stage, key, values[key], hints[key])
     cfg = cls(**values)
     cfg.validate()
     return cfg
+
+
+def _coerce_scalar(stage: str, key: str, value: Any, hint: Any) -> Any:
+    """Match a YAML scalar to its field type: YAML 1.1 reads ``1e-3`` (no dot) as a string,
+    so numeric strings become numbers; any other mismatch is an error naming the key."""
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    base = next(a for a in args if a is not type(None)) if optional else hint
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{stage} config key {key!r} cannot be null")
+    if base is float:
+        if isinstance(value, bool):
+            raise ValueError(f"{stage} config key {key!r} must be a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ValueError(f"{stage} config key {key!r} must be a number, got {value!r}")
+    if base is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ValueError(f"{stage} config key {key!r} must be an integer, got {value!r}")
+    if base is bool and not isinstance(value, bool):
+        raise ValueError(f"{stage} config key {key!r} must be true or false, got {value!r}")
+    if base is str and not isinstance(value, str):
+        raise ValueError(f"{stage} config key {key!r} must be a string, got {value!r}")
+    return value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
