@@ -60,8 +60,33 @@ def build_tokenizer(vocab_size: int = 512):
     return wrapped
 
 
-def build_tiny_text_backbone(seed: int = 0, hidden_size: int = 64, num_layers: int = 2):
-    """A Qwen2-shaped causal LM of ~100k parameters with its tokenizer, as a Backbone."""
+HF_INIT_STD = 0.02  # transformers' default initializer_range
+
+
+def scaled_init_std(hidden_size: int) -> float:
+    """``1/sqrt(width)``: the initialisation to train a tiny model from scratch with.
+
+    transformers' default of 0.02 suits widths near 2,500; at width 64 it starts attention so
+    flat and its gradients so small that a from-scratch model does not learn to match a query
+    to a candidate (K=2 stayed at chance for 10,000 steps; ``1/sqrt(64)`` learns it in under
+    500: docs/benchmarks.md, section 4b). Tests keep the default, which their fixed random
+    weights were written against."""
+    return hidden_size**-0.5
+
+
+def _init_std(init_std: float | str | None, width: int) -> float:
+    if init_std is None:
+        return HF_INIT_STD
+    if init_std == "scaled":
+        return scaled_init_std(width)
+    return float(init_std)
+
+
+def build_tiny_text_backbone(seed: int = 0, hidden_size: int = 64, num_layers: int = 2, init_std: float | str | None = None):
+    """A Qwen2-shaped causal LM of ~100k parameters with its tokenizer, as a Backbone.
+
+    ``init_std``: weight init std, ``"scaled"`` (:func:`scaled_init_std`, for training from
+    scratch) or ``None`` (transformers' 0.02)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from .backbone import Backbone
@@ -79,13 +104,16 @@ def build_tiny_text_backbone(seed: int = 0, hidden_size: int = 64, num_layers: i
         tie_word_embeddings=True,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        initializer_range=_init_std(init_std, hidden_size),
     )
     model = Qwen2ForCausalLM(config).eval()
     return Backbone(model, tokenizer)
 
 
-def tiny_qwen_vl_config(model_type: str, tokenizer, hidden_size: int = 128, num_layers: int = 2):
-    """A small config of a Qwen-VL architecture (``num_layers`` LM layers, vision depth 2)."""
+def tiny_qwen_vl_config(model_type: str, tokenizer, hidden_size: int = 128, num_layers: int = 2, init_std: float | str | None = None):
+    """A small config of a Qwen-VL architecture (``num_layers`` LM layers, vision depth 2).
+
+    ``init_std`` as in :func:`build_tiny_text_backbone`; ``"scaled"`` uses each tower's own width."""
     from transformers import AutoConfig
 
     vocab = tokenizer.get_vocab()
@@ -106,8 +134,10 @@ def tiny_qwen_vl_config(model_type: str, tokenizer, hidden_size: int = 128, num_
         bos_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        initializer_range=_init_std(init_std, hidden_size),
     )
-    vision = dict(depth=2, hidden_size=64, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+    vision = dict(depth=2, hidden_size=64, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                  initializer_range=_init_std(init_std, 64))
     if model_type == "qwen2_5_vl":
         vision.update(intermediate_size=128, out_hidden_size=hidden_size, window_size=56, fullatt_block_indexes=[1])
     elif model_type == "qwen2_vl":
@@ -130,17 +160,18 @@ def tiny_qwen_vl_config(model_type: str, tokenizer, hidden_size: int = 128, num_
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
+        initializer_range=text["initializer_range"],
     )
 
 
-def build_tiny_vl_backbone(model_type: str = "qwen2_5_vl", seed: int = 0, hidden_size: int = 128, num_layers: int = 2):
+def build_tiny_vl_backbone(model_type: str = "qwen2_5_vl", seed: int = 0, hidden_size: int = 128, num_layers: int = 2, init_std: float | str | None = None):
     """A tiny Qwen-VL model (random weights) with tokenizer and PIL image processor."""
     from transformers import AutoModelForImageTextToText
 
     from .backbone import Backbone
 
     tokenizer = build_tokenizer()
-    config = tiny_qwen_vl_config(model_type, tokenizer, hidden_size, num_layers)
+    config = tiny_qwen_vl_config(model_type, tokenizer, hidden_size, num_layers, init_std)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config).eval()
     return Backbone(model, tokenizer)

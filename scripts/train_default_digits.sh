@@ -54,7 +54,7 @@ stage() {  # stage NAME KIND INIT DATA
   [ -d "$RUN/$1/final" ] || $PY -m training.cli train "$2" --config "training/configs/digits.$1.yaml" --set init_from="$3" \
     --set data="$4" --set output_dir="$RUN/$1" $(resume "$RUN/$1")
 }
-stage warmup sft tiny:qwen2_5_vl:0 "$RUN/data/cot-warmup.jsonl"        # 1. learn to see, learn to point
+stage warmup sft tiny:qwen2_5_vl:0:2:scaled "$RUN/data/cot-warmup.jsonl"        # 1. learn to see, learn to point
 stage sft_full sft "$RUN/warmup/final" "$RUN/data/cot.jsonl"            # 2. match and point, full tokens
 stage icm sft "$RUN/sft_full/final" "$RUN/data/cot.jsonl"               # 3. ICM alone, LM frozen
 stage sft sft "$RUN/icm/final" "$RUN/data/cot.jsonl"                    # 4. joint SFT in ICM mode

@@ -30,6 +30,20 @@ def make_vl_model(model_type: str = "qwen2_5_vl", seed: int = 0, **overrides) ->
     return RetrvR1Model.from_backbone(build_tiny_vl_backbone(model_type, seed=seed), **overrides).eval()
 
 
+def boost_label(model: RetrvR1Model, index: int, margin: float = 30.0) -> RetrvR1Model:
+    """Make the model prefer label ``index`` at every position, whatever its random weights:
+    the LM head adds ``margin`` to that label's logit (a real forward, a fixed preference)."""
+    label = model.special.labels[index]
+
+    def add_margin(module, inputs, logits):
+        logits = logits.clone()
+        logits[..., label] += margin
+        return logits
+
+    model.backbone.lm_head.register_forward_hook(add_margin)
+    return model
+
+
 @pytest.fixture(scope="session")
 def text_model() -> RetrvR1Model:
     return make_text_model()

@@ -32,7 +32,7 @@ from retrv_r1_plugin.store import QdrantCandidateStore, TextEmbedder  # noqa: E4
 from retrv_r1_plugin.testing import scripted_generation  # noqa: E402
 from retrv_r1_plugin.types import Candidate, ImageLoadError, NoAnswerError, Query  # noqa: E402
 
-from conftest import make_text_model, make_vl_model  # noqa: E402
+from conftest import boost_label, make_text_model, make_vl_model  # noqa: E402
 
 CORPUS = [
     ("photo", "Photosynthesis lets plants turn sunlight, water and carbon dioxide into sugar."),
@@ -68,9 +68,7 @@ def tiny_text_model():
 @functools.cache
 def boosted_model():
     model = make_text_model(seed=1, max_candidates=16)
-    with torch.no_grad():
-        model.backbone.lm_head.weight[model.special.labels[WINNER]] *= 40
-    return model
+    return boost_label(model, WINNER)
 
 
 class MiniLMEmbeddings(Embeddings):

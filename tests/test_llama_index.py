@@ -35,7 +35,7 @@ from retrv_r1_plugin.integrations.llama_index import LocalSentenceTransformerEmb
 from retrv_r1_plugin.testing import scripted_generation  # noqa: E402
 from retrv_r1_plugin.types import Candidate, ImageLoadError, NoAnswerError, Query  # noqa: E402
 
-from conftest import make_text_model, solid  # noqa: E402
+from conftest import boost_label, make_text_model, solid  # noqa: E402
 
 TEXTS = ["plants turn light into sugar", "a rocket in the sky", "coffee in a white cup", "the cat sat on the mat"]
 WINNER = 2  # the boosted label: candidate 2 wins wherever it comes from
@@ -50,9 +50,7 @@ def nodes_of(texts: list[str], scores: list[float] | None = None) -> list[NodeWi
 def boosted_model():
     """A tiny text model whose label 3 (index 2) always gets the top probability."""
     model = make_text_model(seed=1)
-    with torch.no_grad():
-        model.backbone.lm_head.weight[model.special.labels[WINNER]] *= 40
-    return model
+    return boost_label(model, WINNER)
 
 
 @pytest.fixture(scope="module")

@@ -87,11 +87,21 @@ def load_model(cfg: RunConfig, device: torch.device | str | None = None) -> Retr
     if source.startswith("tiny:"):
         from retrv_r1_plugin.testing import build_tiny_text_backbone, build_tiny_vl_backbone
 
-        # tiny:<kind>[:seed[:layers]]; kind text or a Qwen-VL model type
+        # tiny:<kind>[:seed[:layers[:init_std]]]; kind text or a Qwen-VL model type; init_std a
+        # number or "scaled" (1/sqrt(width): what training from scratch needs, see testing.py)
         kind, *rest = source[len("tiny:"):].split(":")
         seed_i = int(rest[0]) if rest and rest[0] else cfg.seed
-        layers = int(rest[1]) if len(rest) > 1 else 2
-        backbone = build_tiny_text_backbone(seed_i, num_layers=layers) if kind == "text" else build_tiny_vl_backbone(kind, seed_i, num_layers=layers)
+        layers = int(rest[1]) if len(rest) > 1 and rest[1] else 2
+        init_std = rest[2] if len(rest) > 2 and rest[2] else None
+        if init_std not in (None, "scaled"):
+            try:
+                init_std = float(init_std)
+            except ValueError:
+                raise ValueError(f"{source!r}: init_std must be a number or 'scaled', got {init_std!r}") from None
+        if kind == "text":
+            backbone = build_tiny_text_backbone(seed_i, num_layers=layers, init_std=init_std)
+        else:
+            backbone = build_tiny_vl_backbone(kind, seed_i, num_layers=layers, init_std=init_std)
         if cfg.dtype is not None:
             backbone.model.to(_dtype(cfg.dtype))
         torch.manual_seed(cfg.seed)
