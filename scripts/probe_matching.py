@@ -1,6 +1,6 @@
 """Diagnostic: can a model trained by our direct-mode SFT learn to *match* a query to a candidate?
 
-K=2 candidates of one word each, one of them equal to the one-word query, in random order.
+K candidates (default 2) of one word each, one of them equal to the one-word query, in random order.
 The answer is query-dependent (unlike a fixed-marker control, which a from-scratch model learns
 in ~50 steps). Prints the training accuracy per 100 steps. See docs/benchmarks.md, section 4b:
 with transformers' default init (``--init tiny:text``, std 0.02) a from-scratch model stays at
@@ -40,15 +40,15 @@ def main() -> None:
     p.add_argument("--gguf-file", default=None, help="for a GGUF backbone, e.g. SmolLM2-135M-Instruct.Q4_1.gguf")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--report-every", type=int, default=100)
+    p.add_argument("--k", type=int, default=2, help="candidates per query (one equals the query)")
     args = p.parse_args()
     torch.set_num_threads(1)
     rng = random.Random(0)
     traces = []
     for i in range(512):
-        query, other = rng.sample(WORDS, 2)
-        pos = rng.randrange(2)
-        words = [other, other]
-        words[pos] = query
+        query, *others = rng.sample(WORDS, args.k)
+        pos = rng.randrange(args.k)
+        words = others[:pos] + [query] + others[pos:]
         ex = TrainingExample(id=f"q{i}", query_text=query, candidates=[CandidateRecord(id=f"d{i}{j}", text=w) for j, w in enumerate(words)], positive=pos)
         traces.append(CoTTrace(example=ex, reasoning="", answer=pos, teacher="direct"))
     tmp = Path(tempfile.mkdtemp())
