@@ -490,7 +490,7 @@ def test_direct_sft_with_shuffled_candidates_learns_no_position_prior(tmp_path, 
 def test_tiny_init_std_spec():
     def std(spec: str) -> float:
         model = load_model(RunConfig(init_from=spec, model_overrides=OVERRIDES))
-        return float(model.lm.model.layers[0].self_attn.q_proj.weight.std())
+        return float(model.lm.model.layers[0].self_attn.q_proj.weight.detach().std())
 
     assert std("tiny:text:0:2:scaled") == pytest.approx(64**-0.5, rel=0.1)
     assert std("tiny:text:0:2:0.05") == pytest.approx(0.05, rel=0.1)
