@@ -56,7 +56,7 @@ def main() -> None:
     cfg = SFTConfig(init_from=args.init, data=str(tmp / "traces.jsonl"), output_dir=str(tmp / "out"), steps=args.steps, batch_size=args.batch_size, gguf_file=args.gguf_file,
                     lr=args.lr, warmup_steps=20, save_every=10**9, reasoning_budget=0, lm=args.lm, answer_space="labels",
                     compression="none", progress=False,
-                    model_overrides={"max_candidates": 8, "system_prompt": "Rerank.", "label_after_candidate": args.label_after})
+                    model_overrides={"max_candidates": max(8, args.k), "system_prompt": "Rerank.", "label_after_candidate": args.label_after})
     trainer = SFTTrainer(cfg)
     trainer.train()
     h = trainer.history
