@@ -79,7 +79,10 @@ def _init_std(init_std: float | str | None, width: int) -> float:
         return HF_INIT_STD
     if init_std == "scaled":
         return scaled_init_std(width)
-    return float(init_std)
+    try:
+        return float(init_std)
+    except ValueError:
+        raise ValueError(f"init_std must be a number or 'scaled', got {init_std!r}") from None
 
 
 def build_tiny_text_backbone(seed: int = 0, hidden_size: int = 64, num_layers: int = 2, init_std: float | str | None = None):

@@ -427,6 +427,7 @@ def test_numbers_without_a_dot_are_numbers_and_wrong_types_are_named(tmp_path):
     configs = ROOT / "training" / "configs"
     sft = load_config("sft", configs / "sft.yaml", ["lr=1e-3", "shuffle_candidates=1", "max_examples=null"])
     assert sft.lr == 0.001 and isinstance(sft.lr, float) and sft.shuffle_candidates == 1.0 and sft.max_examples is None
+    assert load_config("sft", configs / "sft.yaml", ["shuffle_candidates=true"]).shuffle_candidates == 1.0  # documented: true = 1.0
     with pytest.raises(ValueError, match="'lr' must be a number"):
         load_config("sft", configs / "sft.yaml", ["lr=fast"])
     with pytest.raises(ValueError, match="'steps' must be an integer"):

@@ -158,7 +158,7 @@ class SFTConfig(_PolicyConfig):
     answer_space: str = "vocab"
     """vocab: the answer label's cross-entropy over the whole vocabulary; labels: over the K
     candidate labels only (a listwise softmax, as ranking reads the scores)."""
-    shuffle_candidates: float = 0.0
+    shuffle_candidates: float | bool = 0.0
     """Probability (``true`` = 1.0) that a trace's candidates are shown in a fresh seeded
     random order when it is used (labels in the reasoning, the answer and inspections
     follow), so the model cannot get by on the first-stage position of the positive

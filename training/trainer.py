@@ -92,12 +92,7 @@ def load_model(cfg: RunConfig, device: torch.device | str | None = None) -> Retr
         kind, *rest = source[len("tiny:"):].split(":")
         seed_i = int(rest[0]) if rest and rest[0] else cfg.seed
         layers = int(rest[1]) if len(rest) > 1 and rest[1] else 2
-        init_std = rest[2] if len(rest) > 2 and rest[2] else None
-        if init_std not in (None, "scaled"):
-            try:
-                init_std = float(init_std)
-            except ValueError:
-                raise ValueError(f"{source!r}: init_std must be a number or 'scaled', got {init_std!r}") from None
+        init_std = rest[2] if len(rest) > 2 and rest[2] else None  # checked by the builder
         if kind == "text":
             backbone = build_tiny_text_backbone(seed_i, num_layers=layers, init_std=init_std)
         else:
