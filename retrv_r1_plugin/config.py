@@ -48,6 +48,9 @@ class RetrvR1Config:
     label_after_candidate: bool = False
     """Also write each candidate's label right after its content (``<cand_i>: ... <cand_i>``),
     so the label sits next to the text that decides a match (ours, not the paper's)."""
+    query_after_candidates: bool = False
+    """Repeat the query after the candidate list, right before the answer (as RankGPT-style
+    prompts do), so the position that answers reads the query nearby (ours, not the paper's)."""
     image_max_pixels: int = 256 * 28 * 28
     vision_graft: dict[str, Any] | None = None
     """A Qwen2.5-VL vision tower grafted onto the text backbone ``backbone_source``

@@ -146,12 +146,14 @@ class Encoded:
 class ContextBuilder:
     """Turns queries and candidates into chunks for one backbone and tokenizer."""
 
-    def __init__(self, backbone: Backbone, special: SpecialTokenIds, system_prompt: str, *, label_after_candidate: bool = False) -> None:
+    def __init__(self, backbone: Backbone, special: SpecialTokenIds, system_prompt: str, *, label_after_candidate: bool = False,
+                 query_after_candidates: bool = False) -> None:
         self.backbone = backbone
         self.tok = backbone.tokenizer
         self.special = special
         self.system_prompt = system_prompt
         self.label_after_candidate = label_after_candidate
+        self.query_after_candidates = query_after_candidates
         self._template_cache: tuple[list[int], list[int]] | None = None
 
     # ------------------------------------------------------------------ pieces
@@ -262,6 +264,8 @@ class ContextBuilder:
             parts.append([self.special.labels[i]] + colon)
             parts.append(cand.chunk if slots is None else self.slot_chunk(*slots[i]))
             parts.append(space + [self.special.labels[i]] + newline if self.label_after_candidate else list(newline))
+        if self.query_after_candidates:
+            parts.extend([tokenize_trusted(self.tok, "Query: "), query.chunk, list(newline)])
         opener = self.special.think_start if think else self.special.answer_start
         parts.append(after + [opener])
         pieces = [p for p in parts if isinstance(p, list)]

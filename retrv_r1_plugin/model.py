@@ -65,7 +65,8 @@ class RetrvR1Model(nn.Module):
         self.icm = icm or InformationCompressionModule(config.icm)
         self.icm.to(backbone.device)
         self.special = resolve_special_tokens(backbone.tokenizer, config.max_candidates)
-        self.builder = ContextBuilder(backbone, self.special, config.system_prompt, label_after_candidate=config.label_after_candidate)
+        self.builder = ContextBuilder(backbone, self.special, config.system_prompt, label_after_candidate=config.label_after_candidate,
+                                     query_after_candidates=config.query_after_candidates)
         self.decoder = InspectionDecoder(backbone, self.builder, self.special)
         self._lock = threading.RLock()
         self._signature: str | None = None

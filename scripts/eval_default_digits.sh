@@ -3,9 +3,11 @@
 # The first stage draws K=10 candidates at random (no image embedder exists offline): the
 # "first stage" rows are chance level, and reranking has to see the digits to beat them.
 # Usage: bash scripts/eval_default_digits.sh CHECKPOINT [RUN_DIR]
+#   MODES="none icm" to also evaluate the ICM path (default: none, full tokens: the digits
+#   default reads each image as 4 tokens and ships an untrained ICM).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-CKPT=$1; RUN=${2:-runs/digits}
+CKPT=$1; RUN=${2:-runs/digits}; MODES=${MODES:-none}
 PY=${PY:-.venv/bin/python}
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 IMG=$RUN/data/images; OUT=$RUN/eval; mkdir -p "$OUT"
@@ -15,7 +17,9 @@ for t in text2image image2text; do
   if [ "$t" = text2image ]; then P=$IMG/cand_pool/local/mbeir_digits-text2image_test_cand_pool.jsonl; else P=$IMG/cand_pool/local/mbeir_digits-image2text_cand_pool.jsonl; fi
   for s in 0 1 2; do  # three random first stages over the same queries
     common=(--mbeir-queries "$Q" --mbeir-pool "$P" --first-stage random --seed "$s" --top-k 10 --quiet)
-    $PY -m retrv_r1_plugin.cli eval "${common[@]}" --model "$CKPT" --output "$OUT/$t-icm-seed$s.json"
-    $PY -m retrv_r1_plugin.cli eval "${common[@]}" --model "$CKPT" --compression none --output "$OUT/$t-full-seed$s.json"
+    for m in $MODES; do
+      name=$([ "$m" = none ] && echo full || echo icm)
+      $PY -m retrv_r1_plugin.cli eval "${common[@]}" --model "$CKPT" --compression "$m" --output "$OUT/$t-$name-seed$s.json"
+    done
   done
 done

@@ -36,6 +36,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--label-after", action="store_true", help="label_after_candidate prompt")
+    p.add_argument("--query-after", action="store_true", help="query_after_candidates prompt")
     p.add_argument("--lm", default="full", choices=["full", "lora"])
     p.add_argument("--gguf-file", default=None, help="for a GGUF backbone, e.g. SmolLM2-135M-Instruct.Q4_1.gguf")
     p.add_argument("--batch-size", type=int, default=8)
@@ -58,7 +59,8 @@ def main() -> None:
     cfg = SFTConfig(init_from=args.init, data=str(tmp / "traces.jsonl"), output_dir=str(tmp / "out"), steps=args.steps, batch_size=args.batch_size, gguf_file=args.gguf_file,
                     lr=args.lr, warmup_steps=20, save_every=10**9, reasoning_budget=0, lm=args.lm, answer_space="labels",
                     compression="none", progress=False,
-                    model_overrides={"max_candidates": max(8, args.k), "system_prompt": "Rerank.", "label_after_candidate": args.label_after})
+                    model_overrides={"max_candidates": max(8, args.k), "system_prompt": "Rerank.", "label_after_candidate": args.label_after,
+                                     "query_after_candidates": args.query_after})
     trainer = SFTTrainer(cfg)
     trainer.train()
     h = trainer.history

@@ -54,3 +54,55 @@ def test_fully_fine_tuned_gguf_backbone_saves_and_reloads(tmp_path):
     reloaded = RetrvR1Model.from_pretrained(out)
     assert torch.equal(reloaded.lm.get_input_embeddings().weight[5], weight[5])
     assert getattr(reloaded.lm, "hf_quantizer", None) is None
+
+
+# ---------------------------------------------------------------- multimodal default
+VL_NAME = "retrv-r1-qwen2.5-vl-digits"
+DIGITS = bundled_checkpoint(NAME).parents[1] / "data" / "sample" / "digits" if bundled_checkpoint(NAME) else None
+WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+needs_vl = pytest.mark.skipif(bundled_checkpoint(VL_NAME) is None, reason=f"{VL_NAME} is not bundled in this install")
+
+
+@pytest.fixture(scope="module")
+def digits_model():
+    return RetrvR1Model.from_pretrained(VL_NAME)
+
+
+@pytest.fixture(scope="module")
+def sample_digits():
+    import json
+
+    return [(str(DIGITS / item["file"]), item["label"]) for item in json.loads((DIGITS / "labels.json").read_text())]
+
+
+@needs_vl
+def test_bundled_multimodal_checkpoint_ships_only_the_grafted_tower_and_adapters():
+    from retrv_r1_plugin.graft import VISION_WEIGHTS
+
+    path = bundled_checkpoint(VL_NAME)
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    assert size < 50 * 2**20
+    assert (path / VISION_WEIGHTS).is_file() and (path / "adapter").is_dir() and not (path / "backbone").exists()
+
+
+@needs_vl
+def test_bundled_multimodal_checkpoint_finds_the_digit_a_text_query_names(digits_model, sample_digits):
+    """Held-out digit images (two per digit, no text at all): the model has to look at the pixels."""
+    from retrv_r1_plugin.types import Candidate
+
+    assert digits_model.backbone.model_type == "qwen2_5_vl"
+    cands = [Candidate(id=path, image=path) for path, _ in sample_digits]
+    hits = 0
+    for digit, word in enumerate(WORDS):
+        result = digits_model.rank(f"a handwritten digit {word}", cands, reasoning_budget=0)
+        hits += sample_digits[result.order[0]][1] == digit
+    assert hits >= 6, hits  # chance: 1 of 10
+
+
+@needs_vl
+def test_bundled_multimodal_checkpoint_captions_an_image_query(digits_model, sample_digits):
+    from retrv_r1_plugin.types import Query
+
+    captions = [f"a handwritten digit {w}" for w in WORDS]
+    hits = sum(digits_model.rank(Query(image=path), captions, reasoning_budget=0).order[0] == label for path, label in sample_digits)
+    assert hits >= 12, hits  # of 20; chance: 2

@@ -163,3 +163,21 @@ def test_label_after_candidate_repeats_each_label_after_its_content(tmp_path):
     loaded = RetrvR1Model.from_pretrained(tmp_path / "m")
     assert loaded.config.label_after_candidate
     assert loaded.rank("q", cands, reasoning_budget=0).scores == after.rank("q", cands, reasoning_budget=0).scores
+
+
+def test_query_after_candidates_repeats_the_query_before_the_answer(tmp_path, images):
+    from retrv_r1_plugin.testing import build_tiny_vl_backbone
+
+    model = RetrvR1Model.from_backbone(build_tiny_vl_backbone(), system_prompt="R.", query_after_candidates=True)
+    prompt, _, _ = model.prepare("find the cat", ["a cat", "a dog"], compression="none", think=False)
+    text = model.tokenizer.decode(prompt.ids.tolist())
+    assert text.count("find the cat") == 2 and text.rstrip().endswith("Query: find the cat\n<|im_end|>\n<|im_start|>assistant\n<answer>".rstrip())
+    # an image query is laid out twice too (its tokens and mRoPE grid each time)
+    from retrv_r1_plugin.types import Query
+
+    prompt, _, _ = model.prepare(Query(text="this", image=str(images["red"])), ["a cat", "a dog"], compression="none", think=False)
+    assert len(prompt.grids) == 2
+    model.save_pretrained(tmp_path / "m")
+    loaded = RetrvR1Model.from_pretrained(tmp_path / "m")
+    assert loaded.config.query_after_candidates
+    assert loaded.rank("find the cat", ["a cat", "a dog"], reasoning_budget=0).scores == model.rank("find the cat", ["a cat", "a dog"], reasoning_budget=0).scores
