@@ -2,9 +2,11 @@
 
 import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 
+import retrv_r1_plugin
 from retrv_r1_plugin.model import RetrvR1Model, bundled_checkpoint
 
 NAME = "retrv-r1-smollm2-wordnet"
@@ -58,7 +60,7 @@ def test_fully_fine_tuned_gguf_backbone_saves_and_reloads(tmp_path):
 
 # ---------------------------------------------------------------- multimodal default
 VL_NAME = "retrv-r1-qwen2.5-vl-digits"
-DIGITS = bundled_checkpoint(NAME).parents[1] / "data" / "sample" / "digits" if bundled_checkpoint(NAME) else None
+DIGITS = Path(retrv_r1_plugin.__file__).parent / "data" / "sample" / "digits"  # held-out test images, two per digit
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 needs_vl = pytest.mark.skipif(bundled_checkpoint(VL_NAME) is None, reason=f"{VL_NAME} is not bundled in this install")
 
