@@ -521,3 +521,22 @@ def test_scaled_init_learns_to_match_the_query_from_scratch(tmp_path):
     trainer.train()
     late = [r["answer_accuracy"] for r in trainer.history[-100:]]
     assert sum(late) / len(late) > 0.7
+
+
+def test_answer_weight_scales_only_the_answer_term(tmp_path):
+    traces = _traces(tmp_path, make_examples(4))
+
+    def one_step(weight: float, budget: int) -> dict[str, torch.Tensor]:
+        cfg = SFTConfig(init_from="tiny:text", data=str(traces), output_dir=str(tmp_path / f"w{weight}-{budget}"), steps=1, batch_size=2, lr=1e-2,
+                        save_every=1, reasoning_budget=budget, answer_weight=weight, answer_space="labels", lora=LoraSettings(r=4, alpha=8),
+                        progress=False, model_overrides=OVERRIDES)
+        trainer = SFTTrainer(cfg)
+        trainer.train()
+        return {k: v.detach().clone() for k, v in trainer.model.named_parameters() if v.requires_grad}
+
+    direct_1, direct_20 = one_step(1.0, 0), one_step(20.0, 0)
+    assert all(torch.allclose(direct_1[k], direct_20[k], atol=1e-6) for k in direct_1)  # the answer is the only target: the weight cancels
+    traced_1, traced_20 = one_step(1.0, 128), one_step(20.0, 128)
+    assert any(not torch.allclose(traced_1[k], traced_20[k], atol=1e-6) for k in traced_1)
+    with pytest.raises(ValueError, match="answer_weight"):
+        SFTConfig(init_from="tiny:text", data=str(traces), answer_weight=0.0).validate()

@@ -169,6 +169,11 @@ class SFTConfig(_PolicyConfig):
     answer_space: str = "vocab"
     """vocab: the answer label's cross-entropy over the whole vocabulary; labels: over the K
     candidate labels only (a listwise softmax, as ranking reads the scores)."""
+    answer_weight: float = 1.0
+    """Weight of the answer label's loss relative to one reasoning token. With reasoning
+    traces the answer is one target among ~100, so at 1.0 its gradient is drowned out
+    (docs/benchmarks.md 4c: answer accuracy stayed at chance while the reasoning was learnt).
+    In direct mode it has no effect (the answer is the only target)."""
     shuffle_candidates: float | bool = 0.0
     """Probability (``true`` = 1.0) that a trace's candidates are shown in a fresh seeded
     random order when it is used (labels in the reasoning, the answer and inspections
@@ -178,6 +183,8 @@ class SFTConfig(_PolicyConfig):
 
     def validate(self) -> None:
         super().validate()
+        if not self.answer_weight > 0:
+            raise ValueError(f"answer_weight must be > 0, got {self.answer_weight}")
         if self.answer_space not in ("labels", "vocab"):
             raise ValueError("answer_space must be labels or vocab")
         if self.reasoning_budget < 0:
@@ -221,6 +228,8 @@ class RLConfig(_PolicyConfig):
             raise ValueError(f"loss_type must be dapo, grpo or dr_grpo, got {self.loss_type!r}")
         if self.lambda_schedule not in ("linear", "constant"):
             raise ValueError("lambda_schedule must be linear or constant")
+        if not self.answer_weight > 0:
+            raise ValueError(f"answer_weight must be > 0, got {self.answer_weight}")
         if self.answer_space not in ("labels", "vocab"):
             raise ValueError("answer_space must be labels or vocab")
         if self.num_iterations < 1:

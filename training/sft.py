@@ -78,7 +78,8 @@ class SFTTrainer(Trainer):
     def train_step(self, step: int) -> dict[str, float]:
         cfg = self.cfg
         batch = [self.items[i] for i in self.order.indices(step, cfg.batch_size)]
-        total = sum(len(written) + 1 for _, written in batch)  # over the global batch (data parallel: every process's share)
+        w = cfg.answer_weight
+        total = sum(len(written) + w for _, written in batch)  # over the global batch (data parallel: every process's share)
         local: dict[int, tuple[float, float, int, int]] = {}
         for j in self.local_positions(len(batch)):
             trace, written = batch[j]
@@ -94,7 +95,9 @@ class SFTTrainer(Trainer):
                                          max_inspections=cfg.max_inspections, allow_inspection=cfg.compression == "icm")
                     logp, hidden = target_logprobs(self.model, seq, answer_space=cfg.answer_space, return_hidden=True)
                 nll = -logp.sum()
-                self.backward(nll / total)
+                # the answer is one token among the trace's; answer_weight keeps it from being drowned out
+                objective = nll if w == 1.0 else nll - (w - 1.0) * logp[-1]
+                self.backward(objective / total)
             with torch.no_grad():
                 # greedy pick among the labels at the answer position (what ranking reports)
                 last = logits_at(self.model, hidden.detach(), torch.tensor([len(seq) - 1]))[0]
@@ -111,7 +114,7 @@ class SFTTrainer(Trainer):
             correct += hit_j
         n = len(batch)
         return {
-            "loss": nll_sum / total,
+            "loss": nll_sum / sum(len(written) + 1 for _, written in batch),
             "answer_loss": answer_nll / n,
             "answer_accuracy": correct / n,
             "inspections": inspections / n,
