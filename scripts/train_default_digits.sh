@@ -8,8 +8,9 @@
 # (Training the whole model from scratch stayed at chance: scripts/experiments/, docs 4b.)
 # STATUS: stage 1 works (0.89 digit naming on held-out images after 200 steps, ~8 min); stage 2
 # had not left chance (K=10: 158 steps x 8; K=2: 60 x 8) on the 2-core CPU, so no checkpoint is
-# bundled yet (docs/benchmarks.md, 4c). The ICM stages (digits_graft.icm_align / sft_icm)
-# follow once stage 2 learns.
+# bundled yet (docs/benchmarks.md, 4c). The lead: stage 2 on verbalising traces
+# (scripts/experiments/verbalise_digit_traces.py) with answer_weight: 20. The ICM stages
+# (digits_graft.icm_align / sft_icm) follow once stage 2 learns.
 # Usage: bash scripts/train_default_digits.sh [RUN_DIR]   (resumable: re-run to continue)
 # Uses both cores (torchrun, 2 processes); wall times on the project's 2-core CPU are in
 # docs/benchmarks.md, section 4b.
