@@ -228,8 +228,6 @@ class RLConfig(_PolicyConfig):
             raise ValueError(f"loss_type must be dapo, grpo or dr_grpo, got {self.loss_type!r}")
         if self.lambda_schedule not in ("linear", "constant"):
             raise ValueError("lambda_schedule must be linear or constant")
-        if not self.answer_weight > 0:
-            raise ValueError(f"answer_weight must be > 0, got {self.answer_weight}")
         if self.answer_space not in ("labels", "vocab"):
             raise ValueError("answer_space must be labels or vocab")
         if self.num_iterations < 1:
