@@ -48,7 +48,7 @@ class VisionGraftConfig:
         return asdict(self)
 
 
-def _mrope_section(head_dim: int) -> list[int]:
+def mrope_section(head_dim: int) -> list[int]:
     """Qwen2.5-VL's split of the rotary frequencies into (time, height, width): 16/24/24 of 64
     pairs at head_dim 128; the same proportions at other head sizes."""
     half = head_dim // 2
@@ -62,6 +62,17 @@ def _rope_theta(text_config) -> float:
     return float(theta if theta is not None else getattr(text_config, "rope_theta", 10000.0))
 
 
+def vision_token_ids(tokenizer) -> dict[str, int]:
+    """The Qwen-VL config fields that name the vision tokens, from ``tokenizer``."""
+    vocab = tokenizer.get_vocab()
+    return dict(
+        image_token_id=vocab["<|image_pad|>"],
+        video_token_id=vocab["<|video_pad|>"],
+        vision_start_token_id=vocab["<|vision_start|>"],
+        vision_end_token_id=vocab["<|vision_end|>"],
+    )
+
+
 def graft_config(text_config, tokenizer, vision: VisionGraftConfig):
     """The Qwen2.5-VL config whose text part has the donor's shapes."""
     from transformers import Qwen2_5_VLConfig
@@ -72,7 +83,6 @@ def graft_config(text_config, tokenizer, vision: VisionGraftConfig):
     head_dim = int(getattr(text_config, "head_dim", None) or text_config.hidden_size // heads)
     if head_dim * heads != text_config.hidden_size:
         raise ValueError("the donor's head_dim x heads must equal its hidden size (Qwen2 derives head_dim from them)")
-    vocab = tokenizer.get_vocab()
     text = dict(
         vocab_size=max(int(text_config.vocab_size), len(tokenizer)),
         hidden_size=text_config.hidden_size,
@@ -83,7 +93,7 @@ def graft_config(text_config, tokenizer, vision: VisionGraftConfig):
         hidden_act=text_config.hidden_act,
         rms_norm_eps=text_config.rms_norm_eps,
         max_position_embeddings=text_config.max_position_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": _rope_theta(text_config), "mrope_section": _mrope_section(head_dim)},
+        rope_parameters={"rope_type": "default", "rope_theta": _rope_theta(text_config), "mrope_section": mrope_section(head_dim)},
         tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
         bos_token_id=text_config.bos_token_id,
         eos_token_id=text_config.eos_token_id,
@@ -98,10 +108,7 @@ def graft_config(text_config, tokenizer, vision: VisionGraftConfig):
     return Qwen2_5_VLConfig(
         text_config=text,
         vision_config=vision_cfg,
-        image_token_id=vocab["<|image_pad|>"],
-        video_token_id=vocab["<|video_pad|>"],
-        vision_start_token_id=vocab["<|vision_start|>"],
-        vision_end_token_id=vocab["<|vision_end|>"],
+        **vision_token_ids(tokenizer),
         bos_token_id=text_config.bos_token_id,
         eos_token_id=text_config.eos_token_id,
         pad_token_id=getattr(text_config, "pad_token_id", None),
@@ -182,6 +189,4 @@ def vision_tower_state(backbone: Backbone) -> dict[str, torch.Tensor]:
 
 
 def load_vision_tower_state(backbone: Backbone, state: dict[str, torch.Tensor]) -> None:
-    missing, unexpected = backbone.model.model.visual.load_state_dict(state, strict=True)
-    if missing or unexpected:  # strict=True raises first; kept for clarity
-        raise ValueError(f"vision tower weights do not match: missing={missing} unexpected={unexpected}")
+    backbone.model.model.visual.load_state_dict(state, strict=True)  # raises naming missing/unexpected keys

@@ -119,11 +119,11 @@ def tiny_qwen_vl_config(model_type: str, tokenizer, hidden_size: int = 128, num_
     ``init_std`` as in :func:`build_tiny_text_backbone`; ``"scaled"`` uses each tower's own width."""
     from transformers import AutoConfig
 
-    vocab = tokenizer.get_vocab()
+    from .graft import mrope_section, vision_token_ids
+
     heads = 4
     head_dim = hidden_size // heads
-    half = head_dim // 2
-    mrope = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]
+    mrope = mrope_section(head_dim)
     text = dict(
         vocab_size=len(tokenizer) + 128,
         hidden_size=hidden_size,
@@ -155,10 +155,7 @@ def tiny_qwen_vl_config(model_type: str, tokenizer, hidden_size: int = 128, num_
         model_type,
         text_config=text,
         vision_config=vision,
-        image_token_id=vocab["<|image_pad|>"],
-        video_token_id=vocab["<|video_pad|>"],
-        vision_start_token_id=vocab["<|vision_start|>"],
-        vision_end_token_id=vocab["<|vision_end|>"],
+        **vision_token_ids(tokenizer),
         bos_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -29,8 +29,7 @@ from typing import Any
 
 import torch
 
-from retrv_r1_plugin.context import Chunk, Encoded, cat_chunks, check_vision_image, pad_embeddings
-from retrv_r1_plugin.types import load_image
+from retrv_r1_plugin.context import Chunk, Encoded, cat_chunks, pad_embeddings
 from retrv_r1_plugin.tokens import tokenize_untrusted
 
 from .config import AlignConfig
@@ -132,8 +131,8 @@ class AlignTrainer(Trainer):
         builder = self.model.builder
         items = []
         for image, caption in self._caption_pairs(ex):
-            (tokens,) = self.model.backbone.encode_images([check_vision_image(load_image(image), "image")])
-            items.append(("content", self._content_frame(builder.image_chunk(tokens)) + [builder.text_chunk(self._tokens(caption), role="generated")]))
+            body = builder.encode("", image, max_text_tokens=0).chunk  # the image alone, in full tokens
+            items.append(("content", self._content_frame(body) + [builder.text_chunk(self._tokens(caption), role="generated")]))
         return items
 
     def _pick(self, ex: TrainingExample, rng: random.Random) -> tuple[list[int], list[int]]:

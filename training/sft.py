@@ -79,7 +79,8 @@ class SFTTrainer(Trainer):
         cfg = self.cfg
         batch = [self.items[i] for i in self.order.indices(step, cfg.batch_size)]
         w = cfg.answer_weight
-        total = sum(len(written) + w for _, written in batch)  # over the global batch (data parallel: every process's share)
+        targets = sum(len(written) + 1 for _, written in batch)  # over the global batch (data parallel: every process's share)
+        total = targets + (w - 1.0) * len(batch)  # the answers count w times
         local: dict[int, tuple[float, float, int, int]] = {}
         for j in self.local_positions(len(batch)):
             trace, written = batch[j]
@@ -114,7 +115,7 @@ class SFTTrainer(Trainer):
             correct += hit_j
         n = len(batch)
         return {
-            "loss": nll_sum / sum(len(written) + 1 for _, written in batch),
+            "loss": nll_sum / targets,
             "answer_loss": answer_nll / n,
             "answer_accuracy": correct / n,
             "inspections": inspections / n,
