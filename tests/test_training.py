@@ -412,6 +412,8 @@ def test_cli_chains_the_three_stages(tmp_path, capsys):
     rl_final = tmp_path / "rl" / "final"
     models = [RetrvR1Model.from_pretrained(p) for p in (align_final, sft_final, rl_final)]
     assert (sft_final / "adapter").is_dir() and (rl_final / "adapter").is_dir()
+    # each policy stage's checkpoint ranks under the budget and inspection cap it was trained with
+    assert (models[1].config.reasoning_budget, models[2].config.reasoning_budget, models[2].config.max_inspections) == (128, 8, 1)
     icm = [m.icm.in_proj.weight for m in models]
     assert not torch.equal(icm[0], icm[1]) and not torch.equal(icm[1], icm[2])  # each stage trained the ICM further
     assert "final model written to" in capsys.readouterr().out

@@ -50,7 +50,7 @@ from safetensors.torch import load_file, save_file
 
 from retrv_r1_plugin.model import RetrvR1Model
 
-from .config import RunConfig
+from .config import RunConfig, _PolicyConfig
 from .params import load_trainable_state, param_groups, prepare_gradients, trainable_parameters, trainable_state
 from .plots import plot_curves
 
@@ -273,6 +273,7 @@ class Trainer:
         self.model = model if model is not None else load_model(cfg)
         self.model.to(self.device)
         self.model.eval()
+        self._record_generation_defaults()
         torch.manual_seed(cfg.seed)
         self.setup()
         self.trainable_names = [n for n, _ in trainable_parameters(self.model)]
@@ -285,6 +286,15 @@ class Trainer:
         self.scheduler = self._scheduler()
         self.history: list[dict[str, Any]] = []
         self.step = 0
+
+    def _record_generation_defaults(self) -> None:
+        """A policy stage (sft, rl) trains under a reasoning budget, an inspection cap and a
+        compression mode; the checkpoints it writes rank under the same ones by default (a
+        model trained to reason for 96 tokens would otherwise be asked to answer directly)."""
+        cfg = self.cfg
+        if isinstance(cfg, _PolicyConfig):
+            conf = self.model.config
+            conf.reasoning_budget, conf.max_inspections, conf.compression = cfg.reasoning_budget, cfg.max_inspections, cfg.compression
 
     # ---------------------------------------------------------------- to override
     def setup(self) -> None:
