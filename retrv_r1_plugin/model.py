@@ -71,6 +71,9 @@ class RetrvR1Model(nn.Module):
         self._lock = threading.RLock()
         self._signature: str | None = None
         self.backbone_modified = config.backbone_source is None
+        self.icm_available = True
+        """False for a checkpoint shipped without ICM weights (:meth:`drop_icm`): compression
+        ``'icm'`` is then refused instead of running an untrained module."""
 
     # ================================================================ construction
     @classmethod
@@ -135,13 +138,19 @@ class RetrvR1Model(nn.Module):
         if (path / ADAPTER_DIR).is_dir():
             _load_lora(backbone.model, path / ADAPTER_DIR)
         icm = InformationCompressionModule(config.icm)
-        state = load_file(str(path / ICM_WEIGHTS))
-        missing, unexpected = icm.load_state_dict(state, strict=False)
-        missing = [m for m in missing if not m.startswith(("relation_query", "compress_relation"))]
-        if missing or unexpected:
-            raise ModelLoadError(f"ICM weights in {path} do not match the config: missing={missing} unexpected={unexpected}")
+        has_icm = (path / ICM_WEIGHTS).is_file()
+        if has_icm:
+            state = load_file(str(path / ICM_WEIGHTS))
+            missing, unexpected = icm.load_state_dict(state, strict=False)
+            missing = [m for m in missing if not m.startswith(("relation_query", "compress_relation"))]
+            if missing or unexpected:
+                raise ModelLoadError(f"ICM weights in {path} do not match the config: missing={missing} unexpected={unexpected}")
+        elif config.compression == "icm":
+            raise ModelLoadError(f"checkpoint {path} has no {ICM_WEIGHTS} but its config uses compression='icm'; "
+                                 "load it with compression='none' to read candidates in full tokens")
         icm.to(device=backbone.device, dtype=backbone.dtype)
         model = cls(backbone, config, icm)
+        model.icm_available = has_icm
         model.backbone_modified = (path / BACKBONE_DIR).is_dir()
         model.eval()
         return model
@@ -170,10 +179,11 @@ class RetrvR1Model(nn.Module):
         self.backbone.tokenizer.save_pretrained(out)
         if self.backbone.image_processor is not None:
             self.backbone.image_processor.save_pretrained(out)
-        icm_state = {k: v.detach().contiguous().cpu() for k, v in self.icm.state_dict().items()}
-        if self.config.icm.share_compressor:
-            icm_state = {k: v for k, v in icm_state.items() if not k.startswith(("relation_query", "compress_relation"))}
-        save_file(icm_state, str(out / ICM_WEIGHTS))
+        if self.icm_available:
+            icm_state = {k: v.detach().contiguous().cpu() for k, v in self.icm.state_dict().items()}
+            if self.config.icm.share_compressor:
+                icm_state = {k: v for k, v in icm_state.items() if not k.startswith(("relation_query", "compress_relation"))}
+            save_file(icm_state, str(out / ICM_WEIGHTS))
         if not save_backbone:
             save_file(_token_rows(self.lm, self.backbone.tokenizer), str(out / TOKEN_ROWS))
             if self.config.vision_graft is not None:
@@ -181,6 +191,19 @@ class RetrvR1Model(nn.Module):
         if lora:
             _save_lora(self.lm, out / ADAPTER_DIR)
         return out
+
+    def drop_icm(self) -> None:
+        """Mark the ICM as absent, for a model that reads candidates in full tokens and whose
+        ICM was never trained: checkpoints it saves carry no ICM weights, the default
+        compression becomes ``'none'``, and compression ``'icm'`` raises instead of running
+        random weights. Training the ICM (``train_icm``) makes it available again."""
+        self.icm_available = False
+        self.config.compression = "none"
+
+    def _require_icm(self) -> None:
+        if not self.icm_available:
+            raise ValueError(f"this model has no trained ICM (its checkpoint ships no {ICM_WEIGHTS}); "
+                             "use compression='none' (candidates in full tokens)")
 
     # ================================================================ properties
     @property
@@ -249,6 +272,7 @@ class RetrvR1Model(nn.Module):
 
     def _content_tokens(self, encoded: list[Encoded], batch_size: int | None = None, notes: list[str] | None = None) -> torch.Tensor:
         """``t_con`` of encoded candidates, ``(K, H)``, in padded batches."""
+        self._require_icm()
         return self._icm_rows(self.icm.content, encoded, self._icm_batch_size(batch_size), notes, "ICM content tokens")
 
     @torch.inference_mode()
@@ -269,6 +293,7 @@ class RetrvR1Model(nn.Module):
     def _slots(
         self, query: Encoded, cands: list[Candidate], encoded: list[Encoded], notes: list[str], batch_size: int | None = None
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        self._require_icm()
         batch_size = self._icm_batch_size(batch_size)
         hidden = self.backbone.hidden_size
         cached = [c.content_tokens for c in cands]

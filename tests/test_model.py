@@ -90,6 +90,27 @@ def test_saved_checkpoint_without_backbone_weights_references_source(tmp_path):
     assert after.scores == pytest.approx(before.scores, abs=1e-6)
 
 
+def test_checkpoint_without_icm_reads_full_tokens_and_refuses_compression(tmp_path):
+    """A full-token model whose ICM never trained ships without it (drop_icm): it ranks as
+    before in full tokens, and asking for the ICM is a named error, not random weights."""
+    from retrv_r1_plugin.backbone import ModelLoadError
+
+    model = make_text_model(seed=5)
+    before = model.rank("q", TEXTS, reasoning_budget=3, compression="none")
+    model.drop_icm()
+    out = model.save_pretrained(tmp_path / "ckpt")
+    assert not (out / "icm.safetensors").exists()
+    loaded = RetrvR1Model.from_pretrained(out)
+    assert loaded.config.compression == "none" and not loaded.icm_available
+    after = loaded.rank("q", TEXTS, reasoning_budget=3)
+    assert after.scores == before.scores and after.reasoning == before.reasoning
+    for call in (lambda: loaded.rank("q", TEXTS, compression="icm"), lambda: loaded.encode_candidates(TEXTS)):
+        with pytest.raises(ValueError, match="no trained ICM.*compression='none'"):
+            call()
+    with pytest.raises(ModelLoadError, match="no icm.safetensors.*compression='none'"):
+        RetrvR1Model.from_pretrained(out, compression="icm")
+
+
 def test_separate_compressor_round_trip(tmp_path):
     model = make_text_model(seed=4, icm={"share_compressor": False, "dim": 32, "num_heads": 4})
     assert model.icm.compress_relation is not model.icm.compress

@@ -75,6 +75,8 @@ def configure_trainable(model, *, lm: str, train_icm: bool, train_token_rows: bo
         model.backbone_modified = True  # a grafted tower is saved on its own; any other needs the backbone
     for p in model.icm.parameters():
         p.requires_grad_(train_icm)
+    if train_icm:
+        model.icm_available = True  # trained from here on, saved with the checkpoints
     if train_token_rows and lm != "full":
         rows = torch.tensor(_added_token_ids(model), dtype=torch.long)
         mats = {id(m.weight): m.weight for m in (model.lm.get_input_embeddings(), model.lm.get_output_embeddings()) if m is not None}
