@@ -3,9 +3,11 @@
 Two corpora, both bundled:
 
 * ``--corpus sample`` (default): the 6 captioned photos and the text passages of the quickstart.
-* ``--corpus digits``: 20 handwritten-digit images (two per digit, held-out test images) as
-  ``ImageNode``s with no text at all, so the reranker has to look at the pixels. Ask "a
-  handwritten digit seven".
+* ``--corpus digits``: 10 handwritten-digit images (one per digit, held-out test images, in
+  shuffled order) as ``ImageNode``s with no text at all, so the reranker has to look at the
+  pixels. Ask "a handwritten digit seven". (The digits default was trained on text -> image
+  and image -> text at K=10; an image query over these image nodes is image -> image, which
+  it was not trained for.)
 
 Each turn reranks the whole corpus with Retrv-R1 and prints the best image: its path,
 caption, score and the model's reasoning. Queries are text, an image
@@ -21,17 +23,18 @@ In the chat: a line is a text query; ``/image PATH [text]`` is an image (+ text)
 ends. With a text-only model, images are reranked by their captions, and image-only
 queries cannot be answered.
 
-Default model: a bundled ``retrv-r1-qwen2.5-vl-digits`` checkpoint when the install has one
-(none is bundled yet: training it from scratch on this project's CPU did not converge, see
-docs/benchmarks.md); otherwise a tiny Qwen2.5-VL built from config with random weights,
-which demonstrates the pipeline (images in, scores and reasoning out), not retrieval
-quality. Everything runs offline.
+Default model: the bundled ``retrv-r1-qwen2.5-vl-digits`` (SmolLM2-135M with a grafted
+vision tower, trained by ``scripts/train_default_digits.sh``; it knows handwritten digits,
+not photos: on the sample corpus it shows the pipeline, not photo retrieval quality). An
+install without it falls back to a tiny Qwen2.5-VL built from config with random weights, said
+so in the output. Everything runs offline.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import random
 import shlex
 import sys
 import time
@@ -49,7 +52,8 @@ HELP = "type a text query, '/image PATH [text]' for an image query, '/quit' to e
 
 def build_nodes(corpus: str = "sample"):
     """``sample``: ImageNodes (by image_path, caption as text) and TextNodes of the sample
-    corpus; ``digits``: one ImageNode per bundled digit image, without any text."""
+    corpus; ``digits``: one ImageNode per digit (the ``digit-<d>-0.png`` images), without any
+    text, in a fixed shuffled order."""
     import json
 
     from llama_index.core.schema import ImageNode, TextNode
@@ -58,7 +62,9 @@ def build_nodes(corpus: str = "sample"):
 
     nodes = []
     if corpus == "digits":
-        for item in json.loads((DIGITS / "labels.json").read_text()):
+        items = [item for item in json.loads((DIGITS / "labels.json").read_text()) if item["file"].endswith("-0.png")]
+        random.Random(0).shuffle(items)
+        for item in items:
             node = ImageNode(id_=item["file"], text="", image_path=str(DIGITS / item["file"]), metadata={"kind": "image"})
             node.excluded_embed_metadata_keys = node.excluded_llm_metadata_keys = ["kind"]
             nodes.append(node)
@@ -168,7 +174,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help=f"Retrv-R1 checkpoint path or bundled name (default {DEFAULT_MODEL}; text-only models rank images by caption)")
     parser.add_argument("--corpus", choices=["digits", "sample"],
-                        default="sample", help="sample: captioned photos + passages (default); digits: 20 bundled digit images, no text")
+                        default="sample", help="sample: captioned photos + passages (default); digits: 10 bundled digit images, no text")
     parser.add_argument("--query", dest="turns", action="append", type=lambda s: ("text", s),
                         help="a text query (repeatable; with --query/--image nothing is read from stdin)")
     parser.add_argument("--image", dest="turns", action="append", type=lambda s: ("image", s),

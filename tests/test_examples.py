@@ -78,7 +78,7 @@ def test_multimodal_chatbot_digits_corpus_has_image_only_nodes(checkpoints):
         "examples/multimodal_chatbot.py", "--model", checkpoints["vl"], "--corpus", "digits",
         "--query", "a handwritten digit seven", "--image", "digit-3-0.png",
     )
-    assert "corpus: 20 nodes (20 images, 0 text passages)" in out
+    assert "corpus: 10 nodes (10 images, 0 text passages)" in out
     answers = re.findall(r"^bot> best image: (\S+/digit-\d-\d\.png)$", out, flags=re.MULTILINE)
     assert len(answers) == 2 and all(Path(a).is_file() for a in answers)
     assert "caption:" not in out  # the nodes have no text: the model only sees pixels
