@@ -303,6 +303,56 @@ def _forget_gguf_quantization(model) -> None:
         del model.config.quantization_config
 
 
+GGUF_CACHE_ENV = "RETRV_R1_GGUF_CACHE"
+
+
+def gguf_cache_dir(gguf_path: str) -> Path | None:
+    """Folder holding the float weights, config and tokenizer converted from ``gguf_path``.
+
+    transformers parses and de-quantizes a GGUF on every load (~17 s for SmolLM2-135M on one
+    CPU core); the converted model is saved once (float32 safetensors, ~540 MB for SmolLM2)
+    and later loads read it in about a second. The key is the file's path, size and mtime
+    and the transformers version. ``RETRV_R1_GGUF_CACHE`` sets the root folder, or ``off``
+    disables the cache (default: ``<user cache dir>/retrv-r1-plugin/gguf``).
+    """
+    import hashlib
+
+    import transformers
+
+    root = os.environ.get(GGUF_CACHE_ENV, "")
+    if root.strip().lower() in ("off", "0", "false", "no"):
+        return None
+    if not root:
+        try:
+            import platformdirs
+
+            root = os.path.join(platformdirs.user_cache_dir("retrv-r1-plugin", appauthor=False), "gguf")
+        except ImportError:
+            root = os.path.join(Path.home(), ".cache", "retrv-r1-plugin", "gguf")
+    stat = os.stat(gguf_path)
+    key = f"{os.path.abspath(gguf_path)}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}"
+    return Path(root) / f"{Path(gguf_path).stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def _write_gguf_cache(model, tokenizer, folder: Path) -> None:
+    """Save a freshly converted GGUF model atomically; a failure only costs the next load time."""
+    import logging
+    import shutil
+    import tempfile
+
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, folder)  # atomic; another process may have won the race
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except (OSError, RuntimeError, ValueError) as exc:
+        logging.getLogger(__name__).warning("could not cache the converted GGUF in %s: %s", folder, exc)
+
+
 def load_backbone(
     source: str,
     *,
@@ -318,12 +368,17 @@ def load_backbone(
     _check_local_or_hub(resolved)
     if gguf_file and os.path.isdir(resolved) and not os.path.isfile(os.path.join(resolved, gguf_file)):
         raise ModelLoadError(f"GGUF file {gguf_file!r} not found in {resolved!r}")
+    cache = None
+    if gguf_file and os.path.isfile(os.path.join(resolved, gguf_file)):
+        cache = gguf_cache_dir(os.path.join(resolved, gguf_file))
+        if cache is not None and (cache / "config.json").is_file():
+            resolved, gguf_file, cache = str(cache), None, None  # converted before: plain safetensors
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         config = AutoConfig.from_pretrained(resolved, **extra)
         torch_dtype = dtype if dtype is not None else torch.float32
         cls = AutoModelForImageTextToText if config.model_type in VL_MODEL_TYPES else AutoModelForCausalLM
-        model = cls.from_pretrained(resolved, dtype=torch_dtype, **extra)
+        model = cls.from_pretrained(resolved, config=config, dtype=torch_dtype, **extra)  # config given: the GGUF is not parsed again for it
         tok_src = resolve_source(tokenizer_source) if tokenizer_source else resolved
         tok_extra = extra if tokenizer_source is None else {}
         tokenizer = AutoTokenizer.from_pretrained(tok_src, **tok_extra)
@@ -333,6 +388,8 @@ def load_backbone(
         raise _load_error(source, exc) from exc
     if gguf_file:
         _forget_gguf_quantization(model)
+        if cache is not None and model.dtype == torch.float32:
+            _write_gguf_cache(model, tokenizer if tokenizer_source is None else AutoTokenizer.from_pretrained(resolved, **extra), cache)
     if device is not None:
         model.to(device)
     realign_parameters(model)

@@ -7,6 +7,15 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The SmolLM2 GGUF is converted once per test session into a temporary float cache (not the
+# user's cache dir), shared by the tests and the example scripts they run.
+if "RETRV_R1_GGUF_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["RETRV_R1_GGUF_CACHE"] = _GGUF_CACHE = tempfile.mkdtemp(prefix="retrv-r1-gguf-")
+    atexit.register(shutil.rmtree, _GGUF_CACHE, ignore_errors=True)
 
 import pytest
 import torch
