@@ -311,7 +311,7 @@ def gguf_cache_dir(gguf_path: str) -> Path | None:
 
     transformers parses and de-quantizes a GGUF on every load (~17 s for SmolLM2-135M on one
     CPU core); the converted model is saved once (float32 safetensors, ~540 MB for SmolLM2)
-    and later loads read it in about a second. The key is the file's path, size and mtime
+    and later loads read it (~3 s for the whole load). The key is the file's path, size and mtime
     and the transformers version. ``RETRV_R1_GGUF_CACHE`` sets the root folder, or ``off``
     disables the cache (default: ``<user cache dir>/retrv-r1-plugin/gguf``).
     """

@@ -29,12 +29,6 @@ def main(run: str) -> None:
         for line in pool.read_text().splitlines():
             rec = json.loads(line)
             label[rec["did"]] = rec["label"]
-    queries = {}
-    for qfile in (Path(run) / "data" / "images" / "query").rglob("*.jsonl"):
-        for line in qfile.read_text().splitlines():
-            rec = json.loads(line)
-            if "label" in rec:
-                queries[rec["qid"]] = rec["label"]
     out = []
     for t in read_traces(Path(run) / "data" / "cot.jsonl"):
         ex = t.example
