@@ -3,9 +3,11 @@ image shows, then answers by copying, so a grafted text LM that can name digits 
 ``align: vision``) turns cross-modal matching into text matching.
 
 text -> image: ``<cand_1> three <cand_1>, <cand_2> seven <cand_2>, ... The query asks for
-seven <cand_2>`` (the label on both sides of each name: the final label is an induction-style
-copy of the token after the earlier "seven"). image -> text: ``The query shows seven`` (the
-candidates are captions; the answer is text matching).
+seven <cand_2>.</think>`` (the label on both sides of each name: the final label is an
+induction-style copy of the token after the earlier "seven"). image -> text: ``The query
+shows seven.</think>`` (the candidates are captions; the answer is text matching). Every
+trace closes ``</think>`` itself, as CoT traces do (``training/cot.py``), so stage 3's format
+reward can be earned.
 
     python scripts/verbalise_digit_traces.py RUN_DIR   # writes RUN_DIR/data/cot-verbal.jsonl
 """
@@ -38,6 +40,7 @@ def main(run: str) -> None:
         else:
             names = ", ".join(f"<cand_{i + 1}> {DIGIT_WORDS[label[c.id]]} <cand_{i + 1}>" for i, c in enumerate(ex.candidates))
             reasoning = f"{names}. The query asks for {DIGIT_WORDS[target]} <cand_{ex.positive + 1}>."
+        reasoning += "</think>"  # the model closes its reasoning itself (the format GRPO rewards)
         out.append(CoTTrace(example=ex, reasoning=reasoning, answer=ex.positive, teacher="verbalise"))
     path = Path(run) / "data" / "cot-verbal.jsonl"
     write_traces(path, out)

@@ -422,6 +422,20 @@ def test_example_configs_load_and_typos_are_refused(tmp_path):
         load_config("rl", bad)
 
 
+#: stage of each shipped config whose name does not say it (``*rl*``, ``*sft*``, ``*align*``)
+_CONFIG_STAGES = {"digits.icm": "sft", "digits.warmup": "sft", "tiny_smoke": "sft"}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "training" / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_config_loads_for_its_stage(path):
+    """A typo in a recipe (an unknown key, a wrong type) must fail here, not an hour into a run."""
+    name = path.stem
+    stage = _CONFIG_STAGES.get(name) or next(s for key, s in (("rl", "rl"), ("sft", "sft"), ("align", "align")) if key in name)
+    cfg = load_config(stage, path)
+    cfg.validate()
+    assert cfg.init_from and cfg.output_dir
+
+
 def test_numbers_without_a_dot_are_numbers_and_wrong_types_are_named(tmp_path):
     """YAML 1.1 reads ``1e-3`` as a string; the optimizer must still get a float."""
     configs = ROOT / "training" / "configs"
