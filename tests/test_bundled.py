@@ -98,14 +98,17 @@ def test_bundled_multimodal_checkpoint_finds_the_digit_a_text_query_names(digits
 
     assert digits_model.backbone.model_type == "qwen2_5_vl" and digits_model.config.reasoning_budget > 0
     rng = random.Random(0)
-    hits = 0
+    hits, fallbacks = 0, []
     for copy in (0, 1):
         images = [(path, label) for path, label in sample_digits if path.endswith(f"-{copy}.png")]
         for digit, word in enumerate(WORDS):
             rng.shuffle(images)
             result = digits_model.rank(f"a handwritten digit {word}", [Candidate(id=path, image=path) for path, _ in images])
             hits += images[result.order[0]][1] == digit
+            fallbacks.append(result.fallback)
     assert hits >= 12, hits  # of 20; chance: 2
+    # it closes its reasoning and writes a label itself (no forced or out-of-range answers)
+    assert fallbacks.count(None) >= 18, fallbacks
 
 
 @needs_vl
@@ -113,5 +116,7 @@ def test_bundled_multimodal_checkpoint_captions_an_image_query(digits_model, sam
     from retrv_r1_plugin.types import Query
 
     captions = [f"a handwritten digit {w}" for w in WORDS]
-    hits = sum(digits_model.rank(Query(image=path), captions).order[0] == label for path, label in sample_digits)
+    results = [(digits_model.rank(Query(image=path), captions), label) for path, label in sample_digits]
+    hits = sum(result.order[0] == label for result, label in results)
     assert hits >= 12, hits  # of 20; chance: 2
+    assert sum(result.fallback is None for result, _ in results) >= 18, [r.fallback for r, _ in results]
