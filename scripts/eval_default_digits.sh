@@ -17,7 +17,7 @@ IMG=$RUN/data/images; OUT=${OUT:-$RUN/eval}; mkdir -p "$OUT"
 for t in $TASKS; do
   Q=$IMG/query/test/mbeir_digits-${t}_test.jsonl
   if [ "$t" = text2image ]; then P=$IMG/cand_pool/local/mbeir_digits-text2image_test_cand_pool.jsonl; else P=$IMG/cand_pool/local/mbeir_digits-image2text_cand_pool.jsonl; fi
-  for s in $SEEDS; do  # three random first stages over the same queries
+  for s in $SEEDS; do  # random first stages over the same queries (three by default)
     common=(--mbeir-queries "$Q" --mbeir-pool "$P" --first-stage random --seed "$s" --top-k 10 --quiet)
     for m in $MODES; do
       name=$([ "$m" = none ] && echo full || echo icm)
