@@ -452,6 +452,30 @@ def test_permuted_trace_moves_labels_answer_and_inspections_with_their_candidate
         trace.permuted([0, 0, 1, 2])
 
 
+def test_trace_that_never_closes_its_thinking_is_refused_with_file_and_line(tmp_path):
+    from training.cot import CoTTrace, read_traces, write_traces
+    from training.data.formats import DataFormatError
+
+    ex = make_examples(1, k=4, seed=3)[0]
+    ok = CoTTrace(example=ex, reasoning="<cand_1> names it.</think>", answer=0)
+    direct = CoTTrace(example=ex, reasoning="", answer=1)  # direct mode: no reasoning at all
+    with pytest.raises(ValueError, match="must be empty or end with '</think>'"):
+        CoTTrace(example=ex, reasoning="<cand_1> names it.<answer>", answer=0)
+    with pytest.raises(ValueError, match="answer index 4 is outside the 4 candidates"):
+        CoTTrace(example=ex, reasoning="", answer=4)
+    with pytest.raises(ValueError, match=r"inspected indices \[7\]"):
+        CoTTrace(example=ex, reasoning="", answer=0, inspected=[7])
+    path = tmp_path / "traces.jsonl"
+    write_traces(path, [ok, direct])
+    assert [t.answer for t in read_traces(path)] == [0, 1]
+    rows = path.read_text().splitlines()
+    broken = json.loads(rows[1])
+    broken["reasoning"] = "thinking without an end"
+    path.write_text(rows[0] + "\n" + json.dumps(broken) + "\n")
+    with pytest.raises(DataFormatError, match=r"traces.jsonl:2: not a valid trace"):
+        read_traces(path)
+
+
 def _marker_examples(n: int, seed: int, fixed_positive: int | None) -> list[TrainingExample]:
     """The positive is the one candidate that mentions "sky" (a content cue a tiny random model
     learns quickly); the others are other words."""

@@ -44,8 +44,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol, Sequence
 
+from retrv_r1_plugin.tokens import THINK_END
+
 from .examples import TrainingExample
-from .data.formats import read_jsonl, write_jsonl
+from .data.formats import DataFormatError, read_jsonl, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +102,19 @@ class CoTTrace:
     inspected: list[int] = field(default_factory=list)
     teacher: str = ""
 
+    def __post_init__(self) -> None:
+        # The contract every trace producer must keep: reasoning is empty (direct mode) or
+        # closes its own thinking. A trace without ``</think>`` trains a model that never
+        # ends its reasoning, and GRPO's format reward can then never be earned.
+        if self.reasoning and not self.reasoning.rstrip().endswith(THINK_END):
+            raise ValueError(f"trace for {self.example.id!r}: reasoning must be empty or end with {THINK_END!r}, got ...{self.reasoning[-40:]!r}")
+        n = len(self.example.candidates)
+        if not 0 <= self.answer < n:
+            raise ValueError(f"trace for {self.example.id!r}: answer index {self.answer} is outside the {n} candidates")
+        bad = [i for i in self.inspected if not 0 <= i < n]
+        if bad:
+            raise ValueError(f"trace for {self.example.id!r}: inspected indices {bad} are outside the {n} candidates")
+
     def to_dict(self) -> dict[str, Any]:
         return {"example": self.example.to_dict(), "reasoning": self.reasoning, "answer": self.answer, "inspected": self.inspected, "teacher": self.teacher}
 
@@ -138,7 +153,14 @@ def write_traces(path: str | os.PathLike, traces: Iterable[CoTTrace]) -> int:
 
 
 def read_traces(path: str | os.PathLike) -> list[CoTTrace]:
-    return [CoTTrace.from_dict(obj) for _, obj in read_jsonl(path)]
+    """Read traces written by :func:`write_traces`; a broken one names its file and line."""
+    traces = []
+    for line_no, obj in read_jsonl(path):
+        try:
+            traces.append(CoTTrace.from_dict(obj))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataFormatError(f"{path}:{line_no}: not a valid trace: {exc}") from exc
+    return traces
 
 
 # --------------------------------------------------------------------------- prompts & parsing
