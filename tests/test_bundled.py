@@ -29,6 +29,19 @@ def test_bundled_checkpoint_is_small_and_references_its_backbone():
     assert not (path / "backbone").exists() and (path / "adapter").is_dir()
 
 
+def test_loading_a_bundled_checkpoint_needs_no_extra():
+    """A default model must load on a core install: every bundled checkpoint with LoRA
+    adapters needs peft among the core dependencies, not only in an extra."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    core = {dep.split(">")[0].split("=")[0].split("<")[0].strip().lower() for dep in project["dependencies"]}
+    root = Path(retrv_r1_plugin.__file__).parent / "checkpoints"
+    with_adapters = [p.name for p in root.iterdir() if (p / "adapter").is_dir()]
+    assert with_adapters, "no bundled checkpoint ships adapters: update this test"
+    assert "peft" in core, f"{with_adapters} ship LoRA adapters but peft is not a core dependency"
+
+
 def test_bundled_checkpoint_ranks_with_lora_and_trained_icm(default_model):
     model = default_model
     assert model.backbone.model_type == "llama" and model.config.max_candidates == 32
