@@ -15,7 +15,7 @@ caption, score and the model's reasoning. Queries are text, an image
 rerank whole; for a larger one put a first stage in front, as in ``examples/quickstart.py``.
 
     python examples/multimodal_chatbot.py                            # interactive: type queries
-    python examples/multimodal_chatbot.py --query "a photo of a cat" --image cat.jpg
+    python examples/multimodal_chatbot.py --query "a photo of a cat" --image cat.jpg   # two turns: text, then image
     python examples/multimodal_chatbot.py --corpus digits --model PATH --query "a handwritten digit seven"
 
 In the chat: a line is a text query; ``/image PATH [text]`` is an image (+ text) query
@@ -25,9 +25,8 @@ queries cannot be answered.
 
 Default model: the bundled ``retrv-r1-qwen2.5-vl-digits`` (SmolLM2-135M with a grafted
 vision tower, trained by ``scripts/train_default_digits.sh``; it knows handwritten digits,
-not photos: on the sample corpus it shows the pipeline, not photo retrieval quality). An
-install without it falls back to a tiny Qwen2.5-VL built from config with random weights, said
-so in the output. Everything runs offline.
+not photos: on the sample corpus it shows the pipeline, not photo retrieval quality).
+Everything runs offline.
 """
 
 from __future__ import annotations
@@ -82,19 +81,11 @@ def build_nodes(corpus: str = "sample"):
 
 
 def load_reranker_model(name: str | None):
-    """``name`` (a path or bundled name); else the bundled multimodal checkpoint if this
-    install has one; else a tiny random-weight Qwen2.5-VL, said so in the description."""
+    """``name`` (a path or bundled name), by default the bundled multimodal checkpoint."""
     from retrv_r1_plugin import RetrvR1Model
-    from retrv_r1_plugin.model import bundled_checkpoint
-    from retrv_r1_plugin.testing import build_tiny_vl_backbone
 
-    if name:
-        return RetrvR1Model.from_pretrained(name), name
-    if bundled_checkpoint(DEFAULT_MODEL) is not None:
-        return RetrvR1Model.from_pretrained(DEFAULT_MODEL), DEFAULT_MODEL
-    model = RetrvR1Model.from_backbone(build_tiny_vl_backbone("qwen2_5_vl", seed=0)).eval()
-    return model, ("tiny Qwen2.5-VL built from config (no trained multimodal checkpoint is bundled yet), "
-                   "random weights: demonstrates the pipeline, not quality")
+    name = name or DEFAULT_MODEL
+    return RetrvR1Model.from_pretrained(name), name
 
 
 def resolve_image(path: str) -> str:
@@ -176,9 +167,10 @@ def main() -> int:
     parser.add_argument("--corpus", choices=["digits", "sample"],
                         default="sample", help="sample: captioned photos + passages (default); digits: 10 bundled digit images, no text")
     parser.add_argument("--query", dest="turns", action="append", type=lambda s: ("text", s),
-                        help="a text query (repeatable; with --query/--image nothing is read from stdin)")
+                        help="a text query, one turn (repeatable; with --query/--image nothing is read from stdin)")
     parser.add_argument("--image", dest="turns", action="append", type=lambda s: ("image", s),
-                        help="an image query: a path, or a sample photo name like cat.jpg (repeatable)")
+                        help="an image query, one turn: a path, or a sample photo name like cat.jpg (repeatable; "
+                             "for image + text in one turn use '/image PATH text' in the chat)")
     parser.add_argument("--reasoning-budget", type=int, default=None, help="reasoning tokens per query (default: the model's)")
     parser.add_argument("--show", type=int, default=3, help="how many of the reranked nodes to list per answer")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
