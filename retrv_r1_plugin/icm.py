@@ -1,4 +1,4 @@
-"""Information Compression Module (PAPER.md section 2).
+"""Information Compression Module (Retrv-R1, arXiv 2510.02745).
 
 Each candidate's full token sequence ``T_c`` (vision-tower tokens and text token
 embeddings, in the LM's embedding space) becomes two tokens:
@@ -24,7 +24,7 @@ from torch import nn
 
 @dataclass
 class ICMConfig:
-    """Shape of the ICM. ``hidden_size`` is the LM's; the rest are ours (PAPER.md: not given)."""
+    """Shape of the ICM. ``hidden_size`` is the LM's; the rest are ours (the paper does not give them)."""
 
     hidden_size: int
     dim: int | None = None

@@ -1,4 +1,4 @@
-"""Stage 1, ICM self-alignment (PAPER.md section 4.1): the LM is frozen, only the ICM trains.
+"""Stage 1, ICM self-alignment (Retrv-R1, arXiv 2510.02745): the LM is frozen, only the ICM trains.
 
 BLIP-2-style: the frozen LM, reading compressed tokens, must state what it would state
 from the full tokens.

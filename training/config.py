@@ -9,7 +9,6 @@ previous stage's ``<output_dir>/final``), a plain backbone directory, ``pkg:llm_
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 import typing
@@ -318,7 +317,3 @@ def load_config(stage: str, path: str | Path, overrides: list[str] | None = None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a config must be a YAML mapping")
     return config_from_dict(stage, apply_overrides(data, overrides or []))
-
-
-def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)

@@ -1,4 +1,4 @@
-"""Chain-of-thought synthesis for the activation stage (PAPER.md section 4.2).
+"""Chain-of-thought synthesis for the activation stage (Retrv-R1, arXiv 2510.02745).
 
 A teacher writes, for one training example, a reasoning trace in the paper's four phases:
 

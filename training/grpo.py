@@ -1,4 +1,4 @@
-"""Stage 3, GRPO with the curriculum result-efficiency reward (PAPER.md section 4.3).
+"""Stage 3, GRPO with the curriculum result-efficiency reward (Retrv-R1, arXiv 2510.02745).
 
 Per step: ``batch_size`` examples, ``group_size`` rollouts each, sampled with the real
 inspection-aware decoder (multi-turn: inspection requests splice the candidate's full

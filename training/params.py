@@ -1,6 +1,6 @@
 """Which weights train: LoRA injection (peft), the ICM, added-token rows, full fine-tuning.
 
-The vision tower is frozen (PAPER.md section 4) unless ``train_vision`` (a tower trained from
+The vision tower is frozen (as in Retrv-R1, arXiv 2510.02745) unless ``train_vision`` (a tower trained from
 scratch or grafted), and then it trains in full. LoRA adapters are injected with
 ``peft.inject_adapter_in_model`` into the language model only, so
 ``RetrvR1Model.save_pretrained`` stores them in ``adapter/`` and ``from_pretrained`` loads

@@ -1,4 +1,4 @@
-"""GRPO rewards (PAPER.md section 4.3): format reward plus curriculum result-efficiency reward.
+"""GRPO rewards (Retrv-R1, arXiv 2510.02745): format reward plus curriculum result-efficiency reward.
 
 ``r = r_f + 1[correct] * (1 - lambda_t * N_ins / K)`` with ``lambda_t = t / T``.
 

@@ -66,10 +66,6 @@ class TrainingSequence:
     machine: InspectionMachine
     answer_target: bool = False  # the last target is the answer, predicted at the last position
 
-    @property
-    def num_generated_targets(self) -> int:
-        return int(self.target_ids.shape[0]) - int(self.answer_target)
-
     def __len__(self) -> int:
         return len(self.full)
 

@@ -1,4 +1,4 @@
-"""Stage 2, activation SFT (PAPER.md section 4.2): LM (LoRA or full) and ICM train jointly.
+"""Stage 2, activation SFT (Retrv-R1, arXiv 2510.02745): LM (LoRA or full) and ICM train jointly.
 
 Each CoT trace becomes the exact sequence inference would build for it: the prompt with
 compressed candidates (grads flow into the ICM), the written reasoning token by token,

@@ -44,6 +44,7 @@ from PIL import Image
 if __package__ in (None, ""):  # allow "python training/data/build_images.py"
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from retrv_r1_plugin._optional import require
 from training.data.formats import (
     Doc,
     QueryRecord,
@@ -249,7 +250,7 @@ def build_digits_tasks(
     per_class: Optional[int] = None,
 ) -> dict[str, dict[str, Any]]:
     """Write ``digits-text2image`` and ``digits-image2text``; return their info (counts)."""
-    from sklearn.datasets import load_digits
+    load_digits = require("sklearn.datasets", "train").load_digits
 
     root = Path(out_root).resolve()  # image paths are written relative to it: a relative root would double up
     digits = load_digits()
@@ -324,9 +325,9 @@ def build_digits_tasks(
 
 
 def _skimage_array(name: str) -> np.ndarray:
-    import skimage.data
+    skimage_data = require("skimage.data", "train")
 
-    arr = getattr(skimage.data, name)()
+    arr = getattr(skimage_data, name)()
     if isinstance(arr, tuple):  # stereo_motorcycle -> (left, right, disparity)
         arr = arr[0]
     return np.asarray(arr)
