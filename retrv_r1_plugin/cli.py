@@ -2,7 +2,7 @@
 
     retrv-r1 index ./docs                      # folder of text/image files, JSONL, or BEIR corpus.jsonl
     retrv-r1 search "how do plants make food?" --model retrv-r1-smollm2-wordnet
-    retrv-r1 search "" --image cat.jpg --model ./my-vl-checkpoint
+    retrv-r1 search "a sleeping cat" --image cat.jpg --model ./my-vl-checkpoint   # text finds, VL model reads the image
     retrv-r1 rank "query" "candidate one" "candidate two" --model PATH
     retrv-r1 train sft --config training/configs/sft.yaml
     retrv-r1 eval --beir DIR --model MODEL --top-k 20 --output results.json
@@ -20,7 +20,8 @@ from typing import Iterable
 from .types import Candidate, Query, RankResult, RetrvR1Error
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
-TEXT_SUFFIXES = {".txt", ".md", ".rst"}
+# Ordered: an image's caption is the first of these that exists next to it (x.txt before x.md).
+TEXT_SUFFIXES = (".txt", ".md", ".rst")
 DEFAULT_MODEL_ENV = "RETRV_R1_MODEL"
 DEFAULT_MODEL = "retrv-r1-smollm2-wordnet"
 
@@ -31,7 +32,8 @@ def read_corpus(path: str | os.PathLike) -> list[Candidate]:
 
     JSONL lines may use BEIR keys (``_id``, ``title``, ``text``) or ours (``id``, ``text``,
     ``image_path``, ``metadata``); relative image paths resolve against the file's folder.
-    In a folder, ``x.txt`` next to ``x.jpg`` is that image's caption.
+    In a folder, ``x.txt`` next to ``x.jpg`` is that image's caption (``.txt``, then ``.md``,
+    then ``.rst``: the first that exists).
     """
     p = Path(path)
     if p.is_dir():
@@ -54,7 +56,7 @@ def _read_folder(folder: Path) -> list[Candidate]:
         elif f.suffix.lower() in TEXT_SUFFIXES and f.with_suffix("") not in images:
             out.append(Candidate(text=f.read_text(errors="replace").strip(), id=rel, metadata={"file_path": str(f)}))
     if not out:
-        raise ValueError(f"no text ({sorted(TEXT_SUFFIXES)}) or image files found in {folder}")
+        raise ValueError(f"no text ({list(TEXT_SUFFIXES)}) or image files found in {folder}")
     return out
 
 
@@ -67,6 +69,8 @@ def _read_jsonl(path: Path) -> Iterable[Candidate]:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
             ident = row.get("_id", row.get("id"))
             text = row.get("text", "") or ""
             if row.get("title") and "_id" in row:
@@ -130,10 +134,17 @@ def result_json(result: RankResult, top_n: int) -> dict:
 # ----------------------------------------------------------------------------- commands
 def cmd_index(args: argparse.Namespace) -> int:
     candidates = read_corpus(args.path)
+    model = None
+    if args.model:  # check the model before writing anything to the store
+        model = load_model(args.model, args.device)
+        if not model.icm_available:
+            raise ValueError(
+                f"--model {args.model}: caching content tokens needs a checkpoint with a trained ICM, "
+                "and this one has none (it reads candidates in full tokens); index without --model"
+            )
     with open_store(args) as store:
         ids = store.add(candidates, batch_size=args.batch_size, show_progress=not args.quiet)
-        if args.model:
-            model = load_model(args.model, args.device)
+        if model is not None:
             tokens = model.encode_candidates(candidates)
             store.put_content_tokens(ids, tokens, model.content_signature)
         print(f"indexed {len(ids)} candidates into collection {args.collection!r} ({store.count()} in total)")
@@ -143,8 +154,22 @@ def cmd_index(args: argparse.Namespace) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     model = load_model(args.model, args.device)
     query = Query(text=args.query, image=args.image)
+    top_k = args.top_k
+    if top_k > model.config.max_candidates:
+        print(f"retrv-r1: note: --top-k {top_k} capped at {model.config.max_candidates}, "
+              "the most candidates this model ranks at once", file=sys.stderr)
+        top_k = model.config.max_candidates
     with open_store(args) as store:
-        candidates = store.search(query, top_k=args.top_k, with_content_tokens=model.content_signature)
+        first = query
+        if query.has_image and not store.supports_images:
+            # The first stage embeds text only: search by the query text, the reranker sees the image.
+            if not query.text.strip():
+                raise ValueError(
+                    "an image-only query needs a store with an image-text embedder, and this store "
+                    "embeds text only; give query text too (the reranker still reads the image)"
+                )
+            first = Query(text=query.text)
+        candidates = store.search(first, top_k=top_k, with_content_tokens=model.content_signature)
     if not candidates:
         print("no results: the collection is empty")
         return 0
@@ -210,8 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("search", help="first-stage search, then rerank with Retrv-R1")
     p.add_argument("query")
-    p.add_argument("--image", help="image query (path)")
-    p.add_argument("--top-k", type=int, default=20, help="candidates from the first stage")
+    p.add_argument("--image", help="query image (path) for the reranker; the first stage searches by the query "
+                                   "text, so give text too")
+    p.add_argument("--top-k", type=int, default=20,
+                   help="candidates from the first stage (capped at the model's max_candidates)")
     p.add_argument("--top-n", type=int, default=5, help="results to print")
     store_args(p)
     model_args(p)

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from training.data.formats import Doc, QueryRecord, write_beir  # noqa: E402
 from training.evaluate import main_eval  # noqa: E402
 
-from conftest import make_text_model, solid  # noqa: E402
+from conftest import make_text_model, make_vl_model, solid  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +104,111 @@ def test_eval_first_stage_only(beir_dir, capsys):
     assert main_eval(["--beir", str(beir_dir), "--top-k", "5", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "| first stage |" in out and "| reranked |" not in out
+
+
+# ----------------------------------------------------------------------------- review fixes
+def _run_cli(args, capsys):
+    rc = main(args)
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def test_search_with_image_and_text_searches_by_text_and_reranks_with_the_image(corpus_dir, tmp_path, capsys):
+    """The CLI store embeds text only: the first stage searches by the query text and the
+    reranker still receives the query image (it costs image tokens in the prompt)."""
+    ckpt = tmp_path / "vl"
+    make_vl_model(seed=3, max_candidates=16).save_pretrained(ckpt)
+    store = str(tmp_path / "qdrant")
+    assert main(["index", str(corpus_dir), "--store", store, "--quiet"]) == 0
+    capsys.readouterr()
+    base = ["search", "a red apple", "--store", store, "--model", str(ckpt), "--reasoning-budget", "0", "--json"]
+    rc, out, err = _run_cli(base + ["--image", str(corpus_dir / "apple.png")], capsys)
+    assert rc == 0, err
+    with_image = json.loads(out)
+    assert {r["id"] for r in with_image["ranking"]} == {"apple.png", "plants.txt", "rocket.md"}
+    rc, out, err = _run_cli(base, capsys)
+    assert rc == 0, err
+    text_only = json.loads(out)
+    assert with_image["usage"]["prompt_tokens"] > text_only["usage"]["prompt_tokens"]
+
+
+def test_search_image_only_query_exits_2_naming_the_missing_image_embedder(corpus_dir, tmp_path, checkpoint, capsys):
+    store = str(tmp_path / "qdrant")
+    assert main(["index", str(corpus_dir), "--store", store, "--quiet"]) == 0
+    capsys.readouterr()
+    rc, out, err = _run_cli(["search", "", "--image", str(corpus_dir / "apple.png"), "--store", store,
+                             "--model", checkpoint], capsys)
+    assert rc == 2
+    assert "image-text embedder" in err and "give query text" in err
+    assert "Traceback" not in err and out == ""
+
+
+def test_search_caps_top_k_at_the_models_max_candidates(corpus_dir, tmp_path, capsys):
+    ckpt = tmp_path / "two"
+    make_text_model(seed=5, max_candidates=2).save_pretrained(ckpt)
+    store = str(tmp_path / "qdrant")
+    assert main(["index", str(corpus_dir), "--store", store, "--quiet"]) == 0  # 3 candidates
+    capsys.readouterr()
+    rc, out, err = _run_cli(["search", "how do plants make sugar?", "--store", store, "--model", str(ckpt),
+                             "--reasoning-budget", "0", "--json"], capsys)  # default --top-k 20
+    assert rc == 0, err
+    assert len(json.loads(out)["ranking"]) == 2
+    notes = [l for l in err.splitlines() if "capped" in l]
+    assert len(notes) == 1 and "--top-k 20" in notes[0] and "capped at 2" in notes[0]
+    rc, out, err = _run_cli(["search", "how do plants make sugar?", "--store", store, "--model", str(ckpt),
+                             "--reasoning-budget", "0", "--json", "--top-k", "1"], capsys)
+    assert rc == 0 and len(json.loads(out)["ranking"]) == 1 and "capped" not in err
+
+
+@pytest.mark.parametrize("line", ["[1, 2]", '"just a string"', "42", "null"])
+def test_jsonl_line_that_is_not_an_object_is_a_clear_input_error(tmp_path, capsys, line):
+    f = tmp_path / "c.jsonl"
+    f.write_text('{"id": "a", "text": "ok"}\n' + line + "\n")
+    with pytest.raises(ValueError, match=r"c\.jsonl:2: expected a JSON object"):
+        read_corpus(f)
+    store = tmp_path / "qdrant"
+    rc, _, err = _run_cli(["index", str(f), "--store", str(store), "--quiet"], capsys)
+    assert rc == 2
+    assert "c.jsonl:2: expected a JSON object" in err and "Traceback" not in err
+    assert not store.exists()  # nothing written
+
+
+def _caption_folder(root: Path, suffixes) -> Path:
+    root.mkdir()
+    solid((10, 10, 200)).save(root / "x.png")
+    for s in suffixes:
+        (root / f"x{s}").write_text(f"caption from {s}")
+    return root
+
+
+def test_caption_choice_follows_txt_md_rst_order(tmp_path):
+    all_three = read_corpus(_caption_folder(tmp_path / "a", [".rst", ".md", ".txt"]))
+    assert [(c.id, c.text) for c in all_three] == [("x.png", "caption from .txt")]
+    md_rst = read_corpus(_caption_folder(tmp_path / "b", [".rst", ".md"]))
+    assert [(c.id, c.text) for c in md_rst] == [("x.png", "caption from .md")]
+
+
+def test_caption_choice_does_not_depend_on_the_hash_seed(tmp_path):
+    import subprocess
+
+    folder = _caption_folder(tmp_path / "c", [".rst", ".md", ".txt"])
+    code = ("import sys; from retrv_r1_plugin.cli import read_corpus; "
+            "print(read_corpus(sys.argv[1])[0].text)")
+    for seed in ("0", "1", "2"):
+        env = dict(os.environ, PYTHONHASHSEED=seed)
+        out = subprocess.run([sys.executable, "-c", code, str(folder)], env=env, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        assert out == "caption from .txt", f"PYTHONHASHSEED={seed}"
+
+
+def test_index_with_a_model_without_trained_icm_fails_before_writing(corpus_dir, tmp_path, capsys):
+    ckpt = tmp_path / "no_icm"
+    model = make_text_model(seed=7, max_candidates=16)
+    model.drop_icm()
+    model.save_pretrained(ckpt)
+    store = tmp_path / "qdrant"
+    rc, out, err = _run_cli(["index", str(corpus_dir), "--store", str(store), "--quiet", "--model", str(ckpt)], capsys)
+    assert rc == 2
+    assert "trained ICM" in err and "without --model" in err
+    assert "indexed" not in out
+    assert not store.exists()  # the store was never opened, let alone written
