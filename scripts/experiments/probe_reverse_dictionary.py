@@ -13,12 +13,16 @@ each candidate (the same target text for every candidate) is UPR's query likelih
 only when the positive was really among the first stage's K (rows whose positive the
 example builder inserted count as misses), so R@1 is what ``retrv-r1 eval`` would report.
 
-Usage: python scripts/experiments/probe_reverse_dictionary.py EXAMPLES.jsonl {def2word|word2def} [N]
+Usage: python scripts/experiments/probe_reverse_dictionary.py EXAMPLES.jsonl {def2word|word2def}
+[--n N] [--scorers word|def,def|word] [--dump SCORES.jsonl]
+
+``--dump`` writes every candidate's scores per query (with the first-stage cosine), the input
+of ``fuse_query_likelihood.py``.
 """
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 import time
 
 import torch
@@ -48,32 +52,45 @@ def score_pairs(tok, model, pairs: list[tuple[str, str]]) -> list[float]:
 
 
 def main() -> None:
-    path, task = sys.argv[1], sys.argv[2]
-    n = int(sys.argv[3]) if len(sys.argv) > 3 else 100
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("examples")
+    parser.add_argument("task", choices=["def2word", "word2def"])
+    parser.add_argument("--n", type=int, default=100)
+    parser.add_argument("--scorers", default="word|def,def|word")
+    parser.add_argument("--dump", default=None)
+    args = parser.parse_args()
+    scorers = args.scorers.split(",")
     torch.set_num_threads(1)
     src, gguf = smollm2_source()
     bb = load_backbone(src, gguf_file=gguf)
     tok, model = bb.tokenizer, bb.model.eval()
-    rows = [json.loads(line) for line in open(path)][:n]
-    hits = {"first stage": 0, "word|def": 0, "def|word": 0}
+    rows = [json.loads(line) for line in open(args.examples)][: args.n]
+    hits = {"first stage": 0, **{k: 0 for k in scorers}}
     present = 0
+    dump = open(args.dump, "w") if args.dump else None
     t0 = time.time()
     for row in rows:
         cands, pos = row["candidates"], row["positive"]
         genuine = not row.get("inserted_positive", False)
         present += genuine
-        if task == "def2word":
+        if args.task == "def2word":
             pairs = [(row["query_text"], first_lemma(c["text"])) for c in cands]
         else:
             pairs = [(c["text"], first_lemma(row["query_text"])) for c in cands]
-        scores = {
-            "first stage": [-float(r) for r in range(len(cands))],
-            "word|def": score_pairs(tok, model, [(f"Definition: {d}\nThe word for this is:", " " + w) for d, w in pairs]),
-            "def|word": score_pairs(tok, model, [(f"Word: {w}\nDefinition:", " " + d) for d, w in pairs]),
+        prompts = {
+            "word|def": [(f"Definition: {d}\nThe word for this is:", " " + w) for d, w in pairs],
+            "def|word": [(f"Word: {w}\nDefinition:", " " + d) for d, w in pairs],
         }
+        scores = {"first stage": [-float(r) for r in range(len(cands))]}
+        scores.update({k: score_pairs(tok, model, prompts[k]) for k in scorers})
         for key, s in scores.items():
             hits[key] += int(genuine and max(range(len(cands)), key=lambda j: s[j]) == pos)
-    print(json.dumps({"task": task, "queries": len(rows), "positive_in_top_k": present / len(rows), "seconds": round(time.time() - t0),
+        if dump:
+            dump.write(json.dumps({"id": row["id"], "positive": pos, "genuine": genuine,
+                                   "cosine": [c["score"] for c in cands],
+                                   **{k: scores[k] for k in scorers}}) + "\n")
+            dump.flush()
+    print(json.dumps({"task": args.task, "queries": len(rows), "positive_in_top_k": present / len(rows), "seconds": round(time.time() - t0),
                       "R@1": {k: h / len(rows) for k, h in hits.items()}}))
 
 
