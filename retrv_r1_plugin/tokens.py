@@ -9,10 +9,11 @@ against the ids of every added token as a second line of defence.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import torch
+
+from .types import _SURROGATES, replace_surrogates  # noqa: F401  (_SURROGATES: re-exported)
 
 THINK_START = "<think>"
 THINK_END = "</think>"
@@ -37,9 +38,6 @@ STRUCTURAL_TOKENS = (
     CONTENT_SLOT,
     RELATION_SLOT,
 )
-
-
-_SURROGATES = re.compile("[\ud800-\udfff]")
 
 
 def label_token(index: int) -> str:
@@ -120,7 +118,7 @@ def tokenize_untrusted(tokenizer, text: str, forbidden: frozenset[int]) -> list[
     """
     if not text:
         return []
-    text = _SURROGATES.sub("\ufffd", text)
+    text = replace_surrogates(text)
     ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     if any(i in forbidden for i in ids):
         # Tokenizers whose added tokens are not flagged special may still match them even

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -20,6 +21,18 @@ ImageInput = Union[str, os.PathLike, bytes, Image.Image]
 #: Images larger than this many pixels are refused (decompression-bomb guard); they are
 #: downscaled by the backbone's processor anyway, so nothing useful is lost.
 MAX_IMAGE_PIXELS = 64_000_000
+
+_SURROGATES = re.compile("[\ud800-\udfff]")
+"""Lone UTF-16 surrogates: valid in a Python ``str`` but not encodable as UTF-8."""
+
+
+def replace_surrogates(text: str) -> str:
+    """``text`` with every lone surrogate (e.g. from a broken JSON escape) replaced by U+FFFD.
+
+    Such characters cannot be encoded as UTF-8, so tokenizers, hashing and storage would fail
+    on them; :class:`Query` and :class:`Candidate` apply this to their text on construction.
+    """
+    return _SURROGATES.sub("\ufffd", text)
 
 
 class RetrvR1Error(Exception):
@@ -44,6 +57,17 @@ def _describe(source: ImageInput) -> str:
     if isinstance(source, Image.Image):
         return f"<PIL image {source.size}>"
     return str(source)
+
+
+def encode_png(image: Image.Image) -> bytes:
+    """The PNG bytes of a PIL image (decoded and checked by :func:`load_image` first).
+
+    Used wherever an in-memory image must be stored or serialised (the candidate store's
+    ``image_b64`` payload, LangChain documents).
+    """
+    buffer = io.BytesIO()
+    load_image(image).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def load_image(source: ImageInput) -> Image.Image:
@@ -95,6 +119,7 @@ class Query:
             self.text = ""
         if not isinstance(self.text, str):
             raise TypeError(f"Query.text must be a str, got {type(self.text).__name__}")
+        self.text = replace_surrogates(self.text)
 
     @property
     def has_image(self) -> bool:
@@ -133,6 +158,7 @@ class Candidate:
             self.text = ""
         if not isinstance(self.text, str):
             raise TypeError(f"Candidate.text must be a str, got {type(self.text).__name__}")
+        self.text = replace_surrogates(self.text)
 
     @property
     def has_image(self) -> bool:

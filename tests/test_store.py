@@ -238,6 +238,87 @@ def test_progress_bar_is_shown(store: QdrantCandidateStore, capsys: pytest.Captu
     assert "Indexing" not in capsys.readouterr().err
 
 
+def test_lone_surrogates_in_text_and_queries_are_replaced(store: QdrantCandidateStore) -> None:
+    """Broken UTF-16 (e.g. from a bad JSON escape) cannot be UTF-8 encoded; it becomes U+FFFD."""
+    ids = store.add(
+        [Candidate("x\udc80y about glaciers", id="broken"), Candidate("lone \ud800 surrogate, no id")] + PASSAGES[:2],
+        show_progress=False,
+    )
+    assert store.get(["broken"])[0].text == "x\ufffdy about glaciers"
+    # The hash id is that of the cleaned text: adding the clean text again is the same item.
+    assert ids[1] == store.add(["lone \ufffd surrogate, no id"], show_progress=False)[0]
+    assert store.count() == 4
+    hits = store.search("bad \ud800 query about glaciers", top_k=2)  # a plain string query
+    assert hits[0].id == "broken"
+    assert [h.id for h in store.search(Query(text="glaciers \udfff"), top_k=1)] == ["broken"]
+
+
+def test_readding_search_results_is_a_no_op(minilm: TextEmbedder) -> None:
+    counting = CountingEmbedder(minilm)
+    pil = Image.new("RGB", (8, 8), (20, 200, 20))
+    items = PASSAGES + [Candidate("a green leaf on a tree", image=pil, id="leaf"), "an id-less note about plants"]
+    with QdrantCandidateStore(counting, location=":memory:") as store:
+        store.add(items, show_progress=False)
+        before, vectors = dump(store)
+        counting.texts.clear()
+
+        hits = store.search("plants and leaves", top_k=len(items))
+        assert len(hits) == len(items) and all("retrieval_score" in h.metadata for h in hits)
+        counting.texts.clear()  # (the query went through embed_texts)
+        assert store.add(hits, show_progress=False) == [h.id for h in hits]
+        assert counting.texts == []  # nothing re-embedded
+        after, vectors_after = dump(store)
+        assert after == before
+        assert all("retrieval_score" not in c.metadata for c in store.get([h.id for h in hits]))
+        assert store.get(["paris"])[0].metadata == {"topic": "geo"}
+
+        # A changed item among the results is still re-embedded, and only it.
+        hits[0].text += " (edited)"
+        store.add(hits, show_progress=False)
+        assert counting.texts == [hits[0].text]
+
+
+# --------------------------------------------------------------------------- embedder names
+
+
+def test_wrapped_sentence_transformers_are_named_by_their_source(minilm: TextEmbedder, tmp_path: Path) -> None:
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import StaticEmbedding
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    folder = Path(minilm.model.transformers_model.config._name_or_path)
+    assert TextEmbedder(model=minilm.model).name == os.fspath(folder)
+    assert TextEmbedder(model=minilm.model, name="mine").name == "mine"
+
+    # A second model (same weights, another folder) gets another name ...
+    (tmp_path / "other-minilm").symlink_to(folder, target_is_directory=True)
+    other = TextEmbedder(model=SentenceTransformer(os.fspath(tmp_path / "other-minilm"), device="cpu"))
+    assert other.name == os.fspath(tmp_path / "other-minilm")
+    assert other.name != TextEmbedder(model=minilm.model).name
+
+    # ... so switching the store to it re-embeds what skip_unchanged would otherwise skip.
+    first = CountingEmbedder(TextEmbedder(model=minilm.model))
+    with QdrantCandidateStore(first, location=":memory:") as store:
+        store.add(PASSAGES, show_progress=False)
+        store.add(PASSAGES, show_progress=False)
+        assert len(first.texts) == len(PASSAGES)  # unchanged: skipped
+        second = CountingEmbedder(other)
+        store.embedder = second
+        store.add(PASSAGES, show_progress=False)
+        assert sorted(second.texts) == sorted(c.text for c in PASSAGES)
+
+    # A model built in memory has no source: an explicit name is required.
+    vocab = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "b": 2}, unk_token="[UNK]"))
+    vocab.pre_tokenizer = pre_tokenizers.Whitespace()
+    in_memory = SentenceTransformer(modules=[StaticEmbedding(vocab, embedding_dim=8)], device="cpu")
+    with pytest.raises(ValueError, match="name="):
+        TextEmbedder(model=in_memory)
+    named = TextEmbedder(model=in_memory, name="static-ab-v1")
+    assert named.name == "static-ab-v1" and named.embed_texts(["a b"]).shape == (1, 8)
+    with pytest.raises(ValueError, match="non-empty"):
+        TextEmbedder(model=in_memory, name="")
+
+
 # --------------------------------------------------------------------------- images
 
 

@@ -38,3 +38,23 @@ def test_every_label_is_a_single_token(text_model):
     tok = text_model.tokenizer
     for i in range(text_model.config.max_candidates):
         assert len(tok(label_token(i), add_special_tokens=False)["input_ids"]) == 1
+
+
+def test_lone_surrogates_are_replaced_on_construction(text_model):
+    from retrv_r1_plugin.tokens import _SURROGATES  # still importable from its old home
+    from retrv_r1_plugin.types import replace_surrogates
+
+    assert _SURROGATES.sub("?", "a\ud800b") == "a?b"
+    assert Candidate(text="x\udc80y").text == "x\ufffdy"
+    assert Candidate.coerce("\udfff").text == "\ufffd"
+    assert Query(text="bad \ud800 query").text == "bad \ufffd query"
+    assert Query.coerce("q\udbff").text == "q\ufffd"
+    assert replace_surrogates("clean \U0001f600 text") == "clean \U0001f600 text"  # a real pair is kept
+    # Both encode as UTF-8 now, and tokenize like the replaced text.
+    (Candidate(text="x\udc80y").text + Query.coerce("\ud800").text).encode("utf-8")
+    forbidden = text_model.special.forbidden_in_untrusted
+    assert tokenize_untrusted(text_model.tokenizer, "x\udc80y", forbidden) == tokenize_untrusted(
+        text_model.tokenizer, "x\ufffdy", forbidden
+    )
+    r = text_model.rank(Query.coerce("q \ud800"), ["x\udc80y", "plain"], reasoning_budget=0)
+    assert r.candidates[0].text == "x\ufffdy" and len(r.scores) == 2

