@@ -11,6 +11,7 @@ candidate labels at the answer position: the scores of every candidate.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +31,13 @@ class SamplingConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
+
+    def __post_init__(self) -> None:
+        # ``not (...)`` so that NaN is refused too
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, numbers.Real) or not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, numbers.Real) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
 
 
 @dataclass
@@ -77,6 +85,7 @@ class InspectionDecoder:
         if sampling.top_p < 1.0:
             sorted_p, idx = probs.sort(descending=True)
             keep = sorted_p.cumsum(0) - sorted_p < sampling.top_p
+            keep[0] = True  # the most likely token always stays (a tiny top_p is near-greedy, never empty)
             probs = torch.zeros_like(probs).scatter(0, idx[keep], sorted_p[keep])
             probs = probs / probs.sum()
         tok = int(torch.multinomial(probs.cpu(), 1, generator=generator))
@@ -163,10 +172,11 @@ class InspectionMachine:
         self.notes: list[str] = []
         self.wrote_answer = False
         self.stop_reason = ""
-        self.done = budget <= 0
-        if self.done:
+        if budget < 0 or max_inspections < 0:
+            raise ValueError(f"reasoning_budget and max_inspections must be >= 0, got {budget} and {max_inspections}")
+        self.done = budget == 0
+        if self.done:  # no reasoning at all (direct scoring): nothing was cut short, so no note
             self.stop_reason = "reasoning_budget"
-            self.notes.append(f"reasoning stopped at the budget of {budget} tokens")
         self._request_start: int | None = None
 
     def stop(self, reason: str, note: str | None = None) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import numbers
 import os
 import threading
 from pathlib import Path
@@ -394,11 +395,13 @@ class RetrvR1Model(nn.Module):
         ``config.extra["icm_batch_size"]`` or 32); a batch that runs out of memory (ICM or
         vision tower) is retried in halves down to one candidate, with a note.
         """
-        budget = self.config.reasoning_budget if reasoning_budget is None else reasoning_budget
-        inspections = self.config.max_inspections if max_inspections is None else max_inspections
+        candidates = list(candidates)  # read twice below (prepare and _result): a generator must not run dry
+        budget = self.config.reasoning_budget if reasoning_budget is None else _count(reasoning_budget, "reasoning_budget")
+        inspections = self.config.max_inspections if max_inspections is None else _count(max_inspections, "max_inspections")
         mode = compression or self.config.compression
         if mode not in ("icm", "none"):
             raise ValueError(f"compression must be 'icm' or 'none', got {mode!r}")
+        sampling = SamplingConfig(do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed)  # validates
         with self._lock:
             prompt, encoded, notes = self.prepare(
                 query, candidates, compression=mode, think=budget > 0, reasoning_budget=budget, icm_batch_size=icm_batch_size
@@ -408,7 +411,7 @@ class RetrvR1Model(nn.Module):
                 encoded,
                 reasoning_budget=budget,
                 max_inspections=inspections,
-                sampling=SamplingConfig(do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed),
+                sampling=sampling,
                 allow_inspection=mode == "icm",
                 context_limit=self._context_limit(),
             )
@@ -428,6 +431,7 @@ class RetrvR1Model(nn.Module):
         Queries run one by one (``kwargs`` as for :meth:`rank`); inside each, the ICM and
         vision batches are split in halves when they run out of memory.
         """
+        queries, candidates = list(queries), [list(c) for c in candidates]  # generators are read once
         if len(queries) != len(candidates):
             raise ValueError(f"{len(queries)} queries but {len(candidates)} candidate lists")
         return [self.rank(q, c, **kwargs) for q, c in zip(queries, candidates)]
@@ -487,6 +491,13 @@ class RetrvR1Model(nn.Module):
 
 
 # ==================================================================== helpers
+def _count(value: Any, name: str) -> int:
+    """A per-call count (``reasoning_budget``, ``max_inspections``): a non-negative int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    return int(value)
+
+
 def _added_ids(tokenizer) -> list[int]:
     return sorted(tokenizer.added_tokens_decoder.keys())
 

@@ -117,3 +117,28 @@ def test_type_errors_are_clear(text_model):
         text_model.rank(42, ["a"])
     with pytest.raises(ValueError, match="compression"):
         text_model.rank("q", ["a"], compression="zip")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(reasoning_budget=-1), "reasoning_budget must be a non-negative int, got -1"),
+        (dict(max_inspections=-2), "max_inspections must be a non-negative int, got -2"),
+        (dict(reasoning_budget=2.5), "reasoning_budget"),
+        (dict(do_sample=True, top_p=0.0), r"top_p must be in \(0, 1\], got 0.0"),
+        (dict(do_sample=True, top_p=-0.5), "top_p"),
+        (dict(do_sample=True, top_p=1.5), "top_p"),
+        (dict(top_p=float("nan")), "top_p"),
+        (dict(do_sample=True, temperature=-1.0), "temperature must be >= 0, got -1.0"),
+    ],
+)
+def test_bad_generation_arguments_are_refused(text_model, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        text_model.rank("q", TEXTS, **kwargs)
+
+
+def test_direct_scoring_has_no_budget_note(text_model):
+    r = text_model.rank("q", TEXTS, reasoning_budget=0)
+    assert not any("budget" in n for n in r.notes), r.notes
+    r = text_model.rank("q", TEXTS, reasoning_budget=3)
+    assert any("budget of 3" in n for n in r.notes)

@@ -103,6 +103,24 @@ def test_greedy_decoding_is_deterministic_and_sampling_is_seeded(text_model):
     assert s1.reasoning != s3.reasoning
 
 
+def test_tiny_top_p_samples_the_top_token(text_model):
+    """A nucleus smaller than the top token's probability keeps that token: sampling is greedy."""
+    greedy = text_model.rank("q", _candidates(False), reasoning_budget=8)
+    for seed in (0, 1):
+        nucleus = text_model.rank("q", _candidates(False), reasoning_budget=8, do_sample=True, top_p=1e-6, seed=seed)
+        assert nucleus.reasoning == greedy.reasoning
+    free = text_model.rank("q", _candidates(False), reasoning_budget=8, do_sample=True, top_p=1.0, seed=0)
+    assert free.reasoning != greedy.reasoning  # the check above is not vacuous
+
+
+def test_pick_keeps_the_top_token_even_with_an_empty_nucleus(text_model):
+    sampling = SamplingConfig(do_sample=True, top_p=0.5)
+    sampling.top_p = 0.0  # bypasses validation: the sampler itself must still not crash
+    logits = torch.tensor([0.0, 3.0, 1.0])
+    tok, logp = text_model.decoder._pick(logits, sampling, torch.Generator().manual_seed(0))
+    assert tok == 1 and logp < 0
+
+
 class TestInspectionMachine:
     @pytest.fixture
     def special(self, text_model):
@@ -139,6 +157,10 @@ class TestInspectionMachine:
         assert not m.done
         m.step(special.inspect_start)
         assert m.done and m.stop_reason == "reasoning_budget"
+        m0 = InspectionMachine(special, num_candidates=3, budget=0, max_inspections=1)
+        assert m0.done and m0.notes == []  # direct scoring: nothing was cut short
+        with pytest.raises(ValueError, match="reasoning_budget"):
+            InspectionMachine(special, num_candidates=3, budget=-1, max_inspections=1)
         m2 = InspectionMachine(special, num_candidates=3, budget=5, max_inspections=1)
         m2.step(special.answer_start)
         assert m2.done and m2.wrote_answer

@@ -9,7 +9,7 @@ from retrv_r1_plugin.icm import InformationCompressionModule
 from retrv_r1_plugin.model import RetrvR1Model
 from retrv_r1_plugin.types import Candidate, Query
 
-from conftest import make_text_model, make_vl_model, solid
+from conftest import boost_label, make_text_model, make_vl_model, solid
 
 TEXTS = ["plants turn light into sugar", "a rocket in the sky", "coffee in a white cup", "the cat sat on the mat"]
 
@@ -118,6 +118,18 @@ def test_separate_compressor_round_trip(tmp_path):
     model.save_pretrained(tmp_path / "c")
     after = RetrvR1Model.from_pretrained(tmp_path / "c").rank("q", TEXTS, reasoning_budget=0)
     assert after.scores == before.scores
+
+
+def test_candidates_may_be_a_generator():
+    """``rank`` reads the candidates twice (prompt, then result): a generator must not run dry."""
+    model = boost_label(make_text_model(seed=2), 1)
+    listed = model.rank("q", TEXTS, reasoning_budget=0)
+    assert listed.answer == 1 and listed.fallback is None
+    r = model.rank("q", (t for t in TEXTS), reasoning_budget=0)
+    assert r.answer == 1 and r.fallback is None and not any("answer was" in n for n in r.notes)
+    assert [c.text for c in r.candidates] == TEXTS and r.scores == listed.scores
+    batch = model.rank_batch((q for q in ["q", "q"]), ((t for t in TEXTS) for _ in range(2)), reasoning_budget=0)
+    assert [b.answer for b in batch] == [1, 1] and all(len(b.candidates) == len(TEXTS) for b in batch)
 
 
 def test_rank_batch_equals_single_calls(text_model):
