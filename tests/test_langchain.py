@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 pytest.importorskip("langchain_core")
 
@@ -288,6 +289,55 @@ def test_prior_relevance_score_moves_to_retrieval_score():
     assert [d.metadata["relevance_score"] for d in docs] == [0.5, 0.6, 0.7]
 
 
+def test_compressor_top_n_is_validated():
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=f"top_n must be >= 1 or None, got {bad}"):
+            RetrvR1Compressor(model=tiny_text_model(), top_n=bad)
+    docs = [Document(page_content=t, id=cid) for cid, t in CORPUS[:3]]
+    assert len(RetrvR1Compressor(model=tiny_text_model(), top_n=1, reasoning_budget=0).compress_documents(docs, QUESTION)) == 1
+
+
+@functools.cache
+def small_boosted_model():
+    """A model with only 4 index labels, preferring label 3 (WINNER)."""
+    return boost_label(make_text_model(seed=2, max_candidates=4), WINNER)
+
+
+def test_compressor_reranks_the_first_max_candidates_and_appends_the_rest(caplog):
+    model = small_boosted_model()
+    compressor = RetrvR1Compressor(model=model, top_n=None, reasoning_budget=0)
+    docs = [Document(page_content=t, id=cid, metadata={"rank": i}) for i, (cid, t) in enumerate(CORPUS)]  # 8 > 4
+    with caplog.at_level("WARNING", logger="retrv_r1_plugin.integrations"):
+        out = compressor.compress_documents(docs, QUESTION)
+        again = compressor.compress_documents(docs, QUESTION)
+    direct = model.rank(QUESTION, [t for _, t in CORPUS[:4]], reasoning_budget=0)
+    assert [d.id for d in out] == [CORPUS[i][0] for i in direct.order] + [cid for cid, _ in CORPUS[4:]]
+    assert out[0].id == CORPUS[WINNER][0]
+    scores = [d.metadata["relevance_score"] for d in out]
+    assert scores[:4] == pytest.approx([direct.scores[i] for i in direct.order])
+    assert scores == sorted(scores, reverse=True) and len(set(scores)) == len(scores)
+    assert max(scores[4:]) < min(scores[:4])
+    assert all(d.metadata["retrv_r1_fallback"] == "not_reranked" and d.metadata["retrv_r1_inspected"] is False for d in out[4:])
+    assert all(d.metadata["retrv_r1_fallback"] != "not_reranked" for d in out[:4])
+    assert [d.id for d in again] == [d.id for d in out]
+    warnings = [r for r in caplog.records if "max_candidates" in r.getMessage()]
+    assert len(warnings) == 1 and "RetrvR1Compressor got 8 items" in warnings[0].getMessage()
+    # top_n cuts the merged order; the tail documents' images are never read
+    broken = docs + [Document(page_content="x", id="broken", metadata={"image_path": "/nonexistent/x.png"})]
+    assert [d.id for d in RetrvR1Compressor(model=model, top_n=6, reasoning_budget=0).compress_documents(broken, QUESTION)] == [d.id for d in out[:6]]
+
+
+def test_contextual_compression_over_more_documents_than_max_candidates():
+    base = vector_store().as_retriever(search_kwargs={"k": len(CORPUS)})
+    pipeline = ContextualCompressionRetriever(
+        base_compressor=RetrvR1Compressor(model=small_boosted_model(), top_n=5, reasoning_budget=0), base_retriever=base
+    )
+    first = base.invoke(QUESTION)
+    docs = pipeline.invoke(QUESTION)
+    assert len(docs) == 5 and docs[0].id == first[WINNER].id
+    assert {d.id for d in docs[:4]} == {d.id for d in first[:4]} and docs[4].id == first[4].id
+
+
 # ------------------------------------------------------------------ images
 
 
@@ -348,6 +398,15 @@ def test_document_candidate_round_trip(images):
         back = document_to_candidate(doc, load_images=False)
         assert (back.text, back.id, back.image) == (cand.text, cand.id, cand.image)
     assert document_to_candidate(candidate_to_document(Candidate("t", image=raw))).image.size == (56, 56)
+    # an in-memory PIL image is kept too, PNG-encoded like the store does
+    pil = Image.open(images["green"])
+    doc = candidate_to_document(Candidate("t", image=pil, id="c", metadata={"x": 1}))
+    assert doc.metadata["x"] == 1 and set(doc.metadata) == {"x", "image_b64"}
+    back = document_to_candidate(doc)
+    assert back.image.size == pil.size and np.array_equal(np.asarray(back.image), np.asarray(pil.convert("RGB")))
+    with QdrantCandidateStore(minilm(), location=":memory:", collection_name="pil") as store:
+        store.add([Candidate("t", image=pil, id="c")], show_progress=False)
+        assert doc.metadata["image_b64"] == candidate_to_document(store.get(["c"])[0]).metadata["image_b64"]
 
 
 def test_missing_extra_names_the_pip_command(monkeypatch):

@@ -103,6 +103,39 @@ def test_top_n_and_none(text_model):
         RetrvR1Reranker(model=text_model, top_n=0)
 
 
+@pytest.fixture(scope="module")
+def small_boosted_model():
+    """A tiny text model with only 4 index labels, preferring label 3 (index WINNER)."""
+    return boost_label(make_text_model(seed=2, max_candidates=4), WINNER)
+
+
+def test_more_nodes_than_max_candidates_rerank_the_first_and_append_the_rest(small_boosted_model, caplog):
+    texts = TEXTS + ["bread from flour", "paris in france", "a mountain of snow"]  # 7 > 4 labels
+    nodes = nodes_of(texts)
+    # a caption-less image node beyond max_candidates is never converted (the text model would refuse it)
+    nodes.append(NodeWithScore(node=ImageNode(image_path="/nonexistent/x.png", id_="img"), score=0.1))
+    reranker = RetrvR1Reranker(model=small_boosted_model, top_n=None, reasoning_budget=0)
+    with caplog.at_level("WARNING", logger="retrv_r1_plugin.integrations"):
+        out = reranker.postprocess_nodes(nodes, query_str="photosynthesis")
+        again = reranker.postprocess_nodes(nodes, query_str="photosynthesis")
+    direct = small_boosted_model.rank("photosynthesis", TEXTS, reasoning_budget=0)
+    ids = [n.node.node_id for n in out]
+    assert ids == [f"n{i}" for i in direct.order] + ["n4", "n5", "n6", "img"]
+    assert ids[0] == f"n{WINNER}" and [n.node.node_id for n in again] == ids
+    scores = [n.score for n in out]
+    assert scores[:4] == pytest.approx([direct.scores[i] for i in direct.order])
+    assert scores == sorted(scores, reverse=True) and len(set(scores)) == len(scores)
+    assert max(scores[4:]) < min(scores[:4])
+    assert all(n.node.metadata["retrv_r1_fallback"] == "not_reranked" for n in out[4:])
+    assert all(n.node.metadata["retrv_r1_inspected"] is False for n in out[4:])
+    assert out[0].node.metadata["retrv_r1_fallback"] is None
+    warnings = [r for r in caplog.records if "max_candidates" in r.getMessage()]
+    assert len(warnings) == 1 and "RetrvR1Reranker got 8 items" in warnings[0].getMessage()
+    # top_n cuts the merged order
+    top = RetrvR1Reranker(model=small_boosted_model, top_n=5, reasoning_budget=0).postprocess_nodes(nodes, query_str="photosynthesis")
+    assert [n.node.node_id for n in top] == ids[:5]
+
+
 def test_fields_and_serialisation(text_model):
     reranker = RetrvR1Reranker(model=text_model, top_n=3, reasoning_budget=2, compression="none")
     assert RetrvR1Reranker.class_name() == "RetrvR1Reranker"
@@ -377,6 +410,23 @@ def test_query_engine_over_qdrant(boosted_model, minilm):
     assert sources[0].node.metadata["retrieval_score"] == pytest.approx(retrieved[WINNER].score)
     assert "retrv_r1_reasoning" in sources[0].node.metadata and sources[0].node.metadata["i"] == retrieved[WINNER].node.metadata["i"]
     assert str(response)  # the (mock) synthesizer ran over the reranked nodes
+
+
+def test_query_engine_with_similarity_top_k_above_max_candidates(small_boosted_model, minilm):
+    client = QdrantClient(":memory:")
+    index = VectorStoreIndex.from_documents(
+        [Document(text=t) for t in CORPUS],
+        storage_context=StorageContext.from_defaults(vector_store=QdrantVectorStore(collection_name="many", client=client)),
+        embed_model=minilm,
+    )
+    question = "how do plants use light?"
+    retrieved = index.as_retriever(similarity_top_k=6).retrieve(question)
+    reranker = RetrvR1Reranker(model=small_boosted_model, top_n=5, reasoning_budget=0)
+    engine = index.as_query_engine(similarity_top_k=6, node_postprocessors=[reranker], llm=MockLLM())
+    sources = engine.query(question).source_nodes
+    assert len(sources) == 5 and sources[0].node.node_id == retrieved[WINNER].node.node_id
+    assert {n.node.node_id for n in sources[:4]} == {n.node.node_id for n in retrieved[:4]}
+    assert sources[4].node.node_id == retrieved[4].node.node_id and sources[4].score < sources[3].score
 
 
 def uid(name: str) -> str:

@@ -14,6 +14,9 @@ back. What they write into a node's / document's metadata:
 * ``retrv_r1_inspected``: whether the model inspected this candidate in full tokens;
 * ``retrv_r1_fallback``: ``None`` when the ranking is the model's own clean answer, otherwise
   why it is not (e.g. ``"forced_answer"``); the scores are still the label probabilities.
+  ``"not_reranked"`` marks an item beyond the model's ``max_candidates``: an adapter given
+  more items reranks the first ``max_candidates`` and appends the others in their given
+  order, scored below every reranked item (see ``_common.rerank``).
 
 This module imports no framework and no model code at import time.
 """

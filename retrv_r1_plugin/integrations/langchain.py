@@ -41,11 +41,13 @@ from langchain_core.callbacks import (  # noqa: E402
 from langchain_core.documents import BaseDocumentCompressor, Document  # noqa: E402
 from langchain_core.retrievers import BaseRetriever  # noqa: E402
 from langchain_core.runnables import run_in_executor  # noqa: E402
-from pydantic import BaseModel, ConfigDict, Field, model_validator  # noqa: E402
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from ..model import RetrvR1Model  # noqa: E402
-from ..types import Candidate, ImageInput, ImageLoadError, Query, load_image  # noqa: E402
-from . import RETRIEVAL_SCORE_KEY, load_model, result_metadata  # noqa: E402
+from ..types import Candidate, ImageInput, ImageLoadError, Query, encode_png, load_image  # noqa: E402
+from . import RETRIEVAL_SCORE_KEY, load_model  # noqa: E402
+from ._common import rerank, to_rank  # noqa: E402
 
 __all__ = ["RetrvR1Compressor", "RetrvR1Retriever", "candidate_to_document", "document_to_candidate"]
 
@@ -56,13 +58,26 @@ IMAGE_B64_KEY = "image_b64"
 
 # ====================================================================== conversion
 def candidate_to_document(candidate: Candidate) -> Document:
-    """A LangChain ``Document`` of a store :class:`Candidate` (image kept in metadata)."""
+    """A LangChain ``Document`` of a store :class:`Candidate` (image kept in metadata).
+
+    A path goes to ``metadata["image_path"]``; bytes, and a PIL image (PNG-encoded, as the
+    store does), go to ``metadata["image_b64"]``.
+
+    Raises:
+        ImageLoadError: a PIL image cannot be decoded (the message names the candidate).
+    """
     metadata = dict(candidate.metadata)
     image = candidate.image
     if isinstance(image, (str, os.PathLike)):
         metadata.setdefault(IMAGE_PATH_KEY, os.fspath(image))
     elif isinstance(image, (bytes, bytearray)):
         metadata.setdefault(IMAGE_B64_KEY, base64.b64encode(bytes(image)).decode("ascii"))
+    elif isinstance(image, Image.Image) and IMAGE_B64_KEY not in metadata:
+        try:
+            data = encode_png(image)
+        except ImageLoadError as exc:
+            raise ImageLoadError(f"candidate {candidate.id or '<no id>'}: {exc}") from exc
+        metadata[IMAGE_B64_KEY] = base64.b64encode(data).decode("ascii")
     return Document(page_content=candidate.text, metadata=metadata, id=candidate.id)
 
 
@@ -102,6 +117,8 @@ class _RetrvR1Options(BaseModel):
     strict: bool = Field(default=False, description="Raise NoAnswerError when the model's output has no clean answer; otherwise rank by label probabilities and flag metadata['retrv_r1_fallback'].")
     return_reasoning: bool = Field(default=True, description="Write the reasoning trace into metadata['retrv_r1_reasoning'].")
 
+    _overflow_warned: bool = PrivateAttr(default=False)
+
     @model_validator(mode="before")
     @classmethod
     def _load_model(cls, values: Any) -> Any:
@@ -110,26 +127,36 @@ class _RetrvR1Options(BaseModel):
         return values
 
     def _rank_documents(self, query: Query, documents: Sequence[Document], candidates: Sequence[Candidate], top: Optional[int]) -> list[Document]:
-        """Rerank ``documents`` (``candidates`` are their conversions); best ``top`` first."""
+        """Rerank ``documents``; best ``top`` first.
+
+        ``candidates`` are the conversions of the first ``max_candidates`` documents (all of
+        them when there are no more); the other documents follow, not reranked.
+        """
         if not documents:
             return []
-        result = self.model.rank(
+        ranked = rerank(
+            self.model,
             query,
-            list(candidates),
+            documents,
+            candidates,
+            owner=type(self).__name__,
+            warn=not self._overflow_warned,
             reasoning_budget=self.reasoning_budget,
             max_inspections=self.max_inspections,
             compression=self.compression,
             strict=self.strict,
         )
-        order = result.order if top is None else result.order[:top]
+        if ranked.overflow:
+            self._overflow_warned = True
+        order = ranked.order if top is None else ranked.order[:top]
         out = []
         for i in order:
             doc = documents[i]
             metadata = dict(doc.metadata)
             if RELEVANCE_SCORE_KEY in metadata and RETRIEVAL_SCORE_KEY not in metadata:
                 metadata[RETRIEVAL_SCORE_KEY] = metadata[RELEVANCE_SCORE_KEY]
-            metadata[RELEVANCE_SCORE_KEY] = result.scores[i]
-            metadata.update(result_metadata(result, i, self.return_reasoning))
+            metadata[RELEVANCE_SCORE_KEY] = ranked.scores[i]
+            metadata.update(ranked.metadata(i, self.return_reasoning))
             out.append(doc.model_copy(update={"metadata": metadata}))
         return out
 
@@ -275,11 +302,24 @@ class RetrvR1Compressor(_RetrvR1Options, BaseDocumentCompressor):
     """Document compressor that reranks documents with a Retrv-R1 model and keeps ``top_n``.
 
     For ``langchain_classic.retrievers.ContextualCompressionRetriever``. Returned documents
-    are copies with the same metadata as :class:`RetrvR1Retriever` writes. The number of
-    documents must not exceed the model's ``max_candidates``.
+    are copies with the same metadata as :class:`RetrvR1Retriever` writes.
+
+    The model ranks at most its ``max_candidates`` documents at once. Given more (e.g. a
+    base retriever with ``k`` above it), the first ``max_candidates`` documents (the base
+    retriever's best, in the order given) are reranked and the others follow them in their
+    given order, with ``relevance_score`` below every reranked score (counting down from 0,
+    so negative), ``retrv_r1_inspected`` False and ``retrv_r1_fallback`` ``"not_reranked"``;
+    their images are not read, and a warning is logged once per compressor.
     """
 
-    top_n: Optional[int] = Field(default=3, description="Number of documents returned; None returns all, reranked.")
+    top_n: Optional[int] = Field(default=3, description="Number of documents returned (>= 1); None returns all, reranked.")
+
+    @field_validator("top_n")
+    @classmethod
+    def _check_top_n(cls, value: Optional[int]) -> Optional[int]:
+        if value is not None and value < 1:
+            raise ValueError(f"top_n must be >= 1 or None, got {value}")
+        return value
 
     def compress_documents(
         self,
@@ -291,4 +331,5 @@ class RetrvR1Compressor(_RetrvR1Options, BaseDocumentCompressor):
         if not documents:
             return []
         docs = list(documents)
-        return self._rank_documents(self._query(query, None), docs, self._candidates(docs), self.top_n)
+        q = self._query(query, None)
+        return self._rank_documents(q, docs, self._candidates(to_rank(self.model, docs)), self.top_n)

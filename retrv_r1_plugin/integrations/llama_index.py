@@ -35,8 +35,9 @@ from llama_index.core.postprocessor.types import BaseNodePostprocessor  # noqa: 
 from llama_index.core.schema import ImageNode, MetadataMode, NodeWithScore, QueryBundle  # noqa: E402
 
 from ..model import RetrvR1Model  # noqa: E402
-from ..types import Candidate, ImageInput, ImageLoadError, Query, RankResult, load_image  # noqa: E402
-from . import RETRIEVAL_SCORE_KEY, load_model, model_name, result_metadata  # noqa: E402
+from ..types import Candidate, ImageInput, ImageLoadError, Query, load_image  # noqa: E402
+from . import RETRIEVAL_SCORE_KEY, load_model, model_name  # noqa: E402
+from ._common import Reranked, rerank, to_rank  # noqa: E402
 
 logger = logging.getLogger(__name__)
 dispatcher = get_dispatcher(__name__)
@@ -63,8 +64,12 @@ class RetrvR1Reranker(BaseNodePostprocessor):
     the node): ``retrv_r1_reasoning`` (with ``return_reasoning``), ``retrv_r1_inspected``,
     ``retrv_r1_fallback`` and, with ``keep_retrieval_score``, ``retrieval_score``.
 
-    All nodes of one call are ranked together (listwise), so their number must not exceed
-    the model's ``max_candidates``; retrieve at most that many (``similarity_top_k``).
+    The nodes of one call are ranked together (listwise), at most the model's
+    ``max_candidates`` of them. Given more (e.g. ``similarity_top_k`` above it), the first
+    ``max_candidates`` nodes (the retriever's best, in the order given) are reranked and the
+    others follow them in their given order, with scores below every reranked score (counting
+    down from 0, so negative), ``retrv_r1_inspected`` False and ``retrv_r1_fallback``
+    ``"not_reranked"``; their images are not read, and a warning is logged once per reranker.
     An empty node list returns ``[]`` without calling the model. ``apostprocess_nodes``
     runs the model in a worker thread; calls on one model are serialised by its lock.
     """
@@ -82,6 +87,7 @@ class RetrvR1Reranker(BaseNodePostprocessor):
     metadata_mode: MetadataMode = Field(default=MetadataMode.EMBED, description="Which metadata is included in the node text shown to the model.")
 
     _model: RetrvR1Model = PrivateAttr()
+    _overflow_warned: bool = PrivateAttr(default=False)
 
     def __init__(
         self,
@@ -183,9 +189,9 @@ class RetrvR1Reranker(BaseNodePostprocessor):
                 )
         return Candidate(text=text, image=image, id=node.node_id)
 
-    def _rescored(self, nws: NodeWithScore, index: int, result: RankResult) -> NodeWithScore:
+    def _rescored(self, nws: NodeWithScore, index: int, ranked: Reranked) -> NodeWithScore:
         node = nws.node
-        added = result_metadata(result, index, self.return_reasoning)
+        added = ranked.metadata(index, self.return_reasoning)
         if self.keep_retrieval_score:
             added = {RETRIEVAL_SCORE_KEY: nws.score, **added}
         hidden = list(added)
@@ -196,7 +202,7 @@ class RetrvR1Reranker(BaseNodePostprocessor):
                 "excluded_embed_metadata_keys": list(dict.fromkeys([*node.excluded_embed_metadata_keys, *hidden])),
             }
         )
-        return NodeWithScore(node=copy, score=result.scores[index])
+        return NodeWithScore(node=copy, score=ranked.scores[index])
 
     # ------------------------------------------------------------------ reranking
     def _postprocess_nodes(
@@ -209,7 +215,7 @@ class RetrvR1Reranker(BaseNodePostprocessor):
         if not nodes:
             return []
         query = self._query(query_bundle)
-        candidates = [self._candidate(n) for n in nodes]
+        candidates = [self._candidate(n) for n in to_rank(self._model, nodes)]
         top_n = len(nodes) if self.top_n is None else self.top_n
 
         dispatcher.event(ReRankStartEvent(query=query_bundle, nodes=nodes, top_n=top_n, model_name=self.model))
@@ -222,17 +228,23 @@ class RetrvR1Reranker(BaseNodePostprocessor):
                 EventPayload.TOP_K: top_n,
             },
         ) as event:
-            result = self._model.rank(
+            ranked = rerank(
+                self._model,
                 query,
+                nodes,
                 candidates,
+                owner=self.class_name(),
+                warn=not self._overflow_warned,
                 reasoning_budget=self.reasoning_budget,
                 max_inspections=self.max_inspections,
                 compression=self.compression,
                 strict=self.strict,
             )
-            if result.notes:
-                logger.debug("Retrv-R1 notes: %s", "; ".join(result.notes))
-            reranked = [self._rescored(nodes[i], i, result) for i in result.order[:top_n]]
+            if ranked.overflow:
+                self._overflow_warned = True
+            if ranked.result.notes:
+                logger.debug("Retrv-R1 notes: %s", "; ".join(ranked.result.notes))
+            reranked = [self._rescored(nodes[i], i, ranked) for i in ranked.order[:top_n]]
             event.on_end(payload={EventPayload.NODES: reranked})
         dispatcher.event(ReRankEndEvent(nodes=reranked))
         return reranked
