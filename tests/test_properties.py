@@ -39,6 +39,7 @@ from retrv_r1_plugin.types import (
     Query,
     RankResult,
     RetrvR1Error,
+    replace_surrogates,
 )
 
 from conftest import make_text_model, make_vl_model
@@ -195,7 +196,7 @@ def check_ranking(result: RankResult, candidates: list, budget: int = 0) -> None
         if isinstance(given_, Candidate):
             assert kept is given_  # the caller's own object, in the caller's position
         else:
-            assert isinstance(kept, Candidate) and kept.text == given_
+            assert isinstance(kept, Candidate) and kept.text == replace_surrogates(given_)
     assert all(isinstance(s, float) and math.isfinite(s) and 0.0 <= s <= 1.0 for s in result.scores)
     assert math.isclose(sum(result.scores), 1.0, rel_tol=0, abs_tol=1e-5)
     assert sorted(result.order) == list(range(k))
