@@ -27,8 +27,6 @@ from .types import Candidate, ImageInput, ImageLoadError, Query, load_image
 
 logger = logging.getLogger(__name__)
 
-ROLES = ("prompt", "generated", "spliced", "forced")
-
 #: Qwen-VL image processors refuse images whose long side is over 200 times the short one.
 MAX_IMAGE_ASPECT_RATIO = 200
 
@@ -85,6 +83,16 @@ def check_vision_image(image: Image.Image, what: str) -> Image.Image:
             "which the vision processor refuses; crop or pad it"
         )
     return image
+
+
+def load_vision_image(source: ImageInput, what: str) -> Image.Image:
+    """:func:`load_image` then :func:`check_vision_image`; every error names ``what`` (which
+    candidate, or the query) first, as a bad image in a list of many is otherwise hard to find."""
+    try:
+        image = load_image(source)
+    except ImageLoadError as exc:
+        raise ImageLoadError(f"{what}: {exc}") from exc
+    return check_vision_image(image, what)
 
 
 def pad_embeddings(seqs: list[torch.Tensor], length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,7 +218,7 @@ class ContextBuilder:
         if image is not None or image_tokens is not None:
             if self.backbone.is_vision:
                 if image_tokens is None:
-                    image_tokens = self.backbone.encode_images([check_vision_image(load_image(image), what)])[0]
+                    image_tokens = self.backbone.encode_images([load_vision_image(image, what)])[0]
                 parts.append(self.image_chunk(image_tokens))
             else:
                 ignored_image = True
@@ -228,7 +236,7 @@ class ContextBuilder:
         (split in halves if it runs out of memory, recorded in ``notes``)."""
         images = {}
         if self.backbone.is_vision:
-            pil = {i: check_vision_image(load_image(c.image), f"candidate {i}") for i, c in enumerate(candidates) if c.image is not None}
+            pil = {i: load_vision_image(c.image, f"candidate {i}") for i, c in enumerate(candidates) if c.image is not None}
             if pil:
                 order = list(pil)
                 toks = map_batches(self.backbone.encode_images, [pil[i] for i in order], len(order), what="vision encoder", notes=notes)

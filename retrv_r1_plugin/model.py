@@ -217,16 +217,34 @@ class RetrvR1Model(nn.Module):
 
     @property
     def content_signature(self) -> str:
-        """Identifies the weights that produce ``t_con``, so caches know when they are stale."""
-        if self._signature is None:
-            h = hashlib.sha256()
-            h.update(json.dumps(self.config.icm.to_dict(), sort_keys=True).encode())
-            for name, tensor in sorted(self.icm.state_dict().items()):
-                h.update(name.encode())
-                h.update(tensor.detach().float().cpu().numpy().tobytes())
-            h.update(self.backbone.model.get_input_embeddings().weight[:64].detach().float().cpu().numpy().tobytes())
-            self._signature = h.hexdigest()[:16]
-        return self._signature
+        """Identifies everything that produces ``t_con``, so caches know when they are stale:
+        the ICM (config and weights), the whole input-embedding matrix (candidate tokens are
+        embedded with it: added-token rows and full fine-tuning both change it), the vision
+        tower when there is one (``train_vision``, a graft), the image processor's size, and
+        ``max_candidate_tokens`` (where candidate text is cut).
+
+        Every weight is hashed exactly, in its own dtype's bytes, one tensor at a time, rather
+        than a strided sample: a sample would miss a change confined to a few rows (token-row
+        training, a sparse fine-tune), and a stale cache is silently wrong scores. The cost
+        (about 1 GB/s of weights, e.g. ~0.1 s for SmolLM2-135M's embeddings, a few seconds for
+        a 3B Qwen-VL's embeddings and vision tower) is paid once: the digest is cached until
+        :meth:`invalidate_signature` (which training calls after every step)."""
+        with self._lock:
+            if self._signature is None:
+                h = hashlib.sha256()
+                settings = {
+                    "icm": self.config.icm.to_dict(),
+                    "max_candidate_tokens": self.config.max_candidate_tokens,
+                    "image_size": getattr(self.backbone.image_processor, "size", None),
+                }
+                h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+                _hash_tensors(h, self.icm.state_dict().items())
+                _hash_tensors(h, [("input_embeddings", self.backbone.model.get_input_embeddings().weight)])
+                visual = _vision_tower(self.backbone)
+                if visual is not None:
+                    _hash_tensors(h, visual.state_dict().items())
+                self._signature = h.hexdigest()[:16]
+            return self._signature
 
     def invalidate_signature(self) -> None:
         """Call after changing weights (training) so cached content tokens are recomputed."""
@@ -496,6 +514,20 @@ def _count(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
         raise ValueError(f"{name} must be a non-negative int, got {value!r}")
     return int(value)
+
+
+def _hash_tensors(h, named: Any) -> None:
+    """Feed ``(name, tensor)`` pairs to hash ``h``, sorted by name: name, dtype, shape and the
+    exact bytes (copied to the CPU one tensor at a time)."""
+    for name, tensor in sorted(named, key=lambda kv: kv[0]):
+        t = tensor.detach()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(memoryview(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+
+
+def _vision_tower(backbone: Backbone) -> nn.Module | None:
+    """The Qwen-VL vision tower (``model.model.visual``; grafted towers sit there too), if any."""
+    return getattr(getattr(backbone.model, "model", None), "visual", None) if backbone.is_vision else None
 
 
 def _added_ids(tokenizer) -> list[int]:

@@ -42,6 +42,20 @@ def test_missing_and_corrupt_images_name_the_source(vl_model, tmp_path):
         vl_model.rank(Query(text="q", image=text_file), ["a"])
 
 
+def test_undecodable_images_name_the_candidate_or_the_query(vl_model):
+    with pytest.raises(ImageLoadError, match=r"^candidate 1: cannot decode image <10 bytes>"):
+        vl_model.rank("q", ["a", Candidate(image=b"notanimage")])
+    buf = io.BytesIO()
+    solid((1, 2, 3), (64, 64)).save(buf, format="PNG")
+    from PIL import Image
+
+    lazy = Image.open(io.BytesIO(buf.getvalue()[:-30]))  # header fine, pixel data cut short
+    with pytest.raises(ImageLoadError, match=r"^candidate 2: cannot decode image"):
+        vl_model.rank("q", ["a", "b", Candidate(text="c", image=lazy)])
+    with pytest.raises(ImageLoadError, match=r"^the query: cannot decode image <2 bytes>"):
+        vl_model.rank(Query(text="q", image=b"xy"), ["a"])
+
+
 def test_text_backbone_refuses_image_only_candidates_but_uses_captions(text_model, tmp_path):
     with pytest.raises(ValueError, match="text-only"):
         text_model.rank("q", [Candidate(image=solid((0, 0, 0)))])

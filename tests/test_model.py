@@ -71,6 +71,7 @@ def test_save_load_round_trip_gives_identical_scores(tmp_path, kind, images):
     assert after.scores == before.scores
     assert after.reasoning == before.reasoning
     assert loaded.config.max_candidates == model.config.max_candidates
+    assert loaded.content_signature == model.content_signature  # a content-token cache stays valid
     assert loaded.tokenizer.convert_tokens_to_ids("<cand_3>") == model.tokenizer.convert_tokens_to_ids("<cand_3>")
 
 
@@ -167,6 +168,35 @@ def test_content_signature_changes_with_weights():
         model.icm.out_proj.weight.add_(1.0)
     assert model.content_signature == sig  # cached until invalidated
     model.invalidate_signature()
+    assert model.content_signature != sig
+
+
+def test_content_signature_covers_everything_that_makes_content_tokens():
+    """Each change below alters t_con, so a cache made before it must be refused."""
+    base = make_text_model(seed=5).content_signature
+    assert make_text_model(seed=5).content_signature == base  # same weights, same signature
+    assert make_text_model(seed=5, max_candidate_tokens=7).content_signature != base
+    model = make_text_model(seed=5)
+    emb = model.backbone.model.get_input_embeddings().weight
+    row = int(model.tokenizer("apple", add_special_tokens=False)["input_ids"][0])
+    assert 64 <= row < emb.shape[0]  # an ordinary token's row, past the 64 rows once hashed
+    before = model.encode_candidates(["apple"])[0]
+    with torch.no_grad():  # a full fine-tune moves ordinary tokens' rows
+        emb[row] += 0.5
+    model.invalidate_signature()
+    assert not torch.equal(model.encode_candidates(["apple"])[0], before)
+    assert model.content_signature != base
+
+
+def test_content_signature_covers_the_vision_tower(images):
+    model = make_vl_model(seed=3)
+    sig = model.content_signature
+    cand = Candidate(image=images["red"])
+    before = model.encode_candidates([cand])[0]
+    with torch.no_grad():  # train_vision / a graft changes the tower's weights
+        next(model.backbone.model.model.visual.parameters()).mul_(1.5)
+    model.invalidate_signature()
+    assert not torch.equal(model.encode_candidates([cand])[0], before)
     assert model.content_signature != sig
 
 
