@@ -12,7 +12,9 @@ positions shifted by the running "next position", which is exactly what the back
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,13 +233,9 @@ class Backbone:
         if deepstack is not None:
             kwargs["visual_pos_masks"] = visual_mask
             kwargs["deepstack_visual_embeds"] = deepstack
-        out = self.decoder(
-            inputs_embeds=embeds,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=cache is not None,
-            **kwargs,
-        )
+        decoder = self.decoder
+        kwargs[_cache_kwarg(type(decoder))] = cache
+        out = decoder(inputs_embeds=embeds, position_ids=positions, use_cache=cache is not None, **kwargs)
         hidden = out.last_hidden_state
         if logits == "none":
             return None, hidden
@@ -248,6 +246,16 @@ class Backbone:
         from transformers import DynamicCache
 
         return DynamicCache(config=self.text_config)
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg(decoder_class: type) -> str:
+    """The decoder's name for the KV cache: ``cache`` in newer transformers (where
+    ``past_key_values`` is deprecated), ``past_key_values`` before. Read from the forward
+    signature rather than the version, since an unknown keyword would be swallowed by
+    ``**kwargs`` and decoding would silently run without its cache."""
+    params = inspect.signature(decoder_class.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def realign_parameters(model: torch.nn.Module, alignment: int = 64) -> None:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from .backbone import ModelLoadError
 from .icm import ICMConfig
 
 Compression = Literal["icm", "none"]
@@ -61,12 +62,15 @@ class RetrvR1Config:
     def __post_init__(self) -> None:
         if isinstance(self.icm, dict):
             self.icm = ICMConfig(**self.icm)
+        if not isinstance(self.icm, ICMConfig):
+            raise TypeError(f"icm must be an ICMConfig or a dict of its fields, got {type(self.icm).__name__}")
         if self.compression not in ("icm", "none"):
             raise ValueError(f"compression must be 'icm' or 'none', got {self.compression!r}")
-        if self.max_candidates < 1:
-            raise ValueError("max_candidates must be at least 1")
-        if self.reasoning_budget < 0 or self.max_inspections < 0:
-            raise ValueError("reasoning_budget and max_inspections must be >= 0")
+        for name, least in (("max_candidates", 1), ("max_candidate_tokens", 1), ("max_query_tokens", 1),
+                            ("reasoning_budget", 0), ("max_inspections", 0), ("image_max_pixels", 1)):
+            _check_int(name, getattr(self, name), least)
+        if self.max_context_tokens is not None:
+            _check_int("max_context_tokens", self.max_context_tokens, 1)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,6 +81,31 @@ class RetrvR1Config:
 
     @classmethod
     def load(cls, directory: str | Path) -> "RetrvR1Config":
-        data = json.loads((Path(directory) / CONFIG_NAME).read_text())
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        """Read ``retrv_r1.json``; a missing, unreadable, corrupt or invalid file raises
+        :class:`~retrv_r1_plugin.backbone.ModelLoadError` naming it."""
+        path = Path(directory) / CONFIG_NAME
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(data, dict):
+                raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+            missing = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING and f.name not in data]
+            if missing:
+                raise ValueError(f"missing key(s) {', '.join(map(repr, missing))}")
+            known = {f.name for f in fields(cls)}
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except (OSError, ValueError, TypeError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise ModelLoadError(f"cannot read the Retrv-R1 config {path}: {exc}") from exc
+
+    def replace(self, **overrides: Any) -> "RetrvR1Config":
+        """A copy with ``overrides`` applied, validated like a new config (unknown fields raise
+        ``TypeError``, bad values ``ValueError``)."""
+        known = {f.name for f in fields(self)}
+        unknown = [k for k in overrides if k not in known]
+        if unknown:
+            raise TypeError(f"unknown RetrvR1Config field(s) {', '.join(map(repr, unknown))}")
+        return type(self)(**{**self.to_dict(), **overrides})
+
+
+def _check_int(name: str, value: Any, least: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"{name} must be an int >= {least}, got {value!r}")

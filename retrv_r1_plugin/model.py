@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import logging
@@ -49,6 +50,21 @@ def bundled_checkpoint(name: str) -> Path | None:
     """Path of a checkpoint shipped with the package (``retrv_r1_plugin/checkpoints/<name>``)."""
     path = Path(__file__).parent / "checkpoints" / name
     return path if (path / CONFIG_NAME).is_file() else None
+
+
+def bundled_checkpoints() -> list[str]:
+    """Names of the checkpoints shipped with the package (for :meth:`RetrvR1Model.from_pretrained`)."""
+    root = Path(__file__).parent / "checkpoints"
+    return sorted(p.name for p in root.iterdir() if (p / CONFIG_NAME).is_file()) if root.is_dir() else []
+
+
+def _bundled_hint(source: str) -> str:
+    names = bundled_checkpoints()
+    if not names:
+        return ""
+    close = difflib.get_close_matches(Path(source).name, names, n=1)
+    guess = f"did you mean {close[0]!r}? " if close else ""
+    return f" ({guess}bundled checkpoints: {', '.join(names)})"
 
 
 class RetrvR1Model(nn.Module):
@@ -111,17 +127,24 @@ class RetrvR1Model(nn.Module):
         path = Path(bundled) if bundled is not None else Path(resolve_source(source))
         if (path / CONFIG_NAME).is_file():
             return cls._load_checkpoint(path, device=device, dtype=dtype, **overrides)
-        backbone = load_backbone(source, gguf_file=gguf_file, dtype=dtype, device=device)
+        try:
+            backbone = load_backbone(source, gguf_file=gguf_file, dtype=dtype, device=device)
+        except ModelLoadError as exc:
+            if path.exists():
+                raise
+            raise ModelLoadError(f"{exc}{_bundled_hint(source)}") from exc
         logger.warning("%s is a plain backbone: the ICM is untrained (use compression='none' for zero-shot)", source)
         return cls.from_backbone(backbone, backbone_source=source, gguf_file=gguf_file, **overrides)
 
     @classmethod
     def _load_checkpoint(cls, path: Path, *, device=None, dtype=None, **overrides: Any) -> "RetrvR1Model":
-        config = RetrvR1Config.load(path)
-        for key, value in overrides.items():
-            if not hasattr(config, key):
-                raise TypeError(f"unknown RetrvR1Config field {key!r}")
-            setattr(config, key, value)
+        saved = RetrvR1Config.load(path)
+        config = saved.replace(**overrides) if overrides else saved  # overrides are validated too
+        if config.max_candidates > saved.max_candidates:
+            raise TooManyCandidatesError(
+                f"max_candidates={config.max_candidates} exceeds the {saved.max_candidates} index labels of the "
+                f"checkpoint {path}; pass at most {saved.max_candidates}"
+            )
         if (path / BACKBONE_DIR).is_dir():
             backbone = load_backbone(str(path / BACKBONE_DIR), dtype=dtype, device=device, tokenizer_source=str(path))
         elif config.backbone_source:
@@ -150,7 +173,10 @@ class RetrvR1Model(nn.Module):
             raise ModelLoadError(f"checkpoint {path} has no {ICM_WEIGHTS} but its config uses compression='icm'; "
                                  "load it with compression='none' to read candidates in full tokens")
         icm.to(device=backbone.device, dtype=backbone.dtype)
-        model = cls(backbone, config, icm)
+        try:
+            model = cls(backbone, config, icm)
+        except ValueError as exc:  # e.g. a tokenizer without the Retrv-R1 tokens
+            raise ModelLoadError(f"checkpoint {path} is damaged: {exc}") from exc
         model.icm_available = has_icm
         model.backbone_modified = (path / BACKBONE_DIR).is_dir()
         model.eval()
@@ -167,7 +193,7 @@ class RetrvR1Model(nn.Module):
         out.mkdir(parents=True, exist_ok=True)
         if save_backbone is None:
             save_backbone = self.backbone_modified or not self.config.backbone_source
-        lora = _has_lora(self.lm)
+        lora = lm_has_lora(self.lm)
         if save_backbone:
             bdir = out / BACKBONE_DIR
             # With LoRA, backbone/ holds the base weights and adapter/ the adapters (loaded back on top).
@@ -530,12 +556,14 @@ def _vision_tower(backbone: Backbone) -> nn.Module | None:
     return getattr(getattr(backbone.model, "model", None), "visual", None) if backbone.is_vision else None
 
 
-def _added_ids(tokenizer) -> list[int]:
+def added_token_ids(tokenizer) -> list[int]:
+    """Ids of the tokenizer's added tokens (the Retrv-R1 tokens among them): the embedding
+    rows saved without the backbone and trained by ``train_token_rows``."""
     return sorted(tokenizer.added_tokens_decoder.keys())
 
 
 def _token_rows(model, tokenizer) -> dict[str, torch.Tensor]:
-    ids = torch.tensor(_added_ids(tokenizer), dtype=torch.long)
+    ids = torch.tensor(added_token_ids(tokenizer), dtype=torch.long)
     emb = model.get_input_embeddings().weight.detach().cpu()
     rows = {"ids": ids, "input": emb[ids].contiguous()}
     out = model.get_output_embeddings()
@@ -565,8 +593,9 @@ def _load_grafted_vision(text_backbone: Backbone, config: RetrvR1Config, path: P
     return backbone
 
 
-def _has_lora(model) -> bool:
-    return bool(getattr(model, "peft_config", None))
+def lm_has_lora(lm) -> bool:
+    """Whether LoRA adapters are injected into the HF model ``lm`` (``RetrvR1Model.lm``)."""
+    return bool(getattr(lm, "peft_config", None))
 
 
 def _base_state_dict(model) -> dict[str, torch.Tensor]:

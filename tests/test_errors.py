@@ -74,6 +74,44 @@ def test_unknown_model_paths(tmp_path):
         RetrvR1Model.from_pretrained(empty)
 
 
+def test_damaged_checkpoints_and_bad_overrides_are_named(tmp_path):
+    import json
+    import shutil
+
+    ok = make_text_model(max_candidates=8).save_pretrained(tmp_path / "ok")
+    corrupt = shutil.copytree(ok, tmp_path / "corrupt")
+    (corrupt / "retrv_r1.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match=r"config .*corrupt.retrv_r1\.json: Expecting property name"):
+        RetrvR1Model.from_pretrained(corrupt)
+    keyless = shutil.copytree(ok, tmp_path / "keyless")
+    data = json.loads((ok / "retrv_r1.json").read_text())
+    del data["icm"]
+    (keyless / "retrv_r1.json").write_text(json.dumps(data))
+    with pytest.raises(ModelLoadError, match=r"keyless.retrv_r1\.json: missing key\(s\) 'icm'"):
+        RetrvR1Model.from_pretrained(keyless)
+    (keyless / "retrv_r1.json").write_text(json.dumps({**data, "icm": {}, "max_candidates": "8"}))
+    with pytest.raises(ModelLoadError, match="keyless"):
+        RetrvR1Model.from_pretrained(keyless)
+    # overrides go through the same validation as a new config
+    with pytest.raises(ValueError, match="compression must be 'icm' or 'none', got 'ICM'"):
+        RetrvR1Model.from_pretrained(ok, compression="ICM")
+    with pytest.raises(ValueError, match="max_candidate_tokens must be an int >= 1, got 0"):
+        RetrvR1Model.from_pretrained(ok, max_candidate_tokens=0)
+    with pytest.raises(TooManyCandidatesError, match="max_candidates=16 exceeds the 8 index labels"):
+        RetrvR1Model.from_pretrained(ok, max_candidates=16)
+    with pytest.raises(TypeError, match="unknown RetrvR1Config field.*'bogus'"):
+        RetrvR1Model.from_pretrained(ok, bogus=1)
+    fewer = RetrvR1Model.from_pretrained(ok, max_candidates=4, reasoning_budget=0)
+    assert fewer.config.max_candidates == 4 and fewer.config.reasoning_budget == 0
+    with pytest.raises(TooManyCandidatesError, match="5 candidates exceed this model's 4"):
+        fewer.rank("q", ["a"] * 5)
+
+
+def test_mistyped_bundled_name_lists_the_bundled_checkpoints():
+    with pytest.raises(ModelLoadError, match=r"did you mean 'retrv-r1-smollm2-wordnet'\?.*bundled checkpoints: .*retrv-r1-smollm2-wordnet"):
+        RetrvR1Model.from_pretrained("retrv-r1-smollm2-wordnett")
+
+
 def test_long_candidates_are_truncated_with_a_note():
     model = make_text_model(max_candidate_tokens=12)
     r = model.rank("q", ["word " * 200, "short"], reasoning_budget=0)

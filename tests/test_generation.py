@@ -1,5 +1,7 @@
 """Inspection-aware decoding: KV-cache splices, scripted outputs, the state machine."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -60,8 +62,12 @@ def test_logits_after_splice_equal_fresh_forward(kind):
     query = Query(text="which one is green?", image=solid((20, 200, 20)) if vision else None)
     runs = _record_runs(model)
     script = ["the", " cat"] + INSPECT_2 + ["ok"] + ["<inspection-index-start>", "<cand_1>", "<inspection-index-end>", "<answer>"]
-    with scripted_generation(model, script):
+    with scripted_generation(model, script), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         result = model.rank(query, _candidates(vision), reasoning_budget=50, max_inspections=3)
+    # the KV cache goes in under the decoder's current name (``cache``, not the deprecated
+    # ``past_key_values``); the step-by-step comparison below shows it is really used
+    assert not [w for w in caught if "past_key_values" in str(w.message)]
     assert result.inspected == [1, 0]
     assert result.fallback != "forced_answer"  # the script opened <answer> itself
     # Rebuild the exact sequence the decoder ran and compare every recorded step.
@@ -82,6 +88,20 @@ def test_logits_after_splice_equal_fresh_forward(kind):
     if vision:
         assert spliced[0].grids and spliced[1].grids
     assert result.usage.inspection_tokens == sum(len(c) for c in spliced)
+
+
+def test_cache_keyword_follows_the_forward_signature():
+    from retrv_r1_plugin.backbone import _cache_kwarg
+
+    class Old:
+        def forward(self, inputs_embeds=None, past_key_values=None, use_cache=None, **kwargs):
+            pass
+
+    class New:
+        def forward(self, inputs_embeds=None, cache=None, use_cache=None, **kwargs):
+            pass
+
+    assert _cache_kwarg(Old) == "past_key_values" and _cache_kwarg(New) == "cache"
 
 
 def test_text_and_vl_models_inspect_with_icm_only():
