@@ -195,7 +195,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
 def cmd_train(argv: list[str]) -> int:
     from ._optional import require
 
-    require("peft", "train")
+    require("matplotlib", "train")  # training curves; the rest of training/ needs only core dependencies
     from training.cli import main_train
 
     return main_train(argv)

@@ -604,9 +604,8 @@ def _base_state_dict(model) -> dict[str, torch.Tensor]:
 
 
 def _save_lora(model, directory: Path) -> None:
-    from ._optional import require
+    import peft  # a core dependency: bundled checkpoints ship LoRA adapters
 
-    peft = require("peft", "train")
     directory.mkdir(parents=True, exist_ok=True)
     config = model.peft_config["default"]
     config.save_pretrained(str(directory))
@@ -615,9 +614,8 @@ def _save_lora(model, directory: Path) -> None:
 
 
 def _load_lora(model, directory: Path) -> None:
-    from ._optional import require
+    import peft
 
-    peft = require("peft", "train")
     config = peft.PeftConfig.from_pretrained(str(directory))
     peft.inject_adapter_in_model(config, model)
     state = load_file(str(directory / "adapter_model.safetensors"))

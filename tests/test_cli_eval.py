@@ -212,3 +212,11 @@ def test_index_with_a_model_without_trained_icm_fails_before_writing(corpus_dir,
     assert "trained ICM" in err and "without --model" in err
     assert "indexed" not in out
     assert not store.exists()  # the store was never opened, let alone written
+
+
+def test_train_without_the_train_extra_names_the_install_command(monkeypatch):
+    from retrv_r1_plugin._optional import MissingExtraError
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if [train] were not installed
+    with pytest.raises(MissingExtraError, match=r"pip install 'retrv-r1-plugin\[train\]'"):
+        main(["train", "sft", "--config", "unused.yaml"])

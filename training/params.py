@@ -16,13 +16,15 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from retrv_r1_plugin.model import added_token_ids, lm_has_lora
+
 from .config import LoraSettings
 
 __all__ = ["has_lora", "inject_lora", "configure_trainable", "trainable_parameters", "trainable_state", "load_trainable_state", "param_groups"]
 
 
 def has_lora(model) -> bool:
-    return bool(getattr(model.lm, "peft_config", None))
+    return lm_has_lora(model.lm)
 
 
 def _vision_prefixes(model) -> list[str]:
@@ -40,10 +42,6 @@ def inject_lora(model, settings: LoraSettings) -> None:
     pattern = rf"^(?!.*visual).*\.({names})$"
     cfg = peft.LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=0.0, target_modules=pattern)
     peft.inject_adapter_in_model(cfg, model.lm)
-
-
-def _added_token_ids(model) -> list[int]:
-    return sorted(model.tokenizer.added_tokens_decoder.keys())
 
 
 def configure_trainable(model, *, lm: str, train_icm: bool, train_token_rows: bool, lora: LoraSettings | None = None,
@@ -78,7 +76,7 @@ def configure_trainable(model, *, lm: str, train_icm: bool, train_token_rows: bo
     if train_icm:
         model.icm_available = True  # trained from here on, saved with the checkpoints
     if train_token_rows and lm != "full":
-        rows = torch.tensor(_added_token_ids(model), dtype=torch.long)
+        rows = torch.tensor(added_token_ids(model.tokenizer), dtype=torch.long)
         mats = {id(m.weight): m.weight for m in (model.lm.get_input_embeddings(), model.lm.get_output_embeddings()) if m is not None}
         for weight in mats.values():
             mask = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)

@@ -11,8 +11,9 @@ __all__ = ["plot_curves"]
 
 def plot_curves(history: list[dict], path: str | os.PathLike, title: str = "", max_panels: int = 16) -> Path | None:
     """One panel per numeric metric in ``history`` (dicts with a ``step``); returns the PNG path."""
-    import matplotlib
+    from retrv_r1_plugin._optional import require
 
+    matplotlib = require("matplotlib", "train")
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
