@@ -253,6 +253,12 @@ class ContextBuilder:
         return out
 
     # ------------------------------------------------------------------ prompt
+    def shared_prefix(self) -> list[int]:
+        """The token ids every prompt starts with (chat frame, system prompt, ``Query: ``):
+        the decoder keeps their KV cache across calls."""
+        before, _ = self.chat_frame()
+        return before + tokenize_trusted(self.tok, "Query: ")
+
     def prompt(
         self,
         query: Encoded,
@@ -263,11 +269,11 @@ class ContextBuilder:
     ) -> Chunk:
         """The initial context. ``slots`` holds ``(t_con, t_rel)`` per candidate in ICM mode;
         ``None`` lays every candidate out in full tokens."""
-        before, after = self.chat_frame()
+        _, after = self.chat_frame()
         colon, newline, space = tokenize_trusted(self.tok, ": "), tokenize_trusted(self.tok, "\n"), tokenize_trusted(self.tok, " ")
         # Text pieces are id lists, embedded below in one lookup (one graph node in training
         # instead of one per piece); queries, candidates and slots arrive embedded.
-        parts: list[list[int] | Chunk] = [before + tokenize_trusted(self.tok, "Query: "), query.chunk, tokenize_trusted(self.tok, "\nCandidates:\n")]
+        parts: list[list[int] | Chunk] = [self.shared_prefix(), query.chunk, tokenize_trusted(self.tok, "\nCandidates:\n")]
         for i, cand in enumerate(candidates):
             parts.append([self.special.labels[i]] + colon)
             parts.append(cand.chunk if slots is None else self.slot_chunk(*slots[i]))

@@ -273,8 +273,10 @@ class RetrvR1Model(nn.Module):
             return self._signature
 
     def invalidate_signature(self) -> None:
-        """Call after changing weights (training) so cached content tokens are recomputed."""
+        """Call after changing weights (training) so cached content tokens and the prompt
+        prefix's KV cache are recomputed."""
         self._signature = None
+        self.decoder.clear_prefix_cache()
 
     # ================================================================ encoding
     def _check_candidates(self, candidates: Sequence[Candidate | str]) -> list[Candidate]:

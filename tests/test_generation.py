@@ -188,3 +188,45 @@ class TestInspectionMachine:
 
 def test_sampling_config_defaults_are_greedy():
     assert SamplingConfig().do_sample is False
+
+
+@pytest.mark.parametrize("kind", ["text", "qwen2_5_vl"])
+def test_shared_prompt_prefix_is_prefilled_once_and_changes_nothing(kind):
+    model = make_text_model() if kind == "text" else make_vl_model(kind)
+    vision = kind != "text"
+    queries = [Query(text="which one is green?", image=solid((20, 200, 20)) if vision else None), Query(text="a rocket")]
+    runs = _record_runs(model)
+    cached = [model.rank(q, _candidates(vision), reasoning_budget=4, max_inspections=1) for q in queries]
+    prefix_len = len(model.builder.shared_prefix())
+    prompt_runs = [n for n, role, _ in runs if role == "prompt"]
+    assert prompt_runs.count(prefix_len) == 1  # the prefix ran once, for the first query only
+    model.decoder.prefix_caching = False
+    fresh = [model.rank(q, _candidates(vision), reasoning_budget=4, max_inspections=1) for q in queries]
+    for a, b in zip(cached, fresh):
+        assert a.order == b.order and a.reasoning == b.reasoning
+        torch.testing.assert_close(torch.tensor(a.scores), torch.tensor(b.scores), atol=1e-4, rtol=1e-4)
+        assert a.usage.prompt_tokens == b.usage.prompt_tokens  # usage counts the whole prompt
+
+
+def test_prefix_cache_is_dropped_when_weights_change():
+    model = make_text_model()
+    cands = _candidates(False)
+    model.rank("plants", cands, reasoning_budget=0)
+    assert model.decoder._prefix is not None
+    with torch.no_grad():
+        model.backbone.model.get_input_embeddings().weight.mul_(1.5)  # weights changed in place...
+    model.invalidate_signature()  # ...and announced, as training does after every step
+    assert model.decoder._prefix is None
+    after = model.rank("plants", cands, reasoning_budget=0).scores
+    model.decoder.prefix_caching = False
+    torch.testing.assert_close(torch.tensor(after), torch.tensor(model.rank("plants", cands, reasoning_budget=0).scores), atol=1e-5, rtol=1e-5)
+
+
+def test_no_prefix_cache_while_training():
+    model = make_text_model()
+    model.backbone.model.train()
+    try:
+        model.rank("plants", _candidates(False), reasoning_budget=0)
+    finally:
+        model.backbone.model.eval()
+    assert model.decoder._prefix is None
