@@ -258,12 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "train":
-        return cmd_train(argv[1:])
-    if argv and argv[0] == "eval":
-        return cmd_eval(argv[1:])
-    args = build_parser().parse_args(argv)
     try:
+        if argv and argv[0] == "train":
+            return cmd_train(argv[1:])
+        if argv and argv[0] == "eval":
+            return cmd_eval(argv[1:])
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except (RetrvR1Error, FileNotFoundError, ValueError) as exc:
         print(f"retrv-r1: error: {exc}", file=sys.stderr)

@@ -220,3 +220,9 @@ def test_train_without_the_train_extra_names_the_install_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if [train] were not installed
     with pytest.raises(MissingExtraError, match=r"pip install 'retrv-r1-plugin\[train\]'"):
         main(["train", "sft", "--config", "unused.yaml"])
+
+
+def test_eval_with_an_unknown_model_path_is_a_clear_error_not_a_traceback(beir_dir, tmp_path, capsys):
+    code = main(["eval", "--beir", str(beir_dir), "--model", str(tmp_path / "no-such-model"), "--top-k", "3", "--store", str(tmp_path / "q")])
+    assert code == 2
+    assert "no model directory" in capsys.readouterr().err
