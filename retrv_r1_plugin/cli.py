@@ -159,16 +159,10 @@ def cmd_search(args: argparse.Namespace) -> int:
         print(f"retrv-r1: note: --top-k {top_k} capped at {model.config.max_candidates}, "
               "the most candidates this model ranks at once", file=sys.stderr)
         top_k = model.config.max_candidates
+    from .store import first_stage_query
+
     with open_store(args) as store:
-        first = query
-        if query.has_image and not store.supports_images:
-            # The first stage embeds text only: search by the query text, the reranker sees the image.
-            if not query.text.strip():
-                raise ValueError(
-                    "an image-only query needs a store with an image-text embedder, and this store "
-                    "embeds text only; give query text too (the reranker still reads the image)"
-                )
-            first = Query(text=query.text)
+        first = first_stage_query(query, store.supports_images)  # text-only store: search by the text
         candidates = store.search(first, top_k=top_k, with_content_tokens=model.content_signature)
     if not candidates:
         print("no results: the collection is empty")

@@ -94,9 +94,7 @@ class InspectionDecoder:
             return None
         with self._prefix_lock:
             if self._prefix is None:
-                ids = torch.tensor(self.builder.shared_prefix(), dtype=torch.long)
-                if len(ids) == 0:
-                    return None
+                ids = torch.tensor(self.builder.shared_prefix(), dtype=torch.long)  # never empty: ends with "Query: "
                 state = {"cache": self.backbone.new_cache(), "next_pos": 0, "chunks": []}
                 self._run(self.builder.text_chunk(ids.tolist()), state)
                 self._prefix = _PrefixKV(ids=ids, cache=state["cache"], next_pos=state["next_pos"])

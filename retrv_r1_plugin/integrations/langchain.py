@@ -228,16 +228,9 @@ class RetrvR1Retriever(_RetrvR1Options, BaseRetriever):
 
     def _search_store(self, query: Query, n: int) -> tuple[list[Document], list[Candidate]]:
         search: Callable[..., Any] = getattr(self.store, "search", None) or self.store  # type: ignore[assignment]
-        if query.has_image and getattr(self.store, "supports_images", True) is False:
-            if not query.text.strip():
-                raise ValueError(
-                    "an image-only query needs a store with an image-text embedder; this store "
-                    "embeds text only (give query text too, or use an image-capable embedder)"
-                )
-            first = Query(text=query.text)
-        else:
-            first = query
-        from ..store import QdrantCandidateStore
+        from ..store import QdrantCandidateStore, first_stage_query
+
+        first = first_stage_query(query, getattr(self.store, "supports_images", True) is not False)
 
         kwargs: dict[str, Any] = {}
         if isinstance(self.store, QdrantCandidateStore):  # reuse cached content tokens

@@ -26,6 +26,7 @@ from .qdrant import (
     StoreUnavailableError,
     UnknownCandidateError,
     default_store_path,
+    first_stage_query,
     point_id,
 )
 
@@ -42,6 +43,7 @@ __all__ = [
     "TextEmbedderProtocol",
     "UnknownCandidateError",
     "default_store_path",
+    "first_stage_query",
     "default_text_model_path",
     "point_id",
 ]

@@ -86,6 +86,20 @@ class ImageEmbedderRequiredError(RetrvR1Error, ValueError):
     """An image must be embedded but the store has no image-text embedder."""
 
 
+def first_stage_query(query: Query, supports_images: bool) -> Query:
+    """What a first stage searches with: ``query`` itself, or its text alone when the store
+    embeds text only (the reranker still reads the image). An image-only query on such a
+    store raises :class:`ImageEmbedderRequiredError`."""
+    if not query.has_image or supports_images:
+        return query
+    if not query.text.strip():
+        raise ImageEmbedderRequiredError(
+            "an image-only query needs a store with an image-text embedder, and this store "
+            "embeds text only; give query text too (the reranker still reads the image)"
+        )
+    return Query(text=query.text)
+
+
 class CollectionMismatchError(RetrvR1Error, ValueError):
     """The existing collection does not fit the store's embedder or vector name."""
 
