@@ -450,6 +450,39 @@ def test_numbers_without_a_dot_are_numbers_and_wrong_types_are_named(tmp_path):
         load_config("sft", configs / "sft.yaml", ["train_icm=3"])
 
 
+@pytest.mark.parametrize(
+    "stage,text,message",
+    [
+        ("rl", "steps: [3\n", r"bad\.yaml:3: invalid YAML"),
+        ("rl", "lora: 8\n", "'lora' must be a mapping"),
+        ("rl", "lora: {r: eight}\n", "'lora.r' must be an integer"),
+        ("rl", "lora: {r: 0}\n", "lora needs r >= 1"),
+        ("rl", "temperature: 0\n", "temperature must be > 0"),
+        ("rl", "top_p: 0\n", "top_p must be in"),
+        ("rl", "epsilon: -0.2\n", "epsilon must be in"),
+        ("rl", "beta: -0.1\n", "beta must be >= 0"),
+        ("rl", "lambda_schedule: constant\nlambda_value: 3\n", "lambda_value must be in"),
+        ("rl", "reasoning_budget: -1\n", "reasoning_budget must be >= 0"),
+        ("rl", "max_inspections: -1\n", "max_inspections must be >= 0"),
+        ("sft", "lr: -1e-5\n", "lr must be > 0"),
+        ("sft", "warmup_steps: -1\n", "warmup_steps must be >= 0"),
+        ("sft", "shuffle_candidates: maybe\n", "'?shuffle_candidates'? must be"),
+        ("sft", "model_overrides: 3\n", "'model_overrides' must be a mapping"),
+        ("sft", "dtype: float8\n", "dtype must be one of"),
+        ("sft", "device: tpu\n", "device must be auto, cpu or cuda"),
+        ("align", "content_per_example: 0\nrelation_per_example: 0\n", "nothing to train on"),
+    ],
+)
+def test_invalid_config_values_are_refused_naming_the_file_and_key(tmp_path, stage, text, message):
+    """A value that cannot work must fail when the config loads (naming the file), not at the
+    first rollout, deep in a stack trace, or never (a negative beta or lambda trains silently)."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("init_from: tiny:text\n" + text)
+    with pytest.raises(ValueError, match=message) as info:
+        load_config(stage, bad)
+    assert str(bad) in str(info.value)
+
+
 def test_cot_cache_does_not_mix_examples_that_share_an_id(tmp_path):
     """Two data sets may reuse query ids (e.g. WordNet def2word / word2def); the cache must not
     hand one example's trace to the other."""
@@ -486,3 +519,12 @@ def test_fp16_is_refused_with_a_clear_error():
     assert bare_no.mixed_precision == "no"
     with pytest.raises(ValueError, match="fp16.*not supported"):
         SFTConfig(init_from="tiny:text", data="x.jsonl", mixed_precision="fp16").validate()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_a_gpu_is_refused_not_run_on_the_cpu(tmp_path):
+    from training.sft import SFTTrainer
+
+    cfg = SFTConfig(init_from="tiny:text", data=str(tmp_path / "none.jsonl"), output_dir=str(tmp_path / "out"), device="cuda")
+    with pytest.raises(ValueError, match="no CUDA device"):
+        SFTTrainer(cfg)

@@ -19,6 +19,10 @@ import yaml
 __all__ = ["LoraSettings", "RunConfig", "AlignConfig", "SFTConfig", "RLConfig", "STAGES", "load_config", "config_from_dict", "apply_overrides"]
 
 
+_DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+"""The ``dtype`` names :func:`training.trainer.load_model` understands."""
+
+
 @dataclass
 class LoraSettings:
     """LoRA on the language model (peft). Vision modules are never targeted.
@@ -92,6 +96,20 @@ class RunConfig:
             raise ValueError(f"mixed_precision must be no or bf16, got {self.mixed_precision!r}")
         if self.save_every < 1:
             raise ValueError("save_every must be >= 1")
+        if not self.lr > 0:  # ``not >`` refuses NaN too
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.max_examples is not None and self.max_examples < 1:
+            raise ValueError(f"max_examples must be >= 1 or null, got {self.max_examples}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1 or null, got {self.threads}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.dtype is not None and self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)} or null, got {self.dtype!r}")
         if self.compression not in ("icm", "none"):
             raise ValueError(f"compression must be icm or none, got {self.compression!r}")
 
@@ -132,6 +150,10 @@ class AlignConfig(RunConfig):
             raise ValueError("relation_target must be template or self")
         if self.relation_input not in ("con_rel", "rel"):
             raise ValueError("relation_input must be con_rel or rel")
+        if self.content_per_example < 0 or self.relation_per_example < 0 or self.content_per_example + self.relation_per_example < 1:
+            raise ValueError("content_per_example and relation_per_example must be >= 0, and not both 0 (nothing to train on)")
+        if self.max_target_tokens < 1:
+            raise ValueError(f"max_target_tokens must be >= 1, got {self.max_target_tokens}")
 
 
 @dataclass
@@ -152,6 +174,12 @@ class _PolicyConfig(RunConfig):
         super().validate()
         if self.lm not in ("lora", "full", "frozen"):
             raise ValueError(f"lm must be lora, full or frozen, got {self.lm!r}")
+        if self.reasoning_budget < 0:
+            raise ValueError(f"reasoning_budget must be >= 0, got {self.reasoning_budget}")
+        if self.max_inspections < 0:
+            raise ValueError(f"max_inspections must be >= 0, got {self.max_inspections}")
+        if self.lora.r < 1 or self.lora.alpha <= 0 or not self.lora.target_modules:
+            raise ValueError(f"lora needs r >= 1, alpha > 0 and at least one target module, got {self.lora}")
 
 
 @dataclass
@@ -186,8 +214,8 @@ class SFTConfig(_PolicyConfig):
             raise ValueError(f"answer_weight must be > 0, got {self.answer_weight}")
         if self.answer_space not in ("labels", "vocab"):
             raise ValueError("answer_space must be labels or vocab")
-        if self.reasoning_budget < 0:
-            raise ValueError("reasoning_budget must be >= 0")
+        if isinstance(self.shuffle_candidates, str) or not isinstance(self.shuffle_candidates, (int, float)):
+            raise ValueError(f"shuffle_candidates must be a probability in [0, 1] (or true/false), got {self.shuffle_candidates!r}")
         self.shuffle_candidates = float(self.shuffle_candidates)
         if not 0.0 <= self.shuffle_candidates <= 1.0:
             raise ValueError("shuffle_candidates must be a probability in [0, 1] (or true/false)")
@@ -231,6 +259,19 @@ class RLConfig(_PolicyConfig):
             raise ValueError("answer_space must be labels or vocab")
         if self.num_iterations < 1:
             raise ValueError("num_iterations must be >= 1")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 (GRPO samples; log-probs are divided by it), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not self.beta >= 0:
+            raise ValueError(f"beta must be >= 0, got {self.beta}")
+        if not 0 < self.epsilon < 1:
+            raise ValueError(f"epsilon must be in (0, 1), got {self.epsilon}")
+        if self.epsilon_high is not None and not self.epsilon_high > 0:
+            raise ValueError(f"epsilon_high must be > 0 or null, got {self.epsilon_high}")
+        if not 0 <= self.lambda_value <= 1:
+            # the paper's result-efficiency reward 1[correct] * (1 - lambda * N_ins / K) needs lambda in [0, 1]
+            raise ValueError(f"lambda_value must be in [0, 1], got {self.lambda_value}")
 
 
 STAGES: dict[str, type[RunConfig]] = {"align": AlignConfig, "sft": SFTConfig, "rl": RLConfig}
@@ -246,11 +287,14 @@ def config_from_dict(stage: str, data: Mapping[str, Any]) -> RunConfig:
     if unknown:
         raise ValueError(f"unknown {stage} config keys: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
     values = dict(data)
-    if "lora" in values and isinstance(values["lora"], Mapping):
+    if "lora" in values and not isinstance(values["lora"], LoraSettings):
+        if not isinstance(values["lora"], Mapping):
+            raise ValueError(f"{stage} config key 'lora' must be a mapping (r, alpha, target_modules), got {values['lora']!r}")
         bad = sorted(set(values["lora"]) - {f.name for f in fields(LoraSettings)})
         if bad:
             raise ValueError(f"unknown lora keys: {', '.join(bad)}")
-        values["lora"] = LoraSettings(**values["lora"])
+        lora_hints = typing.get_type_hints(LoraSettings)
+        values["lora"] = LoraSettings(**{k: _coerce_scalar(stage, f"lora.{k}", v, lora_hints[k]) for k, v in values["lora"].items()})
     hints = typing.get_type_hints(cls)
     for key in list(values):
         values[key] = _coerce_scalar(stage, key, values[key], hints[key])
@@ -290,6 +334,12 @@ def _coerce_scalar(stage: str, key: str, value: Any, hint: Any) -> Any:
         raise ValueError(f"{stage} config key {key!r} must be true or false, got {value!r}")
     if base is str and not isinstance(value, str):
         raise ValueError(f"{stage} config key {key!r} must be a string, got {value!r}")
+    origin = typing.get_origin(base)
+    if (base is dict or origin is dict) and not isinstance(value, Mapping):
+        raise ValueError(f"{stage} config key {key!r} must be a mapping, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{stage} config key {key!r} must be a list of strings, got {value!r}")
     return value
 
 
@@ -311,9 +361,20 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def load_config(stage: str, path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read a stage config from a YAML file (plus ``key=value`` overrides)."""
+    """Read a stage config from a YAML file (plus ``key=value`` overrides).
+
+    Every error names the file (and, for YAML syntax errors, the line)."""
     text = Path(path).read_text(encoding="utf-8")
-    data = yaml.safe_load(text) or {}
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ValueError(f"{where}: invalid YAML ({problem})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a config must be a YAML mapping")
-    return config_from_dict(stage, apply_overrides(data, overrides or []))
+    try:
+        return config_from_dict(stage, apply_overrides(data, overrides or []))
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None

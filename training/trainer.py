@@ -255,6 +255,9 @@ class Trainer:
         from accelerate import Accelerator
 
         cfg.validate()
+        if cfg.device == "cuda" and not torch.cuda.is_available():
+            # accelerate would quietly run on the CPU: a GPU run must not turn into a CPU one unnoticed
+            raise ValueError("device: cuda, but no CUDA device is available (use device: auto or cpu)")
         self.cfg = cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
