@@ -566,3 +566,29 @@ def test_answer_weight_scales_only_the_answer_term(tmp_path):
     assert any(not torch.allclose(traced_1[k], traced_20[k], atol=1e-6) for k in traced_1)
     with pytest.raises(ValueError, match="answer_weight"):
         SFTConfig(init_from="tiny:text", data=str(traces), answer_weight=0.0).validate()
+
+
+def test_align_self_targets_are_not_shared_by_examples_that_reuse_an_id(tmp_path):
+    """Data sets trained together may reuse query ids (WordNet def2word / word2def): the
+    frozen LM's ``self`` target of one example must never be handed to the other."""
+    a, b = make_examples(2, fixed_positive=0)
+    b = dataclasses.replace(b, id=a.id)
+    assert a.candidates[0].text != b.candidates[0].text
+    write_examples(tmp_path / "ex.jsonl", [a, b])
+    cfg = AlignConfig(init_from="tiny:text", data=str(tmp_path / "ex.jsonl"), output_dir=str(tmp_path / "a"), steps=1, batch_size=2,
+                      content_target="self", relation_target="self", content_per_example=1, relation_per_example=1,
+                      max_target_tokens=4, progress=False, model_overrides=OVERRIDES)
+    trainer = AlignTrainer(cfg)
+    eos = trainer.model.special.eos[0]
+    # a stand-in for the frozen LM's greedy output: a function of the frame it reads
+    trainer._greedy = lambda chunks: [10 + int(sum(int(c.ids.sum()) for c in chunks)) % 50, eos]
+    for ex in (a, b):
+        items = trainer._items(ex, random.Random(0))
+        encoded = trainer.model.builder.encode_candidates(ex.candidate_objects(), trainer.model.config.max_candidate_tokens)
+        query = trainer.model.builder.encode_query(ex.query(), trainer.model.config.max_query_tokens)
+        expected = {
+            "content": trainer._greedy(trainer._content_frame(encoded[0].chunk)),
+            "relation": trainer._greedy(trainer._relation_frame(query, encoded[0].chunk)),
+        }
+        for kind, chunks in items:
+            assert chunks[-1].ids.tolist() == expected[kind], (ex.query_text, kind)

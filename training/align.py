@@ -23,6 +23,8 @@ positive image with the query's text.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import re
 from typing import Any
@@ -52,6 +54,14 @@ def relation_template(query: str, candidate: str, relevant: bool, max_words: int
     return f"{verdict} Shared words: {', '.join(shared) if shared else 'none'}."
 
 
+def _fingerprint(ex: TrainingExample) -> str:
+    """The example id plus a digest of its content: data sets that are trained together may
+    reuse ids (WordNet def2word / word2def), and a ``self`` target cached under the bare id
+    would be another example's."""
+    digest = hashlib.sha1(json.dumps(ex.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return f"{ex.id}#{digest}"
+
+
 class AlignTrainer(Trainer):
     """ICM self-alignment."""
 
@@ -70,6 +80,7 @@ class AlignTrainer(Trainer):
         configure_trainable(self.model, lm="frozen", train_icm=not self.vision, train_token_rows=False, train_vision=self.vision)
         self.order = DataOrder(len(self.examples), self.cfg.seed)
         self._self_targets: dict[tuple[str, str, int], list[int]] = {}
+        """``self`` targets of the frozen LM, keyed by (example fingerprint, kind, candidate index)."""
         self.eos = self.model.special.eos[0] if self.model.special.eos else None
 
     def data_state(self) -> dict[str, Any]:
@@ -151,6 +162,7 @@ class AlignTrainer(Trainer):
             encoded = model.builder.encode_candidates(cands, model.config.max_candidate_tokens)
             query = model.builder.encode_query(ex.query(), model.config.max_query_tokens)
         content_idx, relation_idx = self._pick(ex, rng)
+        fp = _fingerprint(ex) if "self" in (cfg.content_target, cfg.relation_target) else ex.id
         chosen = sorted(set(content_idx) | set(relation_idx))
         embeds, mask = pad_embeddings([encoded[i].embeds for i in chosen])
         row = {c: j for j, c in enumerate(chosen)}
@@ -162,7 +174,7 @@ class AlignTrainer(Trainer):
             if cfg.content_target == "text":
                 target = self._tokens(ex.candidates[i].text) if ex.candidates[i].text.strip() else None
             else:
-                key = (ex.id, "content", i)
+                key = (fp, "content", i)
                 if key not in self._self_targets:
                     self._self_targets[key] = self._greedy(self._content_frame(encoded[i].chunk))
                 target = self._self_targets[key]
@@ -174,7 +186,7 @@ class AlignTrainer(Trainer):
             if cfg.relation_target == "template":
                 target = self._tokens(relation_template(ex.query_text, ex.candidates[i].text, i == ex.positive))
             else:
-                key = (ex.id, "relation", i)
+                key = (fp, "relation", i)
                 if key not in self._self_targets:
                     self._self_targets[key] = self._greedy(self._relation_frame(query, encoded[i].chunk))
                 target = self._self_targets[key]
