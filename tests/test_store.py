@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from qdrant_client import models
 
 from retrv_r1_plugin.store import (
     CollectionMismatchError,
@@ -587,6 +588,54 @@ def test_langchain_qdrant_reads_our_collection(minilm: TextEmbedder) -> None:
         assert store.count() == len(PASSAGES) + 1
         named.close()
         assert store.count() == len(PASSAGES) + 1  # a borrowed client is not closed
+
+
+def test_points_written_by_other_tools_are_found_by_their_search_ids(minilm: TextEmbedder) -> None:
+    """A point langchain-qdrant (or a plain client) wrote has no candidate_id: search names it
+    by its point id, and get/delete/put_content_tokens/add must find it by that id."""
+    Embeddings = pytest.importorskip("langchain_core.embeddings").Embeddings
+    LangchainQdrant = pytest.importorskip("langchain_qdrant").QdrantVectorStore
+
+    class MiniLMEmbeddings(Embeddings):
+        def embed_documents(self, texts: list[str]) -> list[list[float]]:
+            return minilm.embed_texts(texts).tolist()
+
+        def embed_query(self, text: str) -> list[float]:
+            return minilm.embed_queries([text])[0].tolist()
+
+    with QdrantCandidateStore(minilm, location=":memory:") as store:
+        store.add(PASSAGES, show_progress=False)
+        lc = LangchainQdrant(client=store.client, collection_name=store.collection_name, embedding=MiniLMEmbeddings())
+        (lc_id,) = lc.add_texts(["Kangaroos are marsupials native to Australia."], metadatas=[{"source": "lc"}])
+        vector = [float(x) for x in minilm.embed_texts(["Tea is brewed from the leaves of a shrub."])[0]]
+        store.client.upsert(store.collection_name, points=[models.PointStruct(id=7, vector=vector, payload={
+            "page_content": "Tea is brewed from the leaves of a shrub.", "metadata": {"source": "plain"}})])
+        total = len(PASSAGES) + 2
+
+        kangaroo = store.search("animals of Australia", top_k=1)[0]
+        tea = store.search("a hot drink made from leaves", top_k=1)[0]
+        assert kangaroo.id == str(uuid.UUID(lc_id)) and tea.id == "7"
+        assert [c.text for c in store.get([kangaroo.id, "paris", tea.id])] == [kangaroo.text, PASSAGES[0].text, tea.text]
+
+        store.put_content_tokens([kangaroo.id], [torch.ones(2, 4)], "model-A")
+        cached = store.search("animals of Australia", top_k=1, with_content_tokens="model-A")[0]
+        assert torch.equal(cached.content_tokens, torch.ones(2, 4))
+
+        # re-adding search results updates the same points (no duplicates)
+        store.add([kangaroo, tea], show_progress=False)
+        assert store.count() == total
+        doc = lc.similarity_search("animals of Australia", k=1)[0]
+        assert doc.page_content == kangaroo.text and doc.metadata["source"] == "lc"
+        assert store.search("animals of Australia", top_k=1)[0].id == kangaroo.id
+
+        # an id that happens to be a UUID still means our own candidate when we stored it
+        mine = str(uuid.uuid4())
+        store.add([Candidate("A koala sleeps in a eucalyptus tree.", id=mine)], show_progress=False)
+        assert store.get([mine])[0].text.startswith("A koala") and store.count() == total + 1
+
+        store.delete([kangaroo.id, tea.id, mine])
+        assert store.count() == len(PASSAGES)
+        assert store.get([kangaroo.id, tea.id]) == []
 
 
 # --------------------------------------------------------------------------- server mode

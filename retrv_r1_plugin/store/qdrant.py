@@ -21,6 +21,10 @@ Point ids are ``uuid5(NAMESPACE, candidate_id)``; a candidate without an ``id`` 
 ``candidate_id = "sha256:<hash of text + image bytes/path>"``, so re-adding the same item
 never duplicates it and re-running an interrupted indexing job converges to the same
 collection (points whose content, metadata and embedder are unchanged are skipped).
+A point written by another tool (langchain-qdrant, a plain client) has no ``candidate_id``:
+search results name it by its point id, and :meth:`~QdrantCandidateStore.get`,
+:meth:`~QdrantCandidateStore.delete`, :meth:`~QdrantCandidateStore.put_content_tokens` and
+:meth:`~QdrantCandidateStore.add` find it by that id (re-adding it updates it in place).
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ METADATA_KEY = "metadata"
 INTERNAL_KEY = "retrv_r1"
 TOKENS_KEY = "retrv_r1_content_tokens"
 RESERVED_METADATA_KEYS = ("candidate_id", "image_path", "image_b64")
+_CANDIDATE_ID_PATH = f"{METADATA_KEY}.candidate_id"
 SCORE_KEY = "retrieval_score"
 """Metadata key of the similarity score on search results; dropped from metadata on add."""
 _PAYLOAD_VERSION = 1
@@ -123,6 +128,30 @@ def default_store_path() -> Path:
 def point_id(candidate_id: str) -> str:
     """The Qdrant point id of ``candidate_id`` (a uuid5 string)."""
     return str(uuid.uuid5(NAMESPACE, str(candidate_id)))
+
+
+def _foreign_point_id(candidate_id: str) -> str | int | None:
+    """The point id that ``candidate_id`` names directly, if it has the form of one.
+
+    A point written by another tool (langchain-qdrant, llama-index, a plain client) has no
+    ``candidate_id`` in its payload, so :meth:`QdrantCandidateStore.search` names it by its
+    point id (a UUID string or an unsigned integer); this finds that point again.
+    """
+    if candidate_id.isascii() and candidate_id.isdigit():
+        number = int(candidate_id)
+        return number if number < 2**64 and str(number) == candidate_id else None
+    try:
+        parsed = uuid.UUID(candidate_id)
+    except ValueError:
+        return None
+    return str(parsed) if str(parsed) == candidate_id.lower() else None
+
+
+def _stored_candidate_id(record: Any) -> str | None:
+    """The ``candidate_id`` a stored point carries in its metadata (None for foreign points)."""
+    metadata = (record.payload or {}).get(METADATA_KEY)
+    value = metadata.get("candidate_id") if isinstance(metadata, dict) else None
+    return str(value) if value is not None else None
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -396,6 +425,36 @@ class QdrantCandidateStore:
         values = [float(x) for x in vector]
         return values if self.vector_name == "" else {self.vector_name: values}
 
+    def _locate(self, candidate_ids: Sequence[str], with_payload: Any) -> dict[str, Any]:
+        """The stored record of each of ``candidate_ids`` in the collection (missing ones left out).
+
+        A candidate lives at :func:`point_id` of its id. A point written by another tool
+        (e.g. langchain-qdrant) has no ``candidate_id`` and is named by its own point id, so an
+        id of that form also finds such a point. ``with_payload`` must include
+        ``metadata.candidate_id`` (to tell foreign points from ours).
+        """
+        primary = {cid: point_id(cid) for cid in candidate_ids}
+        raw = {cid: r for cid in candidate_ids if (r := _foreign_point_id(cid)) is not None}
+        ids: list[str | int] = list(dict.fromkeys([*primary.values(), *raw.values()]))
+        if not ids:
+            return {}
+        by_id = {
+            str(r.id): r
+            for r in self._call(
+                self._client.retrieve, self.collection_name, ids=ids, with_payload=with_payload, with_vectors=False
+            )
+        }
+        found: dict[str, Any] = {}
+        for cid in candidate_ids:
+            record = by_id.get(primary[cid])
+            if record is None and cid in raw:
+                record = by_id.get(str(raw[cid]))
+                if record is not None and _stored_candidate_id(record) not in (None, cid):
+                    record = None  # one of our points, for another candidate id
+            if record is not None:
+                found[cid] = record
+        return found
+
     # ------------------------------------------------------------------ writing
 
     def _prepare(self, index: int, candidate: Candidate | str) -> _Prepared:
@@ -553,39 +612,41 @@ class QdrantCandidateStore:
         return ids
 
     def _write_batch(self, batch: Sequence[_Prepared]) -> None:
-        pids = [p.point_id for p in batch]
+        stored = self._locate(
+            [p.candidate_id for p in batch],
+            models.PayloadSelectorInclude(include=[INTERNAL_KEY, _CANDIDATE_ID_PATH]),
+        )
+        # Write where the candidate is stored: its own point id, or a foreign point named by it.
+        target = {p.candidate_id: (stored[p.candidate_id].id if p.candidate_id in stored else p.point_id) for p in batch}
         existing = {
-            str(r.id): (r.payload or {}).get(INTERNAL_KEY) or {}
-            for r in self._call(
-                self._client.retrieve,
-                self.collection_name,
-                ids=pids,
-                with_payload=models.PayloadSelectorInclude(include=[INTERNAL_KEY]),
-                with_vectors=False,
-            )
+            cid: ((record.payload or {}).get(INTERNAL_KEY) or {}) for cid, record in stored.items()
         }
         todo = [
             p for p in batch
-            if not (self.skip_unchanged and existing.get(p.point_id, {}).get("record") == p.record)
+            if not (self.skip_unchanged and existing.get(p.candidate_id, {}).get("record") == p.record)
         ]
         if not todo:
             return
         # Keep cached content tokens of points whose content did not change.
-        keep = [p.point_id for p in todo if existing.get(p.point_id, {}).get("fingerprint") == p.fingerprint]
+        keep = {
+            str(target[p.candidate_id]): p
+            for p in todo
+            if existing.get(p.candidate_id, {}).get("fingerprint") == p.fingerprint
+        }
         if keep:
             for r in self._call(
                 self._client.retrieve,
                 self.collection_name,
-                ids=keep,
+                ids=[target[p.candidate_id] for p in keep.values()],
                 with_payload=models.PayloadSelectorInclude(include=[TOKENS_KEY]),
                 with_vectors=False,
             ):
                 tokens = (r.payload or {}).get(TOKENS_KEY)
                 if tokens:
-                    next(p for p in todo if p.point_id == str(r.id)).payload[TOKENS_KEY] = tokens
+                    keep[str(r.id)].payload[TOKENS_KEY] = tokens
         vectors = self._embed_prepared(todo)
         points = [
-            models.PointStruct(id=p.point_id, vector=self._vector_struct(v), payload=p.payload)
+            models.PointStruct(id=target[p.candidate_id], vector=self._vector_struct(v), payload=p.payload)
             for p, v in zip(todo, vectors)
         ]
         self._call(self._client.upsert, self.collection_name, points=points, wait=True)
@@ -622,16 +683,11 @@ class QdrantCandidateStore:
             _encode_tokens(t, model_signature, dtype, label=f"content tokens of {cid!r}")
             for cid, t in zip(ids, tensors)
         ]
-        pids = [point_id(cid) for cid in ids]
-        found: set[str] = set()
+        found: dict[str, Any] = {}
         if self._ensure_collection(create=False):
-            found = {
-                str(r.id)
-                for r in self._call(
-                    self._client.retrieve, self.collection_name, ids=pids, with_payload=False, with_vectors=False
-                )
-            }
-        missing = [cid for cid, pid in zip(ids, pids) if pid not in found]
+            found = self._locate(ids, models.PayloadSelectorInclude(include=[_CANDIDATE_ID_PATH]))
+        missing = [cid for cid in ids if cid not in found]
+        pids = [found[cid].id for cid in ids if cid in found]
         if missing:
             raise UnknownCandidateError(f"candidate ids not in collection {self.collection_name!r}: {missing[:10]}")
         for start in range(0, len(ids), batch_size):
@@ -645,8 +701,12 @@ class QdrantCandidateStore:
 
     def delete(self, ids: Iterable[str]) -> None:
         """Delete candidates by id (unknown ids are ignored)."""
-        pids = [point_id(str(i)) for i in ids]
-        if not pids or not self._ensure_collection(create=False):
+        cids = [str(i) for i in ids]
+        if not cids or not self._ensure_collection(create=False):
+            return
+        found = self._locate(cids, models.PayloadSelectorInclude(include=[_CANDIDATE_ID_PATH]))
+        pids = list({str(r.id): r.id for r in found.values()}.values())
+        if not pids:
             return
         self._call(
             self._client.delete,
@@ -664,19 +724,16 @@ class QdrantCandidateStore:
         return int(self._call(self._client.count, self.collection_name, exact=True).count)
 
     def get(self, ids: Sequence[str], *, with_content_tokens: str | None = None) -> list[Candidate]:
-        """The stored candidates for ``ids``, in that order; unknown ids are left out."""
-        pids = [point_id(str(i)) for i in ids]
-        if not pids or not self._ensure_collection(create=False):
+        """The stored candidates for ``ids``, in that order; unknown ids are left out.
+
+        Points written by another tool (e.g. langchain-qdrant) are found by the id
+        :meth:`search` gives them (their point id).
+        """
+        cids = [str(i) for i in ids]
+        if not cids or not self._ensure_collection(create=False):
             return []
-        records = self._call(
-            self._client.retrieve,
-            self.collection_name,
-            ids=pids,
-            with_payload=self._payload_selector(with_content_tokens),
-            with_vectors=False,
-        )
-        by_id = {str(r.id): r for r in records}
-        return [self._to_candidate(by_id[pid], None, with_content_tokens) for pid in pids if pid in by_id]
+        found = self._locate(cids, self._payload_selector(with_content_tokens))
+        return [self._to_candidate(found[cid], None, with_content_tokens) for cid in cids if cid in found]
 
     def search(
         self,
