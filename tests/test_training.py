@@ -592,3 +592,25 @@ def test_align_self_targets_are_not_shared_by_examples_that_reuse_an_id(tmp_path
         }
         for kind, chunks in items:
             assert chunks[-1].ids.tolist() == expected[kind], (ex.query_text, kind)
+
+
+def test_logged_lr_is_the_rate_each_step_used(tmp_path):
+    """metrics.jsonl's lr at step n is the rate of step n's update (not the next step's)."""
+    write_examples(tmp_path / "ex.jsonl", make_examples(2))
+    cfg = AlignConfig(init_from="tiny:text", data=str(tmp_path / "ex.jsonl"), output_dir=str(tmp_path / "a"), steps=4, batch_size=1,
+                      lr=1e-3, scheduler="linear", warmup_steps=1, content_per_example=1, relation_per_example=0,
+                      max_target_tokens=4, save_every=4, progress=False, model_overrides=OVERRIDES)
+    trainer = AlignTrainer(cfg)
+    seen: list[float] = []
+    step = trainer.optimizer.step
+
+    def record(*args, **kwargs):
+        seen.append(trainer.optimizer.param_groups[0]["lr"])
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = record
+    trainer.train()
+    assert seen == pytest.approx([0.0, 1e-3, 1e-3 * 2 / 3, 1e-3 / 3])  # one warm-up step, then linear decay
+    assert [row["lr"] for row in trainer.history] == pytest.approx(seen)
+    logged = [json.loads(x)["lr"] for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == pytest.approx(seen)

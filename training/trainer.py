@@ -438,9 +438,10 @@ class Trainer:
         bar = tqdm(total=self.cfg.steps, initial=self.step, desc=self.stage, disable=not self.cfg.progress or not self.is_main, dynamic_ncols=True)
         try:
             while self.step < self.cfg.steps:
+                lr = self.lr  # the rate this step's (first) update uses: update() then advances the scheduler
                 metrics = self.train_step(self.step)
                 self.step += 1
-                row = {"step": self.step, "lr": self.lr, **metrics}
+                row = {"step": self.step, "lr": lr, **metrics}
                 self.history.append(row)
                 if self.is_main:
                     with open(self.out / METRICS_FILE, "a", encoding="utf-8") as fh:
