@@ -536,6 +536,27 @@ def test_persistent_store_lock_and_reopen(minilm: TextEmbedder, tmp_path: Path) 
             wrong.search("red")
 
 
+def test_store_already_open_in_this_process_is_named(minilm: TextEmbedder, tmp_path: Path) -> None:
+    path = tmp_path / "qdrant"
+    first = QdrantCandidateStore(minilm, path=path)
+    try:
+        with pytest.raises(StoreLockedError, match="already open in this process by QdrantCandidateStore") as info:
+            QdrantCandidateStore(minilm, path=path)
+        assert "another process" not in str(info.value) and "close()" in str(info.value)
+    finally:
+        first.close()
+    with QdrantCandidateStore(minilm, path=path) as again:  # the lock and the registration are released
+        assert again.count() == 0
+    from qdrant_client import QdrantClient
+
+    plain = QdrantClient(path=str(path))
+    try:
+        with pytest.raises(StoreLockedError, match="another QdrantClient in this one"):
+            QdrantCandidateStore(minilm, path=path)
+    finally:
+        plain.close()
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="XDG_DATA_HOME is honoured on Linux")
 def test_default_location_is_the_user_data_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))

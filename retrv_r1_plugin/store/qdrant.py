@@ -36,7 +36,9 @@ import json
 import math
 import os
 import sys
+import threading
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +79,10 @@ _CANDIDATE_ID_PATH = f"{METADATA_KEY}.candidate_id"
 SCORE_KEY = "retrieval_score"
 """Metadata key of the similarity score on search results; dropped from metadata on add."""
 _PAYLOAD_VERSION = 1
+
+_OPEN_PATHS: dict[str, weakref.ref] = {}
+"""Embedded store folders opened by this process (real path -> the store holding the lock)."""
+_OPEN_PATHS_LOCK = threading.Lock()
 
 
 class StoreUnavailableError(RetrvR1Error, ConnectionError):
@@ -297,16 +303,29 @@ class QdrantCandidateStore:
         else:
             self.path = Path(path) if path is not None else default_store_path()
             self.path.mkdir(parents=True, exist_ok=True)
+            key = os.path.realpath(self.path)
             try:
                 self._client = QdrantClient(path=os.fspath(self.path), **client_kwargs)
             except RuntimeError as exc:
                 if "already accessed" in str(exc):
+                    with _OPEN_PATHS_LOCK:
+                        ref = _OPEN_PATHS.get(key)
+                        holder = ref() if ref is not None else None
+                    if holder is not None:
+                        raise StoreLockedError(
+                            f"the embedded Qdrant store at {self.path} is already open in this "
+                            f"process by {holder!r} (embedded mode allows one client per folder); "
+                            "close() that store first (or use it in a with-block), or reuse it"
+                        ) from exc
                     raise StoreLockedError(
-                        f"the embedded Qdrant store at {self.path} is already open in another "
-                        "process (embedded mode allows one process per folder); close it there, "
-                        "use another path=, or run a Qdrant server and pass url= to share it"
+                        f"the embedded Qdrant store at {self.path} is already open, in another "
+                        "process or by another QdrantClient in this one (embedded mode allows one "
+                        "client per folder); close it there, use another path=, pass that client "
+                        "as client=, or run a Qdrant server and pass url= to share it"
                     ) from exc
                 raise
+            with _OPEN_PATHS_LOCK:
+                _OPEN_PATHS[key] = weakref.ref(self)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -341,6 +360,12 @@ class QdrantCandidateStore:
         """Release the client (and the embedded store's folder lock)."""
         if self._owns_client:
             self._client.close()
+        if self.path is not None:
+            with _OPEN_PATHS_LOCK:
+                key = os.path.realpath(self.path)
+                ref = _OPEN_PATHS.get(key)
+                if ref is not None and ref() in (self, None):
+                    del _OPEN_PATHS[key]
 
     def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a client call; on a server, retry connection errors/timeouts with backoff."""
