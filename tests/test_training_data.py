@@ -528,3 +528,28 @@ def test_device_cuda_without_a_gpu_is_refused_not_run_on_the_cpu(tmp_path):
     cfg = SFTConfig(init_from="tiny:text", data=str(tmp_path / "none.jsonl"), output_dir=str(tmp_path / "out"), device="cuda")
     with pytest.raises(ValueError, match="no CUDA device"):
         SFTTrainer(cfg)
+
+
+def test_examples_jsonl_with_null_text_is_read_and_wrong_types_name_the_file_and_line(tmp_path):
+    """Hand-made example files: JSON null is no text; a score, positive or id of the wrong type
+    is refused when the file is read (file:line), not a TypeError deep in a stage or the teacher."""
+    from training.examples import read_examples
+
+    good = {"id": 7, "query_text": None, "query_image": "q.png", "positive": 1.0,
+            "candidates": [{"id": 1, "text": None, "image": "a.png"}, {"id": "b", "text": "y", "score": 2}]}
+    path = tmp_path / "ex.jsonl"
+    path.write_text(json.dumps(good) + "\n")
+    (ex,) = read_examples(path)
+    assert ex.id == "7" and ex.query_text == "" and ex.positive == 1 and isinstance(ex.positive, int)
+    assert [c.id for c in ex.candidates] == ["1", "b"] and ex.candidates[0].text == "" and ex.candidates[1].score == 2.0
+    ProgrammaticTeacher().generate(ex)  # the teacher reads ids and scores
+    for field, value, message in [("positive", "1", "positive must be"), ("positive", True, "positive must be"),
+                                  ("score", "high", "score must be"), ("text", 3, "text must be")]:
+        bad = json.loads(json.dumps(good))
+        if field == "positive":
+            bad["positive"] = value
+        else:
+            bad["candidates"][1][field] = value
+        path.write_text("\n" + json.dumps(bad) + "\n")
+        with pytest.raises(ValueError, match=rf"ex\.jsonl:2: .*{message}"):
+            read_examples(path)

@@ -59,6 +59,22 @@ class CandidateRecord:
     image: Optional[str] = None
     score: Optional[float] = None
 
+    def __post_init__(self) -> None:
+        # JSONL written by hand or by another tool: null text is no text; a wrong type is an
+        # error here (read_examples names the file and line), not a crash deep in a stage
+        if not isinstance(self.id, (str, int)) or isinstance(self.id, bool):
+            raise ValueError(f"candidate id must be a string, got {self.id!r}")
+        self.id = str(self.id)
+        self.text = "" if self.text is None else self.text
+        if not isinstance(self.text, str):
+            raise ValueError(f"candidate {self.id!r}: text must be a string or null, got {type(self.text).__name__}")
+        if self.image is not None and not isinstance(self.image, str):
+            raise ValueError(f"candidate {self.id!r}: image must be a path or null, got {type(self.image).__name__}")
+        if self.score is not None:
+            if isinstance(self.score, bool) or not isinstance(self.score, (int, float)):
+                raise ValueError(f"candidate {self.id!r}: score must be a number or null, got {self.score!r}")
+            self.score = float(self.score)
+
     def to_candidate(self) -> Candidate:
         return Candidate(text=self.text, image=self.image, id=self.id)
 
@@ -81,6 +97,16 @@ class TrainingExample:
 
     def __post_init__(self) -> None:
         self.candidates = [c if isinstance(c, CandidateRecord) else CandidateRecord(**c) for c in self.candidates]
+        if not isinstance(self.id, (str, int)) or isinstance(self.id, bool):
+            raise ValueError(f"example id must be a string, got {self.id!r}")
+        self.id = str(self.id)
+        self.query_text = "" if self.query_text is None else self.query_text
+        if not isinstance(self.query_text, str):
+            raise ValueError(f"example {self.id!r}: query_text must be a string or null, got {type(self.query_text).__name__}")
+        if isinstance(self.positive, float) and self.positive.is_integer():
+            self.positive = int(self.positive)
+        if not isinstance(self.positive, int) or isinstance(self.positive, bool):
+            raise ValueError(f"example {self.id!r}: positive must be a candidate index (an integer), got {self.positive!r}")
         if not 0 <= self.positive < len(self.candidates):
             raise ValueError(f"example {self.id!r}: positive index {self.positive} outside 0..{len(self.candidates) - 1}")
 
