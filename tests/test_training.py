@@ -614,3 +614,20 @@ def test_logged_lr_is_the_rate_each_step_used(tmp_path):
     assert [row["lr"] for row in trainer.history] == pytest.approx(seen)
     logged = [json.loads(x)["lr"] for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert logged == pytest.approx(seen)
+
+
+def test_resume_refuses_a_run_whose_batches_would_differ(tmp_path):
+    """The batches of step s are a function of the data, the seed and batch_size: resuming with
+    any of them changed must be refused, not silently continued on other batches."""
+    write_examples(tmp_path / "ex.jsonl", make_examples(4))
+    cfg = AlignConfig(init_from="tiny:text", data=str(tmp_path / "ex.jsonl"), output_dir=str(tmp_path / "a"), steps=3, batch_size=1,
+                      content_per_example=1, relation_per_example=0, max_target_tokens=4, save_every=1, progress=False,
+                      model_overrides=OVERRIDES)
+    assert AlignTrainer(cfg).train(stop_after=1) is None
+    write_examples(tmp_path / "more.jsonl", make_examples(5))
+    for change, message in [({"data": str(tmp_path / "more.jsonl")}, "data size 4 -> 5"), ({"batch_size": 2}, "batch_size 1 -> 2"),
+                            ({"seed": 1}, "seed 0 -> 1")]:
+        with pytest.raises(ValueError, match=f"checkpoint-000001: cannot resume.*{message}"):
+            AlignTrainer(dataclasses.replace(cfg, **change)).train(resume=True)
+    resumed = AlignTrainer(cfg)
+    assert resumed.train(resume=True) is not None and resumed.step == 3

@@ -531,6 +531,13 @@ class Trainer:
             raise ValueError(f"{path} is a {state.get('stage')!r} checkpoint, not {self.stage!r}")
         if list(state["trainable"]) != self.trainable_names:
             raise ValueError(f"{path}: its trainable parameters differ from this run's (was the config changed?)")
+        # the examples of step s are a function of (data, seed, batch_size): with any of them
+        # changed, the resumed run would silently train on another sequence of batches
+        saved_cfg, saved_data, data = state.get("config", {}), state.get("data", {}), self.data_state()
+        changed = [f"{k} {saved_cfg[k]!r} -> {getattr(self.cfg, k)!r}" for k in ("seed", "batch_size") if k in saved_cfg and saved_cfg[k] != getattr(self.cfg, k)]
+        changed += [f"data {k} {saved_data[k]!r} -> {data[k]!r}" for k in ("size", "dropped_traces") if k in saved_data and k in data and saved_data[k] != data[k]]
+        if changed:
+            raise ValueError(f"{path}: cannot resume, the run differs from the checkpoint's: {'; '.join(changed)}")
         load_trainable_state(self.model, load_file(str(path / WEIGHTS_FILE)), self.trainable_names)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
