@@ -237,6 +237,15 @@ def test_constructor_validation():
         RetrvR1Retriever(model=model, store=text_store(), first_stage_k=100)
     with pytest.raises(TypeError, match="search"):
         RetrvR1Retriever(model=model, store=object())
+    with pytest.raises(ValueError, match="greater than or equal to 1"):
+        RetrvR1Retriever(model=model, store=text_store(), k=0)
+    retriever = RetrvR1Retriever(model=model, store=text_store(), k=2, reasoning_budget=0)
+    with pytest.raises(ValueError, match="greater than or equal to 1"):
+        retriever.k = 0
+    with pytest.raises(ValueError, match="max_candidates"):
+        retriever.first_stage_k = 100
+    retriever.k, retriever.first_stage_k = 3, 5
+    assert retriever.model is model and len(retriever.invoke(QUESTION)) == 3
 
 
 def test_callable_store_and_checkpoint_path(tmp_path):
@@ -294,7 +303,15 @@ def test_compressor_top_n_is_validated():
         with pytest.raises(ValueError, match=f"top_n must be >= 1 or None, got {bad}"):
             RetrvR1Compressor(model=tiny_text_model(), top_n=bad)
     docs = [Document(page_content=t, id=cid) for cid, t in CORPUS[:3]]
-    assert len(RetrvR1Compressor(model=tiny_text_model(), top_n=1, reasoning_budget=0).compress_documents(docs, QUESTION)) == 1
+    compressor = RetrvR1Compressor(model=tiny_text_model(), top_n=1, reasoning_budget=0)
+    assert len(compressor.compress_documents(docs, QUESTION)) == 1
+    # assignment is validated too (it used to return [] for 0 and drop the last document for -1)
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=f"top_n must be >= 1 or None, got {bad}"):
+            compressor.top_n = bad
+    assert compressor.top_n == 1 and compressor.model is tiny_text_model()
+    compressor.top_n = None
+    assert len(compressor.compress_documents(docs, QUESTION)) == 3
 
 
 @functools.cache

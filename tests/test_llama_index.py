@@ -101,6 +101,14 @@ def test_top_n_and_none(text_model):
     assert len(RetrvR1Reranker(model=text_model, top_n=None, reasoning_budget=0).postprocess_nodes(nodes, query_str="q")) == 4
     with pytest.raises(ValueError, match="top_n"):
         RetrvR1Reranker(model=text_model, top_n=0)
+    # assignment is validated too (it used to return [] for 0 and drop the last node for -1)
+    reranker = RetrvR1Reranker(model=text_model, top_n=2, reasoning_budget=0)
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="top_n"):
+            reranker.top_n = bad
+    assert reranker.top_n == 2 and reranker.retrv_r1_model is text_model
+    reranker.top_n = None
+    assert len(reranker.postprocess_nodes(nodes, query_str="q")) == 4
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,7 @@ from langchain_core.callbacks import (  # noqa: E402
 from langchain_core.documents import BaseDocumentCompressor, Document  # noqa: E402
 from langchain_core.retrievers import BaseRetriever  # noqa: E402
 from langchain_core.runnables import run_in_executor  # noqa: E402
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator  # noqa: E402
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from ..model import RetrvR1Model  # noqa: E402
@@ -107,7 +107,8 @@ def document_to_candidate(document: Document, load_images: bool = True) -> Candi
 class _RetrvR1Options(BaseModel):
     """Model and generation options shared by the retriever and the compressor."""
 
-    model_config = ConfigDict(arbitrary_types_allowed=True)
+    # validate_assignment: compressor.top_n = 0 or retriever.k = 0 is refused like in the constructor
+    model_config = ConfigDict(arbitrary_types_allowed=True, validate_assignment=True)
 
     model: RetrvR1Model = Field(repr=False, description="A loaded RetrvR1Model, or a checkpoint path/bundled name to load.")
     device: Optional[str] = Field(default=None, description="Torch device to load/move the model to (default for a path: cuda/mps when available, else cpu).")
@@ -177,6 +178,13 @@ class _RetrvR1Options(BaseModel):
 
 
 # ====================================================================== retriever
+def _check_first_stage_k(model: RetrvR1Model, n: int) -> int:
+    limit = model.config.max_candidates
+    if n < 1 or n > limit:
+        raise ValueError(f"first_stage_k must be between 1 and the model's max_candidates ({limit}), got {n}")
+    return n
+
+
 class RetrvR1Retriever(_RetrvR1Options, BaseRetriever):
     """Two-stage retriever: first-stage candidates, reranked by a Retrv-R1 model.
 
@@ -197,7 +205,7 @@ class RetrvR1Retriever(_RetrvR1Options, BaseRetriever):
 
     store: Optional[Any] = Field(default=None, description="First-stage candidate store: QdrantCandidateStore, an object with search(query, top_k), or such a callable.")
     base_retriever: Optional[BaseRetriever] = Field(default=None, description="A LangChain retriever giving the first-stage documents (instead of store).")
-    k: int = Field(default=4, description="Number of documents returned.")
+    k: int = Field(default=4, ge=1, description="Number of documents returned (>= 1).")
     first_stage_k: Optional[int] = Field(default=None, description="How many first-stage candidates to rerank (default: min(20, the model's max_candidates)).")
 
     @model_validator(mode="after")
@@ -206,17 +214,19 @@ class RetrvR1Retriever(_RetrvR1Options, BaseRetriever):
             raise ValueError("give exactly one of store= or base_retriever=")
         if self.store is not None and not (callable(getattr(self.store, "search", None)) or callable(self.store)):
             raise TypeError(f"store {self.store!r} has no search(query, top_k) method and is not callable")
-        if self.k < 1:
-            raise ValueError(f"k must be >= 1, got {self.k}")
-        if self.first_stage_k is not None:
-            self._check_first_stage_k(self.first_stage_k)
         return self
 
+    @field_validator("first_stage_k")
+    @classmethod
+    def _valid_first_stage_k(cls, value: Optional[int], info: ValidationInfo) -> Optional[int]:
+        # A field validator (not the model validator): a refused assignment leaves the old value.
+        model = info.data.get("model")
+        if value is not None and isinstance(model, RetrvR1Model):
+            _check_first_stage_k(model, value)
+        return value
+
     def _check_first_stage_k(self, n: int) -> int:
-        limit = self.model.config.max_candidates
-        if n < 1 or n > limit:
-            raise ValueError(f"first_stage_k must be between 1 and the model's max_candidates ({limit}), got {n}")
-        return n
+        return _check_first_stage_k(self.model, n)
 
     def _sizes(self, k: Optional[int], first_stage_k: Optional[int]) -> tuple[int, int]:
         k = self.k if k is None else k

@@ -27,7 +27,7 @@ from .._optional import require
 require("llama_index.core", "llama-index")
 
 from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding  # noqa: E402
-from llama_index.core.bridge.pydantic import Field, PrivateAttr  # noqa: E402
+from llama_index.core.bridge.pydantic import ConfigDict, Field, PrivateAttr  # noqa: E402
 from llama_index.core.callbacks import CallbackManager, CBEventType, EventPayload  # noqa: E402
 from llama_index.core.instrumentation import get_dispatcher  # noqa: E402
 from llama_index.core.instrumentation.events.rerank import ReRankEndEvent, ReRankStartEvent  # noqa: E402
@@ -74,8 +74,10 @@ class RetrvR1Reranker(BaseNodePostprocessor):
     runs the model in a worker thread; calls on one model are serialised by its lock.
     """
 
+    model_config = ConfigDict(validate_assignment=True)  # reranker.top_n = 0 is refused like top_n=0
+
     model: str = Field(description="Checkpoint path or bundled name of the Retrv-R1 model (or a description of the loaded model given).")
-    top_n: Optional[int] = Field(default=5, description="Number of nodes to return, best first; None returns all.")
+    top_n: Optional[int] = Field(default=5, ge=1, description="Number of nodes to return, best first (>= 1); None returns all.")
     device: Optional[str] = Field(default=None, description="Torch device the model runs on (default: cuda/mps when available, else cpu).")
     keep_retrieval_score: bool = Field(default=False, description="Copy each node's first-stage score into metadata['retrieval_score'].")
     reasoning_budget: Optional[int] = Field(default=None, description="Tokens the model may reason before answering (0: score directly); None uses the model's default.")
