@@ -1,6 +1,7 @@
 """GRPO rewards (Retrv-R1, arXiv 2510.02745): format reward plus curriculum result-efficiency reward.
 
-``r = r_f + 1[correct] * (1 - lambda_t * N_ins / K)`` with ``lambda_t = t / T``.
+``r = r_f + 1[correct] * (1 - lambda_t * N_ins / K)`` with ``lambda_t = t / (T - 1)`` for the 0-based
+step ``t`` of ``T``: 0 at the first step, 1 at the last (the paper's ``i / N_iter``, rising from 0 to 1).
 
 * ``r_f`` (**[ours]**: the paper names it without a definition) is ``format_weight`` when
   the written output is well formed: every inspection request is exactly
