@@ -468,6 +468,7 @@ def test_numbers_without_a_dot_are_numbers_and_wrong_types_are_named(tmp_path):
         ("sft", "warmup_steps: -1\n", "warmup_steps must be >= 0"),
         ("sft", "shuffle_candidates: maybe\n", "'?shuffle_candidates'? must be"),
         ("sft", "model_overrides: 3\n", "'model_overrides' must be a mapping"),
+        ("sft", "model_overrides: {max_candidate: 20}\n", "unknown model_overrides key.*'max_candidate'"),
         ("sft", "dtype: float8\n", "dtype must be one of"),
         ("sft", "device: tpu\n", "device must be auto, cpu or cuda"),
         ("align", "content_per_example: 0\nrelation_per_example: 0\n", "nothing to train on"),

@@ -136,3 +136,15 @@ def test_recovery_restores_a_set_aside_checkpoint_and_removes_leftovers(tmp_path
     finally:
         alive.kill()
         alive.wait()
+
+
+def test_latest_checkpoint_skips_folders_that_are_not_numbered_checkpoints(tmp_path):
+    """A stray ``checkpoint-foo`` or a renamed ``checkpoint-000004.bak`` must not crash resume."""
+    from training.trainer import CHECKPOINT_PREFIX, STATE_FILE, WEIGHTS_FILE, latest_checkpoint
+
+    for name in ("000002", "000004.bak", "foo", "000003"):
+        d = tmp_path / f"{CHECKPOINT_PREFIX}{name}"
+        d.mkdir()
+        (d / STATE_FILE).write_text("{}")
+        (d / WEIGHTS_FILE).write_text("")
+    assert latest_checkpoint(tmp_path).name == f"{CHECKPOINT_PREFIX}000003"

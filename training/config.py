@@ -112,6 +112,11 @@ class RunConfig:
             raise ValueError(f"dtype must be one of {', '.join(_DTYPES)} or null, got {self.dtype!r}")
         if self.compression not in ("icm", "none"):
             raise ValueError(f"compression must be icm or none, got {self.compression!r}")
+        from retrv_r1_plugin.config import RetrvR1Config
+
+        unknown = sorted(set(self.model_overrides) - {f.name for f in fields(RetrvR1Config)})
+        if unknown:
+            raise ValueError(f"unknown model_overrides key(s) {', '.join(map(repr, unknown))}: they must be RetrvR1Config fields")
 
 
 @dataclass

@@ -183,6 +183,7 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     if not out.is_dir():
         return None
     found = [p for p in out.glob(f"{CHECKPOINT_PREFIX}*") if (p / STATE_FILE).is_file() and (p / WEIGHTS_FILE).is_file()]
+    found = [p for p in found if p.name[len(CHECKPOINT_PREFIX):].isdigit()]  # not checkpoint-foo or checkpoint-000004.bak
     return max(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
 
 
