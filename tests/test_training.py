@@ -631,3 +631,19 @@ def test_resume_refuses_a_run_whose_batches_would_differ(tmp_path):
             AlignTrainer(dataclasses.replace(cfg, **change)).train(resume=True)
     resumed = AlignTrainer(cfg)
     assert resumed.train(resume=True) is not None and resumed.step == 3
+
+
+def test_existing_lora_adapters_keep_training_and_differing_settings_are_reported(caplog):
+    """RL fed an SFT output keeps that output's adapters; a config asking for another rank
+    must say that its lora settings were not applied rather than ignore them silently."""
+    from training.params import inject_lora
+
+    model = tiny()
+    inject_lora(model, LoraSettings(r=4, alpha=8))
+    with caplog.at_level("WARNING", logger="training.params"):
+        inject_lora(model, LoraSettings(r=4, alpha=8))
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="training.params"):
+        inject_lora(model, LoraSettings(r=16, alpha=32))
+    assert model.lm.peft_config["default"].r == 4
+    assert any("r=16" in r.getMessage() and "not applied" in r.getMessage() for r in caplog.records)

@@ -10,6 +10,7 @@ training them instead of stacking new ones.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable
 
@@ -19,6 +20,8 @@ from torch import nn
 from retrv_r1_plugin.model import added_token_ids, lm_has_lora
 
 from .config import LoraSettings
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["has_lora", "inject_lora", "configure_trainable", "trainable_parameters", "trainable_state", "load_trainable_state", "param_groups"]
 
@@ -36,6 +39,11 @@ def inject_lora(model, settings: LoraSettings) -> None:
     import peft
 
     if has_lora(model):
+        existing = model.lm.peft_config["default"]
+        if (existing.r, existing.lora_alpha) != (settings.r, settings.alpha):
+            logger.warning("the model already carries LoRA adapters (r=%s, alpha=%s) and keeps training them; "
+                           "the config's lora settings (r=%s, alpha=%s) are not applied", existing.r, existing.lora_alpha,
+                           settings.r, settings.alpha)
         return
     names = "|".join(re.escape(m) for m in settings.target_modules)
     # full-match regex over module names: language model only, never the vision tower
