@@ -201,6 +201,24 @@ def cmd_eval(argv: list[str]) -> int:
     return main_eval(argv)
 
 
+def _int_at_least(least: int):
+    """An argparse ``type`` for ints >= ``least`` (a bad value is a usage error, exit 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be an int >= {least}, got {value}")
+        return value
+
+    return parse
+
+
+positive_int = _int_at_least(1)
+non_negative_int = _int_at_least(0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="retrv-r1", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -214,13 +232,15 @@ def build_parser() -> argparse.ArgumentParser:
     def model_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", help=f"checkpoint path or bundled name (default: ${DEFAULT_MODEL_ENV} or {DEFAULT_MODEL})")
         p.add_argument("--device", help="torch device, e.g. cpu or cuda")
-        p.add_argument("--reasoning-budget", type=int, default=None)
-        p.add_argument("--max-inspections", type=int, default=None)
+        p.add_argument("--reasoning-budget", type=non_negative_int, default=None,
+                       help="tokens the model may think before answering; 0 scores directly (default: the model's)")
+        p.add_argument("--max-inspections", type=non_negative_int, default=None,
+                       help="cap on full-token inspections (default: the model's)")
         p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("index", help="index a folder, JSONL file or BEIR corpus.jsonl")
     p.add_argument("path")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--model", help="also cache this model's content tokens in the store")
     p.add_argument("--device")
     p.add_argument("--quiet", action="store_true")
@@ -231,9 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("query")
     p.add_argument("--image", help="query image (path) for the reranker; the first stage searches by the query "
                                    "text, so give text too")
-    p.add_argument("--top-k", type=int, default=20,
+    p.add_argument("--top-k", type=positive_int, default=20,
                    help="candidates from the first stage (capped at the model's max_candidates)")
-    p.add_argument("--top-n", type=int, default=5, help="results to print")
+    p.add_argument("--top-n", type=positive_int, default=5, help="results to print")
     store_args(p)
     model_args(p)
     p.set_defaults(func=cmd_search)

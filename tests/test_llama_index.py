@@ -26,7 +26,7 @@ from llama_index.core.instrumentation import get_dispatcher  # noqa: E402
 from llama_index.core.instrumentation.event_handlers import BaseEventHandler  # noqa: E402
 from llama_index.core.instrumentation.events.rerank import ReRankEndEvent, ReRankStartEvent  # noqa: E402
 from llama_index.core.llms import MockLLM  # noqa: E402
-from llama_index.core.schema import ImageNode, MetadataMode, NodeWithScore, QueryBundle, TextNode  # noqa: E402
+from llama_index.core.schema import ImageDocument, ImageNode, MediaResource, MetadataMode, Node, NodeWithScore, QueryBundle, TextNode  # noqa: E402
 from llama_index.vector_stores.qdrant import QdrantVectorStore  # noqa: E402
 from qdrant_client import QdrantClient  # noqa: E402
 
@@ -356,6 +356,35 @@ def test_image_url_is_fetched_only_when_allowed(vl_model, images, monkeypatch):
     allowed = RetrvR1Reranker(model=vl_model, reasoning_budget=0, allow_image_urls=True)
     out = allowed.postprocess_nodes([node, *image_nodes(images)], query_str="red")
     assert calls == ["https://example.invalid/red.png"] and len(out) == 5
+
+
+def test_image_documents_and_multimodal_nodes_are_read(vl_model, text_model, images):
+    """ImageDocument (what SimpleDirectoryReader makes of image files) and Node keep their image
+    in image_resource, not in ImageNode fields: the reranker must read it, not rank ''."""
+    b64 = base64.b64encode(images["green"].read_bytes()).decode()
+    nodes = [
+        NodeWithScore(node=ImageDocument(image_path=str(images["red"]), id_="doc_path"), score=0.5),
+        NodeWithScore(node=ImageDocument(image=b64, id_="doc_b64"), score=0.4),
+        NodeWithScore(node=Node(image_resource=MediaResource(path=images["blue"]),
+                                text_resource=MediaResource(text="a blue square"), id_="node"), score=0.3),
+        NodeWithScore(node=TextNode(text="plain text about the sky", id_="text"), score=0.2),
+    ]
+    out = RetrvR1Reranker(model=vl_model, top_n=None, reasoning_budget=0).postprocess_nodes(nodes, query_str="green")
+    texts = [n.node.get_content(metadata_mode=MetadataMode.EMBED) for n in nodes]
+    expected = vl_model.rank(
+        "green",
+        [Candidate(texts[0], images["red"]), Candidate(texts[1], images["green"]),
+         Candidate(texts[2], images["blue"]), Candidate(texts[3])],
+        reasoning_budget=0,
+    )
+    by_id = {n.node.node_id: n.score for n in out}
+    assert [by_id[i] for i in ("doc_path", "doc_b64", "node", "text")] == pytest.approx(expected.scores)
+    assert isinstance({n.node.node_id: n.node for n in out}["doc_b64"], ImageDocument)
+    # a text-only model refuses an image document without text instead of ranking ''
+    with pytest.raises(ValueError, match="doc_path.*text-only"):
+        RetrvR1Reranker(model=text_model, reasoning_budget=0).postprocess_nodes(nodes, query_str="green")
+    captioned = RetrvR1Reranker(model=text_model, top_n=None, reasoning_budget=0).postprocess_nodes(nodes[2:], query_str="blue")
+    assert {n.node.node_id for n in captioned} == {"node", "text"}
 
 
 def test_text_model_reads_image_node_text_only(text_model, images):

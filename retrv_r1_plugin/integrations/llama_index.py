@@ -32,7 +32,8 @@ from llama_index.core.callbacks import CallbackManager, CBEventType, EventPayloa
 from llama_index.core.instrumentation import get_dispatcher  # noqa: E402
 from llama_index.core.instrumentation.events.rerank import ReRankEndEvent, ReRankStartEvent  # noqa: E402
 from llama_index.core.postprocessor.types import BaseNodePostprocessor  # noqa: E402
-from llama_index.core.schema import ImageNode, MetadataMode, NodeWithScore, QueryBundle  # noqa: E402
+from llama_index.core.schema import BaseNode, ImageNode, MetadataMode, Node, NodeWithScore, QueryBundle  # noqa: E402
+from llama_index.core.utils import resolve_binary  # noqa: E402
 
 from ..model import RetrvR1Model  # noqa: E402
 from ..types import Candidate, ImageInput, ImageLoadError, Query, load_image  # noqa: E402
@@ -46,13 +47,14 @@ __all__ = ["LocalSentenceTransformerEmbedding", "RetrvR1Reranker"]
 
 
 class RetrvR1Reranker(BaseNodePostprocessor):
-    """Rerank retrieved ``TextNode``/``ImageNode`` objects with a Retrv-R1 model.
+    """Rerank retrieved ``TextNode``/``ImageNode`` (or multimodal ``Node``) objects with a Retrv-R1 model.
 
     Scores set on the returned nodes are the model's probabilities that each node is the
     best one for the query (they sum to 1 over the nodes given). Returned nodes are copies:
     the caller's nodes and their metadata are never modified.
 
-    Images of an ``ImageNode`` are read from ``image`` (base64), then ``image_path``, then
+    Images of an ``ImageNode`` (or of a ``Node``/``ImageDocument``'s ``image_resource``: its
+    ``data``, ``path``, ``url``) are read from ``image`` (base64), then ``image_path``, then
     ``image_url`` (downloaded only with ``allow_image_urls=True``; otherwise a URL-only node
     raises :class:`~retrv_r1_plugin.types.ImageLoadError`, so an image is never silently
     dropped), then ``metadata["file_path"]``. An unreadable image raises ``ImageLoadError``
@@ -150,25 +152,44 @@ class RetrvR1Reranker(BaseNodePostprocessor):
             raise ValueError("empty query: the QueryBundle has neither query_str nor image_path")
         return Query(text=text, image=image)
 
-    def _image_source(self, node: ImageNode) -> ImageInput | None:
+    @staticmethod
+    def _image_fields(node: BaseNode) -> tuple[str | bytes | None, str | None, str | None] | None:
+        """``(base64, path, url)`` of the image of ``node``, or None when it is not an image node.
+
+        An ``ImageNode`` has ``image``/``image_path``/``image_url``; a multimodal ``Node``
+        (``Document``, ``ImageDocument`` as ``SimpleDirectoryReader`` makes for image files)
+        has ``image_resource``.
+        """
+        if isinstance(node, ImageNode):
+            return node.image, node.image_path, node.image_url
+        resource = getattr(node, "image_resource", None) if isinstance(node, Node) else None
+        if resource is None:
+            return None
+        path = os.fspath(resource.path) if resource.path else None
+        return resource.data, path, str(resource.url) if resource.url else None
+
+    def _image_source(self, node: BaseNode) -> ImageInput | None:
         """Where the image of ``node`` comes from (path or bytes), or None if it has none."""
-        if node.image:
+        b64, path, url = self._image_fields(node) or (None, None, None)
+        if b64:
             try:
-                return base64.b64decode(node.image, validate=True)
+                return base64.b64decode(b64, validate=True)
             except (binascii.Error, ValueError) as exc:
                 raise ImageLoadError(f"node {node.node_id}: field 'image' is not valid base64 ({exc})") from exc
-        if node.image_path:
-            return node.image_path
-        if node.image_url:
+        if path:
+            return path
+        if url:
             if not self.allow_image_urls:
                 raise ImageLoadError(
-                    f"node {node.node_id} has only an image_url ({node.image_url}); pass "
+                    f"node {node.node_id} has only an image_url ({url}); pass "
                     "allow_image_urls=True to let the reranker download it, or set image_path/image"
                 )
             try:
-                return node.resolve_image().getvalue()  # type: ignore[union-attr]
+                if isinstance(node, ImageNode):
+                    return node.resolve_image().getvalue()  # type: ignore[union-attr]
+                return resolve_binary(url=url).getvalue()
             except Exception as exc:  # network errors of any client library
-                raise ImageLoadError(f"node {node.node_id}: cannot download {node.image_url}: {exc}") from exc
+                raise ImageLoadError(f"node {node.node_id}: cannot download {url}: {exc}") from exc
         path = node.metadata.get("file_path")
         return path if isinstance(path, str) and path else None
 
@@ -176,7 +197,7 @@ class RetrvR1Reranker(BaseNodePostprocessor):
         node = nws.node
         text = node.get_content(metadata_mode=self.metadata_mode)
         image: ImageInput | None = None
-        if isinstance(node, ImageNode):
+        if self._image_fields(node) is not None:
             if self._model.backbone.is_vision:
                 image = self._image_source(node)
                 if image is not None:
