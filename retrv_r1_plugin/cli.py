@@ -85,11 +85,34 @@ def _read_jsonl(path: Path) -> Iterable[Candidate]:
 
 
 # ----------------------------------------------------------------------------- helpers
+def check_device(device: str | None) -> None:
+    """Raise ``ValueError`` naming ``--device`` when torch cannot use ``device`` here
+    (an unknown device type, or CUDA/MPS that this machine or torch build lacks)."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, ValueError) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise ValueError(f"--device {device!r} is not usable here: {reason}") from exc
+
+
 def load_model(name: str | None, device: str | None = None):
+    from .backbone import ModelLoadError
     from .model import RetrvR1Model
 
-    name = name or os.environ.get(DEFAULT_MODEL_ENV) or DEFAULT_MODEL
-    return RetrvR1Model.from_pretrained(name, device=device)
+    check_device(device)
+    if name:
+        return RetrvR1Model.from_pretrained(name, device=device)
+    env = os.environ.get(DEFAULT_MODEL_ENV)
+    if not env:
+        return RetrvR1Model.from_pretrained(DEFAULT_MODEL, device=device)
+    try:
+        return RetrvR1Model.from_pretrained(env, device=device)
+    except ModelLoadError as exc:  # say where the name came from: no --model was given
+        raise ModelLoadError(f"${DEFAULT_MODEL_ENV}={env}: {exc}") from exc
 
 
 def open_store(args: argparse.Namespace):

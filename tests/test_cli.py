@@ -40,6 +40,15 @@ def one_error_line(err: str) -> str:
     return lines[0]
 
 
+@pytest.mark.parametrize("device", ["bogus", "cuda"])
+def test_a_device_torch_cannot_use_is_a_clear_error(device, checkpoint, capsys):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    rc, out, err = run(["rank", "q", "alpha", "beta", "--model", checkpoint, "--device", device], capsys)
+    assert rc == 2 and out == ""
+    assert f"--device {device!r}" in one_error_line(err)
+
+
 @pytest.mark.parametrize("args, option", [
     (["search", "q", "--top-k", "0"], "--top-k"),
     (["search", "q", "--top-k", "-3"], "--top-k"),
@@ -58,3 +67,12 @@ def test_counts_below_their_minimum_are_usage_errors(args, option, tmp_path, cap
     err = capsys.readouterr().err
     assert f"argument {option}: must be an int >=" in err
     assert not (tmp_path / "q").exists()
+
+
+def test_a_bad_model_from_the_environment_names_the_variable(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("RETRV_R1_MODEL", str(tmp_path / "nope"))
+    rc, _, err = run(["rank", "q", "a"], capsys)
+    assert rc == 2
+    line = one_error_line(err)
+    assert "$RETRV_R1_MODEL=" in line and "no model directory" in line
+
