@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Iterable
 
+from ._optional import MissingExtraError
 from .types import Candidate, Query, RankResult, RetrvR1Error
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
@@ -36,9 +37,11 @@ def read_corpus(path: str | os.PathLike) -> list[Candidate]:
     then ``.rst``: the first that exists).
     """
     p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"no such file or folder: {p}")
     if p.is_dir():
         return _read_folder(p)
-    if p.is_file() and p.suffix in (".jsonl", ".json"):
+    if p.is_file() and p.suffix.lower() in (".jsonl", ".json"):
         return list(_read_jsonl(p))
     raise FileNotFoundError(f"{p} is neither a folder nor a .jsonl file")
 
@@ -122,6 +125,8 @@ def open_store(args: argparse.Namespace):
     if args.url:
         kwargs.update(url=args.url, api_key=args.api_key or os.environ.get("QDRANT_API_KEY"))
     elif args.store:
+        if os.path.exists(args.store) and not os.path.isdir(args.store):
+            raise ValueError(f"--store {args.store}: not a folder (the embedded Qdrant store is a folder)")
         kwargs["path"] = args.store
     return QdrantCandidateStore(**kwargs)
 
@@ -187,8 +192,15 @@ def cmd_search(args: argparse.Namespace) -> int:
     with open_store(args) as store:
         first = first_stage_query(query, store.supports_images)  # text-only store: search by the text
         candidates = store.search(first, top_k=top_k, with_content_tokens=model.content_signature)
+        if not candidates and not store.client.collection_exists(args.collection):
+            raise ValueError(f"no collection {args.collection!r} in {store.url or store.path}: "
+                             f"index a corpus into it first (retrv-r1 index PATH --collection {args.collection})")
     if not candidates:
-        print("no results: the collection is empty")
+        if args.json:
+            print(json.dumps({"ranking": [], "reasoning": "", "fallback": None,
+                              "notes": ["no results: the collection is empty"], "usage": None}, indent=2))
+        else:
+            print("no results: the collection is empty")
         return 0
     result = model.rank(query, candidates, reasoning_budget=args.reasoning_budget, max_inspections=args.max_inspections)
     if args.json:
@@ -302,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_eval(argv[1:])
         args = build_parser().parse_args(argv)
         return args.func(args)
-    except (RetrvR1Error, FileNotFoundError, ValueError) as exc:
+    except (RetrvR1Error, OSError, ValueError, MissingExtraError) as exc:  # OSError: e.g. --store names a file
         print(f"retrv-r1: error: {exc}", file=sys.stderr)
         return 2
 

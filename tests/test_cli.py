@@ -69,6 +69,50 @@ def test_counts_below_their_minimum_are_usage_errors(args, option, tmp_path, cap
     assert not (tmp_path / "q").exists()
 
 
+def test_search_of_a_collection_that_does_not_exist_names_it(corpus, checkpoint, tmp_path, capsys):
+    store = str(tmp_path / "q")
+    assert main(["index", str(corpus), "--store", store, "--quiet"]) == 0
+    capsys.readouterr()
+    rc, out, err = run(["search", "plants", "--store", store, "--collection", "typo", "--model", checkpoint,
+                        "--reasoning-budget", "0"], capsys)
+    assert rc == 2 and out == ""
+    line = one_error_line(err)
+    assert "no collection 'typo'" in line and "retrv-r1 index" in line
+
+
+def test_search_json_on_an_empty_collection_prints_json(corpus, checkpoint, tmp_path, capsys):
+    from retrv_r1_plugin.store import QdrantCandidateStore
+
+    store = tmp_path / "q"
+    with QdrantCandidateStore(path=store) as s:
+        s.delete(s.add(read_corpus(corpus), show_progress=False))
+        assert s.count() == 0
+    rc, out, err = run(["search", "plants", "--store", str(store), "--model", checkpoint, "--reasoning-budget", "0",
+                        "--json"], capsys)
+    assert rc == 0, err
+    assert json.loads(out)["ranking"] == []
+
+
+def test_store_that_is_a_file_is_a_clear_error(corpus, tmp_path, capsys):
+    not_a_folder = tmp_path / "store.txt"
+    not_a_folder.write_text("x")
+    rc, _, err = run(["index", str(corpus), "--store", str(not_a_folder), "--quiet"], capsys)
+    assert rc == 2
+    assert "not a folder" in one_error_line(err)
+
+
+def test_index_of_a_missing_path_says_it_does_not_exist(tmp_path, capsys):
+    rc, _, err = run(["index", str(tmp_path / "missing"), "--store", str(tmp_path / "q")], capsys)
+    assert rc == 2
+    assert "no such file or folder" in one_error_line(err)
+
+
+def test_jsonl_suffix_is_case_insensitive(tmp_path):
+    f = tmp_path / "CORPUS.JSONL"
+    f.write_text('{"id": "a", "text": "ok"}\n')
+    assert [c.id for c in read_corpus(f)] == ["a"]
+
+
 def test_a_bad_model_from_the_environment_names_the_variable(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("RETRV_R1_MODEL", str(tmp_path / "nope"))
     rc, _, err = run(["rank", "q", "a"], capsys)

@@ -214,12 +214,12 @@ def test_index_with_a_model_without_trained_icm_fails_before_writing(corpus_dir,
     assert not store.exists()  # the store was never opened, let alone written
 
 
-def test_train_without_the_train_extra_names_the_install_command(monkeypatch):
-    from retrv_r1_plugin._optional import MissingExtraError
-
+def test_train_without_the_train_extra_names_the_install_command(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if [train] were not installed
-    with pytest.raises(MissingExtraError, match=r"pip install 'retrv-r1-plugin\[train\]'"):
-        main(["train", "sft", "--config", "unused.yaml"])
+    rc, _, err = _run_cli(["train", "sft", "--config", "unused.yaml"], capsys)
+    assert rc == 2  # one error line, not a MissingExtraError traceback
+    assert err.startswith("retrv-r1: error: ") and len(err.strip().splitlines()) == 1
+    assert "pip install 'retrv-r1-plugin[train]'" in err
 
 
 def test_eval_with_an_unknown_model_path_is_a_clear_error_not_a_traceback(beir_dir, tmp_path, capsys):
