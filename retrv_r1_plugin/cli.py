@@ -64,8 +64,12 @@ def _read_folder(folder: Path) -> list[Candidate]:
 
 
 def _read_jsonl(path: Path) -> Iterable[Candidate]:
-    with path.open() as fh:
-        for lineno, line in enumerate(fh, 1):
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:  # UTF-8 as JSON requires, whatever the locale; a leading BOM is dropped
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text ({exc.reason})") from exc
             if not line.strip():
                 continue
             try:

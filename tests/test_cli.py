@@ -120,3 +120,14 @@ def test_a_bad_model_from_the_environment_names_the_variable(tmp_path, monkeypat
     line = one_error_line(err)
     assert "$RETRV_R1_MODEL=" in line and "no model directory" in line
 
+
+
+def test_jsonl_must_be_utf8_and_may_start_with_a_bom(tmp_path, capsys):
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes('\ufeff{"id": "a", "text": "caf\u00e9"}\n'.encode("utf-8"))
+    assert [(c.id, c.text) for c in read_corpus(bom)] == [("a", "caf\u00e9")]
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes('{"id": "a", "text": "ok"}\n{"id": "b", "text": "caf\u00e9"}\n'.encode("latin-1"))
+    rc, _, err = run(["index", str(latin1), "--store", str(tmp_path / "q")], capsys)
+    assert rc == 2
+    assert "latin1.jsonl:2: not UTF-8 text" in one_error_line(err)
