@@ -91,6 +91,9 @@ class RetrvR1Model(nn.Module):
         self.icm_available = True
         """False for a checkpoint shipped without ICM weights (:meth:`drop_icm`): compression
         ``'icm'`` is then refused instead of running an untrained module."""
+        self.name_or_path: str | None = None
+        """What :meth:`from_pretrained` was given (a path or a bundled name), so adapters that
+        serialise their settings can load the same model again; ``None`` when built in memory."""
 
     # ================================================================ construction
     @classmethod
@@ -126,7 +129,9 @@ class RetrvR1Model(nn.Module):
         bundled = bundled_checkpoint(source)
         path = Path(bundled) if bundled is not None else Path(resolve_source(source))
         if (path / CONFIG_NAME).is_file():
-            return cls._load_checkpoint(path, device=device, dtype=dtype, **overrides)
+            model = cls._load_checkpoint(path, device=device, dtype=dtype, **overrides)
+            model.name_or_path = source
+            return model
         try:
             backbone = load_backbone(source, gguf_file=gguf_file, dtype=dtype, device=device)
         except ModelLoadError as exc:
@@ -134,7 +139,9 @@ class RetrvR1Model(nn.Module):
                 raise
             raise ModelLoadError(f"{exc}{_bundled_hint(source)}") from exc
         logger.warning("%s is a plain backbone: the ICM is untrained (use compression='none' for zero-shot)", source)
-        return cls.from_backbone(backbone, backbone_source=source, gguf_file=gguf_file, **overrides)
+        model = cls.from_backbone(backbone, backbone_source=source, gguf_file=gguf_file, **overrides)
+        model.name_or_path = source
+        return model
 
     @classmethod
     def _load_checkpoint(cls, path: Path, *, device=None, dtype=None, **overrides: Any) -> "RetrvR1Model":

@@ -30,6 +30,7 @@ from llama_index.core.schema import ImageDocument, ImageNode, MediaResource, Met
 from llama_index.vector_stores.qdrant import QdrantVectorStore  # noqa: E402
 from qdrant_client import QdrantClient  # noqa: E402
 
+from retrv_r1_plugin import RetrvR1Model  # noqa: E402
 from retrv_r1_plugin._optional import MissingExtraError  # noqa: E402
 from retrv_r1_plugin.integrations.llama_index import LocalSentenceTransformerEmbedding, RetrvR1Reranker  # noqa: E402
 from retrv_r1_plugin.testing import scripted_generation  # noqa: E402
@@ -163,6 +164,19 @@ def test_loads_a_checkpoint_path(tmp_path):
     out = reranker.postprocess_nodes(nodes_of(TEXTS), query_str="q")
     expected = model.rank("q", TEXTS, reasoning_budget=2)
     assert [n.score for n in out] == pytest.approx([expected.scores[i] for i in expected.order])
+
+
+def test_a_reranker_over_a_loaded_checkpoint_round_trips_through_to_dict(tmp_path):
+    """Serialised settings must name what loads the model again, not a description of it."""
+    make_text_model(seed=4).save_pretrained(tmp_path / "ckpt")
+    loaded = RetrvR1Model.from_pretrained(tmp_path / "ckpt")
+    assert loaded.name_or_path == str(tmp_path / "ckpt")
+    reranker = RetrvR1Reranker(model=loaded, top_n=2, reasoning_budget=0)
+    rebuilt = RetrvR1Reranker.from_dict(reranker.to_dict())
+    assert rebuilt.model == str(tmp_path / "ckpt") and rebuilt.top_n == 2 and rebuilt.retrv_r1_model is not loaded
+    nodes = nodes_of(TEXTS)
+    assert [n.score for n in rebuilt.postprocess_nodes(nodes, query_str="q")] == pytest.approx(
+        [n.score for n in reranker.postprocess_nodes(nodes_of(TEXTS), query_str="q")])
 
 
 def test_keep_retrieval_score_and_no_leaks(text_model):

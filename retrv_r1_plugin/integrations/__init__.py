@@ -93,9 +93,12 @@ def load_model(model: "RetrvR1Model | str | os.PathLike[str]", device: str | Non
 
 
 def model_name(model: "RetrvR1Model", given: Any) -> str:
-    """A printable name of the model: the path it was loaded from, else its backbone."""
+    """The model's name in serialised settings: the path or bundled name it was loaded from
+    (so ``from_dict`` loads it again), else a description of its backbone."""
     if isinstance(given, (str, os.PathLike)):
         return os.fspath(given)
+    if model.name_or_path:
+        return model.name_or_path
     source = model.config.backbone_source
     return f"RetrvR1Model({source or model.backbone.model_type})"
 
