@@ -95,7 +95,7 @@ def extractive_llm(prompt_value) -> str:
     ``RunnableLambda`` with any LangChain LLM or chat model: the rest of the chain is unchanged.
     """
     text = prompt_value.to_string()
-    match = re.search(r"^\[1\] score [^\n]*?\)\s+(?:\(inspected\)\s+)?(.*)$", text, flags=re.MULTILINE)
+    match = re.search(r"^\[1\] score [^\n]*?\)\s+(?:\(inspected\)\s+)?(?:\[image\]\s+)?(.*)$", text, flags=re.MULTILINE)
     if match is None:
         return "I found nothing relevant in the context."
     return f"According to the best-ranked passage: {match.group(1).strip()}"

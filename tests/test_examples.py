@@ -135,3 +135,18 @@ def test_quickstart_reranks_mixed_text_and_image_candidates(checkpoints):
     assert sum(1 for _, img in ranked if img) == 6  # all 6 images and all 14 passages were reranked
     scores = [float(s) for s, _ in ranked]
     assert scores == sorted(scores, reverse=True)
+
+
+def test_langchain_extractive_stand_in_quotes_the_passage_not_the_markers():
+    from langchain_core.prompt_values import StringPromptValue
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        from langchain_chain import extractive_llm
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    for line in ("[1] score 0.530 (first stage 0.560)  [image] cat: A tabby cat.",
+                 "[1] score 0.530 (first stage 0.560) (inspected)  [image] cat: A tabby cat.",
+                 "[1] score 0.530 (first stage 0.560)  cat: A tabby cat."):
+        answer = extractive_llm(StringPromptValue(text=f"Context:\n{line}\n[2] score 0.1 (first stage 0.2)  other\n"))
+        assert answer == "According to the best-ranked passage: cat: A tabby cat."
