@@ -9,10 +9,12 @@ Two corpora, both bundled:
   and image -> text at K=10; an image query over these image nodes is image -> image, which
   it was not trained for.)
 
-Each turn reranks the whole corpus with Retrv-R1 and prints the best image: its path,
+Each turn reranks the corpus with Retrv-R1 and prints the best image: its path,
 caption, score and the model's reasoning. Queries are text, an image
-(``QueryBundle(query_str="", image_path=...)``), or both. The corpora are small enough to
-rerank whole; for a larger one put a first stage in front, as in ``examples/quickstart.py``.
+(``QueryBundle(query_str="", image_path=...)``), or both. The corpus is reranked whole when
+it fits the model's index labels; otherwise only its first ``max_candidates`` nodes are kept
+(the default model ranks 10: the sample corpus's 6 photos and its first 4 passages; a note
+says so). For a larger corpus put a first stage in front, as in ``examples/quickstart.py``.
 
     python examples/multimodal_chatbot.py                            # interactive: type queries
     python examples/multimodal_chatbot.py --query "a photo of a cat" --image cat.jpg   # two turns: text, then image
