@@ -296,8 +296,13 @@ class QdrantCandidateStore:
             self._client = QdrantClient(
                 url=url, api_key=api_key, timeout=max(1, math.ceil(timeout)), **client_kwargs
             )
-            # Fail early, with the retries, when the server cannot be reached.
-            self._call(self._client.collection_exists, collection_name)
+            # Fail early, with the retries, when the server cannot be reached (and do not
+            # leave the client's connection pool behind).
+            try:
+                self._call(self._client.collection_exists, collection_name)
+            except BaseException:
+                self._client.close()
+                raise
         elif location is not None:
             self._client = QdrantClient(location=location, **client_kwargs)
         else:
