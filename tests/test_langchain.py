@@ -431,3 +431,29 @@ def test_missing_extra_names_the_pip_command(monkeypatch):
     monkeypatch.delitem(sys.modules, "retrv_r1_plugin.integrations.langchain")
     with pytest.raises(MissingExtraError, match=r"pip install 'retrv-r1-plugin\[langchain\]'"):
         importlib.import_module("retrv_r1_plugin.integrations.langchain")
+
+
+async def test_async_retrieval_decodes_the_query_image_off_the_event_loop(images, monkeypatch):
+    """Decoding an image file is blocking work: ainvoke must not do it on the event loop."""
+    import threading
+
+    import retrv_r1_plugin.integrations.langchain as lc
+
+    threads: list[threading.Thread] = []
+    real = lc.load_image
+
+    def recording(source):
+        threads.append(threading.current_thread())
+        return real(source)
+
+    monkeypatch.setattr(lc, "load_image", recording)
+    model = make_vl_model(seed=0)
+    cands = [Candidate(f"a {n} shape", image=str(p), id=n) for n, p in images.items()]
+    with QdrantCandidateStore(minilm(), location=":memory:", collection_name="async-images") as store:
+        store.add(cands, show_progress=False)
+        retriever = RetrvR1Retriever(model=model, store=store, k=2, reasoning_budget=0)
+        got = await retriever.ainvoke("which one is red?", image=str(images["red"]))
+        want = retriever.invoke("which one is red?", image=str(images["red"]))
+    assert [d.id for d in got] == [d.id for d in want]
+    assert [d.metadata["relevance_score"] for d in got] == pytest.approx([d.metadata["relevance_score"] for d in want])
+    assert threads and threads[0] is not threading.main_thread()

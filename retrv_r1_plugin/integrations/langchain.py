@@ -291,7 +291,7 @@ class RetrvR1Retriever(_RetrvR1Options, BaseRetriever):
     ) -> list[Document]:
         """Async version: the base retriever runs natively async, the model in an executor."""
         k, n = self._sizes(k, first_stage_k)
-        q = self._query(query, image)
+        q = await run_in_executor(None, self._query, query, image)  # decoding an image file blocks
         if self.base_retriever is not None:
             docs = (await self.base_retriever.ainvoke(self._first_stage_text(q), config={"callbacks": run_manager.get_child()}))[:n]
             candidates = await run_in_executor(None, self._candidates, docs)
