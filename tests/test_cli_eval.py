@@ -106,6 +106,19 @@ def test_eval_first_stage_only(beir_dir, capsys):
     assert "| first stage |" in out and "| reranked |" not in out
 
 
+def test_eval_and_train_usage_errors_exit_2_with_the_command_prefix(beir_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["eval"])
+    assert info.value.code == 2 and "retrv-r1 eval: error: give --beir DIR" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["eval", "--beir", str(beir_dir), "--top-k", "0"])
+    assert info.value.code == 2 and "--top-k must be >= 1" in capsys.readouterr().err
+    from training.cli import main_train
+
+    assert main_train(["sft", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert capsys.readouterr().err.startswith("retrv-r1 train: error:")
+
+
 # ----------------------------------------------------------------------------- review fixes
 def _run_cli(args, capsys):
     rc = main(args)

@@ -36,7 +36,7 @@ def main_train(argv: Sequence[str]) -> int:
     try:
         cfg = load_config(args.stage, args.config, args.overrides)
     except (OSError, ValueError, TypeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
     if args.stage == "align":
         from .align import train_align as run
@@ -47,7 +47,7 @@ def main_train(argv: Sequence[str]) -> int:
     try:
         final = run(cfg, resume=args.resume)
     except (OSError, ValueError) as exc:  # missing data, unloadable model, bad data
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
     print(f"{args.stage}: final model written to {final}")
     return 0
@@ -138,7 +138,7 @@ def main_data(argv: Sequence[str]) -> int:
             _, stats = synthesize_cot(read_examples(args.examples), teacher, args.out, cache_path=cache, progress=True)
             print(json.dumps({**stats.to_dict(), "out": args.out, "cache": cache}))
     except (OSError, ValueError, KeyError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
     return 0
 

@@ -158,7 +158,7 @@ def load_dataset(args: argparse.Namespace) -> RetrievalDataset:
         ds = load_mbeir(args.mbeir_queries, args.mbeir_pool, image_root=args.image_root)
         ds.name = ds.name or Path(args.mbeir_queries).stem
         return ds
-    raise SystemExit("give --beir DIR, or --mbeir-queries FILE with --mbeir-pool FILE")
+    raise ValueError("give --beir DIR, or --mbeir-queries FILE with --mbeir-pool FILE")
 
 
 def main_eval(argv: Sequence[str] | None = None) -> int:
@@ -183,6 +183,10 @@ def main_eval(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--output", help="write the JSON here")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
+    if not args.beir and not (args.mbeir_queries and args.mbeir_pool):
+        p.error("give --beir DIR, or --mbeir-queries FILE with --mbeir-pool FILE")
+    if args.top_k < 1:
+        p.error(f"--top-k must be >= 1, got {args.top_k}")
 
     dataset = load_dataset(args)
     store = None
@@ -206,7 +210,7 @@ def main_eval(argv: Sequence[str] | None = None) -> int:
 
         model = RetrvR1Model.from_pretrained(args.model, gguf_file=args.gguf_file)
         if args.top_k > model.config.max_candidates:
-            raise SystemExit(f"--top-k {args.top_k} exceeds the model's {model.config.max_candidates} labels")
+            p.error(f"--top-k {args.top_k} exceeds the model's {model.config.max_candidates} labels")
         rank_kwargs = {k: v for k, v in dict(compression=args.compression, reasoning_budget=args.reasoning_budget,
                                              max_inspections=args.max_inspections).items() if v is not None}
     result = evaluate(dataset, search, model, top_k=args.top_k,
