@@ -177,6 +177,9 @@ def main() -> int:
     parser.add_argument("--show", type=int, default=3, help="how many of the reranked nodes to list per answer")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     args = parser.parse_args()
+    for flag, value, least in (("--show", args.show, 1), ("--threads", args.threads, 1), ("--reasoning-budget", args.reasoning_budget, 0)):
+        if value is not None and value < least:
+            parser.error(f"{flag} must be >= {least}, got {value}")
 
     import torch
 

@@ -150,3 +150,9 @@ def test_langchain_extractive_stand_in_quotes_the_passage_not_the_markers():
                  "[1] score 0.530 (first stage 0.560)  cat: A tabby cat."):
         answer = extractive_llm(StringPromptValue(text=f"Context:\n{line}\n[2] score 0.1 (first stage 0.2)  other\n"))
         assert answer == "According to the best-ranked passage: cat: A tabby cat."
+
+
+def test_multimodal_chatbot_refuses_bad_counts_before_loading_a_model():
+    for flag, value in (("--threads", "0"), ("--show", "0"), ("--reasoning-budget", "-1")):
+        proc = subprocess.run([sys.executable, "examples/multimodal_chatbot.py", flag, value], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and f"{flag} must be >=" in proc.stderr and "Traceback" not in proc.stderr
