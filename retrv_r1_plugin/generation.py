@@ -63,6 +63,8 @@ class _PrefixKV:
     ids: torch.Tensor  # the shared prompt prefix
     cache: Any  # its KV cache (copied for every call, never written to)
     next_pos: int
+    device: torch.device | None = None  # where and in which dtype it was computed: a model
+    dtype: torch.dtype | None = None  # moved or cast since (.to()) needs a new one
 
 
 class InspectionDecoder:
@@ -71,7 +73,8 @@ class InspectionDecoder:
     Every prompt starts with the same tokens (chat frame, system prompt, ``Query: ``;
     ~85 of the ~230 tokens of a K=20 WordNet prompt in ICM mode), so inference prefills them
     once and starts each call from a copy of their KV cache (``prefix_caching``). The copy is
-    taken only without gradients and with the LM in eval mode; after changing weights call
+    taken only without gradients and with the LM in eval mode, and is recomputed when the LM
+    has moved to another device or dtype; after changing weights call
     :meth:`clear_prefix_cache` (``RetrvR1Model.invalidate_signature`` does, and training
     calls that after every step).
     """
@@ -92,12 +95,13 @@ class InspectionDecoder:
         """The shared prefix's KV if ``prompt`` starts with it and caching is safe now."""
         if not self.prefix_caching or torch.is_grad_enabled() or self.backbone.model.training:
             return None
+        device, dtype = self.backbone.device, self.backbone.dtype
         with self._prefix_lock:
-            if self._prefix is None:
+            if self._prefix is None or self._prefix.device != device or self._prefix.dtype != dtype:
                 ids = torch.tensor(self.builder.shared_prefix(), dtype=torch.long)  # never empty: ends with "Query: "
                 state = {"cache": self.backbone.new_cache(), "next_pos": 0, "chunks": []}
                 self._run(self.builder.text_chunk(ids.tolist()), state)
-                self._prefix = _PrefixKV(ids=ids, cache=state["cache"], next_pos=state["next_pos"])
+                self._prefix = _PrefixKV(ids=ids, cache=state["cache"], next_pos=state["next_pos"], device=device, dtype=dtype)
             prefix = self._prefix
         n = len(prefix.ids)
         if len(prompt) <= n or not torch.equal(prompt.ids[:n], prefix.ids):

@@ -279,6 +279,14 @@ class RetrvR1Model(nn.Module):
                 self._signature = h.hexdigest()[:16]
             return self._signature
 
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .half(), .cuda() ... change the weights' dtype or device: the cached signature
+        # (it hashes dtype and bytes) and the prefix KV cache no longer describe this model.
+        out = super()._apply(fn, *args, **kwargs)
+        if "decoder" in self.__dict__:  # not during __init__
+            self.invalidate_signature()
+        return out
+
     def invalidate_signature(self) -> None:
         """Call after changing weights (training) so cached content tokens and the prompt
         prefix's KV cache are recomputed."""

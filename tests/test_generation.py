@@ -230,3 +230,20 @@ def test_no_prefix_cache_while_training():
     finally:
         model.backbone.model.eval()
     assert model.decoder._prefix is None
+
+
+@pytest.mark.parametrize("move", ["model", "lm"])
+def test_prefix_cache_follows_a_dtype_change(move):
+    """The prefix KV cache of a float32 model is not reused once the model is cast (or moved):
+    its keys and values would not match the new dtype (a crash) or device."""
+    model = make_text_model()
+    cands = _candidates(False)
+    model.rank("plants", cands, reasoning_budget=2)
+    signature = model.content_signature
+    (model if move == "model" else model.lm).to(torch.bfloat16)
+    cast = model.rank("plants", cands, reasoning_budget=2)
+    model.decoder.prefix_caching = False
+    fresh = model.rank("plants", cands, reasoning_budget=2)
+    assert cast.scores == fresh.scores and cast.reasoning == fresh.reasoning
+    if move == "model":  # the signature hashes the dtype: cached content tokens are stale
+        assert model.content_signature != signature
