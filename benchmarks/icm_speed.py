@@ -9,7 +9,7 @@ same amount) and every candidate is exactly ``--candidate-tokens`` tokens long.
 
     python benchmarks/icm_speed.py                       # SmolLM2-135M (GGUF from PyPI), CPU
     python benchmarks/icm_speed.py --backbone qwen2.5-vl-7b-shape --device cuda --dtype bfloat16
-    python benchmarks/icm_speed.py --json benchmarks/results/icm_speed_cpu.json
+    python benchmarks/icm_speed.py --threads 1 --json benchmarks/results/icm_speed_cpu.json  # as committed
 """
 
 from __future__ import annotations
