@@ -26,6 +26,8 @@ from .tokens import SpecialTokenIds
 # Reasons a ranking is not the model's own clean answer (RankResult.fallback).
 FORCED_ANSWER = "forced_answer"
 ANSWER_OUT_OF_RANGE = "answer_out_of_range"
+#: Tokens the system appends at most after the reasoning (:func:`forced_tail`: ``</think><answer>``).
+MAX_FORCED_TOKENS = 2
 
 
 @dataclass
@@ -189,7 +191,7 @@ class InspectionDecoder:
             if splice is not None:
                 chunk = self.builder.inspection_chunk(splice, candidates[splice])
                 used = sum(len(c) for c in state["chunks"])
-                if context_limit is not None and used + len(chunk) + max(0, reasoning_budget - len(machine.written)) + 2 > context_limit:
+                if context_limit is not None and used + len(chunk) + max(0, reasoning_budget - len(machine.written)) + MAX_FORCED_TOKENS > context_limit:
                     machine.inspected.remove(splice)
                     machine.stop(
                         "context_limit",

@@ -19,7 +19,7 @@ from torch import nn
 from .backbone import Backbone, ModelLoadError, load_backbone, resolve_source
 from .config import CONFIG_NAME, Compression, RetrvR1Config
 from .context import ContextBuilder, Encoded, map_batches, pad_embeddings
-from .generation import ANSWER_OUT_OF_RANGE, FORCED_ANSWER, GenerationTrace, InspectionDecoder, SamplingConfig
+from .generation import ANSWER_OUT_OF_RANGE, FORCED_ANSWER, MAX_FORCED_TOKENS, GenerationTrace, InspectionDecoder, SamplingConfig
 from .graft import VISION_WEIGHTS, graft_vision_tower, load_vision_tower_state, vision_tower_state
 from .icm import ICMConfig, InformationCompressionModule
 from .tokens import add_special_tokens, init_added_embeddings, resolve_special_tokens
@@ -408,9 +408,12 @@ class RetrvR1Model(nn.Module):
         slots = self._slots(q_enc, cands, encoded, notes, icm_batch_size) if mode == "icm" else None
         prompt = self.builder.prompt(q_enc, encoded, slots, think=think)
         limit = self._context_limit()
-        if limit is not None and len(prompt) + reasoning_budget > limit:
+        # with reasoning, up to two closing tokens (</think><answer>) follow the budget
+        closing = MAX_FORCED_TOKENS if think else 0
+        if limit is not None and len(prompt) + reasoning_budget + closing > limit:
             raise ContextOverflowError(
-                f"prompt of {len(prompt)} tokens plus a reasoning budget of {reasoning_budget} exceeds the "
+                f"prompt of {len(prompt)} tokens plus a reasoning budget of {reasoning_budget}"
+                f"{f' and {closing} closing tokens' if closing else ''} exceeds the "
                 f"context limit of {limit}; pass fewer candidates or lower max_candidate_tokens"
             )
         return prompt, encoded, notes
@@ -423,7 +426,8 @@ class RetrvR1Model(nn.Module):
         limit = self._context_limit()
         if limit is None:
             return encoded
-        overhead = 64 + len(query.chunk) + sum(len(x) for x in self.builder.chat_frame()) + budget + 4 * len(encoded)
+        queries = 2 if self.builder.query_after_candidates else 1  # the query is repeated after the candidates
+        overhead = 64 + queries * len(query.chunk) + sum(len(x) for x in self.builder.chat_frame()) + budget + MAX_FORCED_TOKENS + 4 * len(encoded)
         total = sum(len(e.chunk) for e in encoded)
         if total + overhead <= limit:
             return encoded

@@ -128,6 +128,29 @@ def test_full_token_prompt_is_fitted_to_the_context():
         model.rank("q", ["w"] * 4, compression="icm", reasoning_budget=390)
 
 
+def test_budget_and_closing_tokens_fit_the_context_limit():
+    """A model that reasons to the end of its budget without answering gets </think><answer>
+    appended: those two tokens must fit under max_context_tokens too."""
+    model = make_text_model()
+    budget = 10
+    prompt, _, _ = model.prepare("q", TEXTS, think=True, reasoning_budget=budget)
+    model.config.max_context_tokens = len(prompt) + budget + 1
+    with pytest.raises(ContextOverflowError, match="and 2 closing tokens"):
+        with scripted_generation(model, [" word"] * budget):
+            model.rank("q", TEXTS, reasoning_budget=budget)
+    model.config.max_context_tokens = len(prompt) + budget + 2
+    with scripted_generation(model, [" word"] * budget):
+        r = model.rank("q", TEXTS, reasoning_budget=budget)
+    assert r.fallback == "forced_answer" and r.usage.context_tokens <= model.config.max_context_tokens
+
+
+def test_full_token_prompt_with_the_query_repeated_is_fitted_to_the_context():
+    model = make_text_model(max_context_tokens=700, max_candidate_tokens=4000, query_after_candidates=True, system_prompt="Rank.")
+    r = model.rank("word " * 120, ["word " * 300] * 4, compression="none", reasoning_budget=0)
+    assert r.usage.prompt_tokens <= 700
+    assert any("capped at" in n for n in r.notes)
+
+
 def test_no_answer_falls_back_and_strict_mode_raises(text_model):
     with scripted_generation(text_model, ["some", " words", "<|im_end|>"]):
         r = text_model.rank("q", TEXTS, reasoning_budget=30)
