@@ -22,7 +22,7 @@ from .context import ContextBuilder, Encoded, map_batches, pad_embeddings
 from .generation import ANSWER_OUT_OF_RANGE, FORCED_ANSWER, MAX_FORCED_TOKENS, GenerationTrace, InspectionDecoder, SamplingConfig
 from .graft import VISION_WEIGHTS, graft_vision_tower, load_vision_tower_state, vision_tower_state
 from .icm import ICMConfig, InformationCompressionModule
-from .tokens import add_special_tokens, init_added_embeddings, resolve_special_tokens
+from .tokens import add_special_tokens, init_added_embeddings, label_token, resolve_special_tokens
 from .types import Candidate, EmptyCandidatesError, NoAnswerError, Query, RankResult, RetrvR1Error, TokenUsage
 
 logger = logging.getLogger(__name__)
@@ -147,11 +147,6 @@ class RetrvR1Model(nn.Module):
     def _load_checkpoint(cls, path: Path, *, device=None, dtype=None, **overrides: Any) -> "RetrvR1Model":
         saved = RetrvR1Config.load(path)
         config = saved.replace(**overrides) if overrides else saved  # overrides are validated too
-        if config.max_candidates > saved.max_candidates:
-            raise TooManyCandidatesError(
-                f"max_candidates={config.max_candidates} exceeds the {saved.max_candidates} index labels of the "
-                f"checkpoint {path}; pass at most {saved.max_candidates}"
-            )
         if (path / BACKBONE_DIR).is_dir():
             backbone = load_backbone(str(path / BACKBONE_DIR), dtype=dtype, device=device, tokenizer_source=str(path))
         elif config.backbone_source:
@@ -160,6 +155,14 @@ class RetrvR1Model(nn.Module):
                 backbone = _load_grafted_vision(backbone, config, path)
         else:
             raise ModelLoadError(f"checkpoint {path} has neither a backbone/ folder nor a backbone_source")
+        # The labels the checkpoint has are its tokenizer's (a checkpoint saved from a model loaded
+        # with a lower max_candidates keeps them all), not its config's max_candidates.
+        available = max(_label_count(backbone.tokenizer), saved.max_candidates)  # fewer: damaged, refused below
+        if config.max_candidates > available:
+            raise TooManyCandidatesError(
+                f"max_candidates={config.max_candidates} exceeds the {available} index labels of the "
+                f"checkpoint {path}; pass at most {available}"
+            )
         model_emb = backbone.model.get_input_embeddings()
         if len(backbone.tokenizer) > model_emb.weight.shape[0]:
             backbone.model.resize_token_embeddings(len(backbone.tokenizer), mean_resizing=False)
@@ -561,6 +564,15 @@ def _count(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
         raise ValueError(f"{name} must be a non-negative int, got {value!r}")
     return int(value)
+
+
+def _label_count(tokenizer) -> int:
+    """How many index labels (``<cand_1>``, ``<cand_2>``, ...) ``tokenizer`` has, counted from the first."""
+    vocab = tokenizer.get_vocab()
+    n = 0
+    while label_token(n) in vocab:
+        n += 1
+    return n
 
 
 def _hash_tensors(h, named: Any) -> None:

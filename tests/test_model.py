@@ -112,6 +112,24 @@ def test_checkpoint_without_icm_reads_full_tokens_and_refuses_compression(tmp_pa
         RetrvR1Model.from_pretrained(out, compression="icm")
 
 
+def test_checkpoint_saved_with_fewer_candidates_keeps_all_its_labels(tmp_path):
+    """Loading with a lower max_candidates and saving again loses no index label: the
+    checkpoint can still be loaded with the original number."""
+    from retrv_r1_plugin.model import TooManyCandidatesError
+
+    model = make_text_model(seed=6, max_candidates=8)
+    cands = [f"passage {i}" for i in range(8)]
+    before = model.rank("q", cands, reasoning_budget=0)
+    model.save_pretrained(tmp_path / "eight")
+    fewer = RetrvR1Model.from_pretrained(tmp_path / "eight", max_candidates=4)
+    fewer.save_pretrained(tmp_path / "four")
+    assert RetrvR1Model.from_pretrained(tmp_path / "four").config.max_candidates == 4  # the saved setting
+    again = RetrvR1Model.from_pretrained(tmp_path / "four", max_candidates=8)
+    assert again.rank("q", cands, reasoning_budget=0).scores == before.scores
+    with pytest.raises(TooManyCandidatesError, match="max_candidates=9 exceeds the 8 index labels"):
+        RetrvR1Model.from_pretrained(tmp_path / "four", max_candidates=9)
+
+
 def test_separate_compressor_round_trip(tmp_path):
     model = make_text_model(seed=4, icm={"share_compressor": False, "dim": 32, "num_heads": 4})
     assert model.icm.compress_relation is not model.icm.compress
