@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 
 from .types import RetrvR1Error
 
@@ -76,7 +77,7 @@ def _check_local_or_hub(source: str) -> None:
 
 
 def _load_error(source: str, exc: Exception) -> ModelLoadError:
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" and not os.path.isdir(resolve_source(source))  # a local folder needs no hub
     hint = " (HF_HUB_OFFLINE=1 is set, so hub ids cannot be fetched)" if offline else ""
     return ModelLoadError(f"cannot load a model from {source!r}{hint}: {exc}")
 
@@ -392,7 +393,7 @@ def load_backbone(
         tokenizer = AutoTokenizer.from_pretrained(tok_src, **tok_extra)
     except ModelLoadError:
         raise
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:  # SafetensorError: truncated or corrupt weights
         raise _load_error(source, exc) from exc
     if gguf_file:
         _forget_gguf_quantization(model)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -168,13 +169,13 @@ class RetrvR1Model(nn.Module):
             backbone.model.resize_token_embeddings(len(backbone.tokenizer), mean_resizing=False)
         rows_file = path / TOKEN_ROWS
         if rows_file.is_file():
-            _load_token_rows(backbone.model, load_file(str(rows_file)))
+            _load_token_rows(backbone.model, _read_weights(rows_file))
         if (path / ADAPTER_DIR).is_dir():
             _load_lora(backbone.model, path / ADAPTER_DIR)
         icm = InformationCompressionModule(config.icm)
         has_icm = (path / ICM_WEIGHTS).is_file()
         if has_icm:
-            state = load_file(str(path / ICM_WEIGHTS))
+            state = _read_weights(path / ICM_WEIGHTS)
             missing, unexpected = icm.load_state_dict(state, strict=False)
             missing = [m for m in missing if not m.startswith(("relation_query", "compress_relation"))]
             if missing or unexpected:
@@ -566,6 +567,15 @@ def _count(value: Any, name: str) -> int:
     return int(value)
 
 
+def _read_weights(file: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's safetensors file; a missing, truncated or corrupt one is a
+    :class:`ModelLoadError` naming it (not a bare ``SafetensorError``)."""
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError) as exc:
+        raise ModelLoadError(f"cannot read {file}: {exc}") from exc
+
+
 def _label_count(tokenizer) -> int:
     """How many index labels (``<cand_1>``, ``<cand_2>``, ...) ``tokenizer`` has, counted from the first."""
     vocab = tokenizer.get_vocab()
@@ -621,7 +631,7 @@ def _load_grafted_vision(text_backbone: Backbone, config: RetrvR1Config, path: P
         raise ModelLoadError(f"checkpoint {path} grafts a vision tower but has no {VISION_WEIGHTS}")
     device = text_backbone.device
     backbone = graft_vision_tower(text_backbone, config.vision_graft, max_pixels=config.image_max_pixels)
-    load_vision_tower_state(backbone, load_file(str(weights)))
+    load_vision_tower_state(backbone, _read_weights(weights))
     backbone.model.to(device)
     return backbone
 
@@ -651,5 +661,5 @@ def _load_lora(model, directory: Path) -> None:
 
     config = peft.PeftConfig.from_pretrained(str(directory))
     peft.inject_adapter_in_model(config, model)
-    state = load_file(str(directory / "adapter_model.safetensors"))
+    state = _read_weights(directory / "adapter_model.safetensors")
     peft.set_peft_model_state_dict(model, state)

@@ -107,6 +107,24 @@ def test_damaged_checkpoints_and_bad_overrides_are_named(tmp_path):
         fewer.rank("q", ["a"] * 5)
 
 
+@pytest.mark.parametrize("damaged", ["icm.safetensors", "token_embeddings.safetensors", "backbone/model.safetensors"])
+def test_corrupt_weight_files_are_named(tmp_path, damaged):
+    import shutil
+
+    model = make_text_model(max_candidates=8)
+    model.save_pretrained(tmp_path / "ok", save_backbone=True)
+    if damaged == "token_embeddings.safetensors":  # written only when the backbone is not
+        model.backbone.model.save_pretrained(tmp_path / "base")
+        model.backbone.tokenizer.save_pretrained(tmp_path / "base")
+        model.config.backbone_source = str(tmp_path / "base")
+        shutil.rmtree(tmp_path / "ok")
+        model.save_pretrained(tmp_path / "ok", save_backbone=False)
+    (tmp_path / "ok" / damaged).write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelLoadError, match=r"ok.*(icm|token_embeddings|backbone)") as info:
+        RetrvR1Model.from_pretrained(tmp_path / "ok")
+    assert "hub ids" not in str(info.value)  # a local folder: the offline hint would mislead
+
+
 def test_mistyped_bundled_name_lists_the_bundled_checkpoints():
     with pytest.raises(ModelLoadError, match=r"did you mean 'retrv-r1-smollm2-wordnet'\?.*bundled checkpoints: .*retrv-r1-smollm2-wordnet"):
         RetrvR1Model.from_pretrained("retrv-r1-smollm2-wordnett")
