@@ -9,6 +9,7 @@ against the ids of every added token as a second line of defence.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +39,12 @@ STRUCTURAL_TOKENS = (
     CONTENT_SLOT,
     RELATION_SLOT,
 )
+
+
+#: transformers switches special-token splitting with a flag on the (shared) backend tokenizer
+#: for every call, so a trusted call in another thread could flip it in the middle of an
+#: untrusted one: every tokenization here holds this lock.
+_TOKENIZE_LOCK = threading.Lock()
 
 
 def label_token(index: int) -> str:
@@ -119,7 +126,8 @@ def tokenize_untrusted(tokenizer, text: str, forbidden: frozenset[int]) -> list[
     if not text:
         return []
     text = replace_surrogates(text)
-    ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    with _TOKENIZE_LOCK:
+        ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     if any(i in forbidden for i in ids):
         # Tokenizers whose added tokens are not flagged special may still match them even
         # with split_special_tokens; drop those ids rather than let them reach the model.
@@ -131,7 +139,8 @@ def tokenize_trusted(tokenizer, text: str) -> list[int]:
     """Tokenize the package's own prompt text, where special tokens are meant."""
     if not text:
         return []
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    with _TOKENIZE_LOCK:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def init_added_embeddings(model, tokenizer, new_tokens: list[str]) -> None:

@@ -58,3 +58,41 @@ def test_lone_surrogates_are_replaced_on_construction(text_model):
     )
     r = text_model.rank(Query.coerce("q \ud800"), ["x\udc80y", "plain"], reasoning_budget=0)
     assert r.candidates[0].text == "x\ufffdy" and len(r.scores) == 2
+
+
+def test_untrusted_tokenization_is_stable_under_concurrent_trusted_calls(text_model):
+    """transformers switches special-token splitting with a flag on the shared backend
+    tokenizer for every call: a trusted call in another thread (rank's prompt text) must not
+    flip it in the middle of an untrusted one (``encode_candidates`` runs outside rank's lock)."""
+    import sys
+    import threading
+
+    from retrv_r1_plugin.tokens import tokenize_trusted
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often, so that an unguarded race shows at once
+    try:
+        tok, forbidden = text_model.tokenizer, text_model.special.forbidden_in_untrusted
+        text = (" ".join(ALL_SPECIALS) + " plain words ") * 20
+        expected = tokenize_untrusted(tok, text, forbidden)
+        stop, results = threading.Event(), []
+
+        def untrusted():
+            results.extend(tokenize_untrusted(tok, text, forbidden) == expected for _ in range(150))
+
+        def trusted():
+            while not stop.is_set():
+                tokenize_trusted(tok, "Query: ")
+
+        other = threading.Thread(target=trusted)
+        other.start()
+        workers = [threading.Thread(target=untrusted) for _ in range(2)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        stop.set()
+        other.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert all(results), f"{results.count(False)} of {len(results)} untrusted tokenizations differed"
