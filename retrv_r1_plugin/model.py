@@ -435,9 +435,16 @@ class RetrvR1Model(nn.Module):
         total = sum(len(e.chunk) for e in encoded)
         if total + overhead <= limit:
             return encoded
-        per = max(1, (limit - overhead) // len(encoded))
+        images = sum(self._image_token_count(e) for e in encoded)  # not shrunk: only text is capped
+        per = max(1, (limit - overhead - images) // len(encoded))
         notes.append(f"full-token prompt over the context limit: candidate text capped at {per} tokens")
         return self._encode(cands, max_text_tokens=per)
+
+    def _image_token_count(self, encoded: Encoded) -> int:
+        """Tokens of ``encoded``'s image(s), vision start/end markers included (0 without)."""
+        if not self.backbone.is_vision or not encoded.chunk.grids:
+            return 0
+        return int((encoded.chunk.ids == self.backbone.image_token_id).sum()) + 2 * len(encoded.chunk.grids)
 
     @torch.inference_mode()
     def rank(

@@ -10,7 +10,7 @@ from retrv_r1_plugin.model import ContextOverflowError, RetrvR1Model, TooManyCan
 from retrv_r1_plugin.testing import scripted_generation
 from retrv_r1_plugin.types import Candidate, EmptyCandidatesError, ImageLoadError, NoAnswerError, Query
 
-from conftest import make_text_model, solid
+from conftest import make_text_model, make_vl_model, solid
 
 TEXTS = ["alpha beta", "gamma delta", "epsilon"]
 
@@ -144,6 +144,15 @@ def test_full_token_prompt_is_fitted_to_the_context():
     assert any("capped at" in n for n in r.notes)
     with pytest.raises(ContextOverflowError, match="context limit of 400"):
         model.rank("q", ["w"] * 4, compression="icm", reasoning_budget=390)
+
+
+def test_full_token_prompt_with_images_is_fitted_to_the_context():
+    """Image tokens are not shrunk, so the text cap leaves room for them."""
+    model = make_vl_model(max_context_tokens=700, max_candidate_tokens=4000, system_prompt="Rank.")
+    cands = [Candidate(text="word " * 300, image=solid((200, 10, 10), (224, 224))) for _ in range(3)]
+    r = model.rank("q", cands, compression="none", reasoning_budget=0)
+    assert r.usage.prompt_tokens <= 700
+    assert any("capped at" in n for n in r.notes)
 
 
 def test_budget_and_closing_tokens_fit_the_context_limit():
