@@ -88,6 +88,7 @@ class RetrvR1Model(nn.Module):
         self.decoder = InspectionDecoder(backbone, self.builder, self.special)
         self._lock = threading.RLock()
         self._signature: str | None = None
+        self._signature_version = 0  # bumped by invalidate_signature, even while a hash runs
         self.backbone_modified = config.backbone_source is None
         self.icm_available = True
         """False for a checkpoint shipped without ICM weights (:meth:`drop_icm`): compression
@@ -268,6 +269,7 @@ class RetrvR1Model(nn.Module):
         :meth:`invalidate_signature` (which training calls after every step)."""
         with self._lock:
             if self._signature is None:
+                version = self._signature_version
                 h = hashlib.sha256()
                 settings = {
                     "icm": self.config.icm.to_dict(),
@@ -280,7 +282,10 @@ class RetrvR1Model(nn.Module):
                 visual = _vision_tower(self.backbone)
                 if visual is not None:
                     _hash_tensors(h, visual.state_dict().items())
-                self._signature = h.hexdigest()[:16]
+                digest = h.hexdigest()[:16]
+                if version != self._signature_version:  # weights changed (another thread) while hashing
+                    return digest  # describes the weights read, but is not kept as the current one
+                self._signature = digest
             return self._signature
 
     def _apply(self, fn, *args, **kwargs):
@@ -294,6 +299,7 @@ class RetrvR1Model(nn.Module):
     def invalidate_signature(self) -> None:
         """Call after changing weights (training) so cached content tokens and the prompt
         prefix's KV cache are recomputed."""
+        self._signature_version += 1
         self._signature = None
         self.decoder.clear_prefix_cache()
 

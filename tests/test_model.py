@@ -189,6 +189,28 @@ def test_content_signature_changes_with_weights():
     assert model.content_signature != sig
 
 
+def test_weights_changed_while_the_signature_is_hashed_are_not_hidden(monkeypatch):
+    """Training in another thread may update weights and invalidate the signature while a
+    hash is running: the hash of the older weights must not be kept as the current one."""
+    import retrv_r1_plugin.model as model_module
+
+    model = make_text_model(seed=5)
+    original = model_module._hash_tensors
+    state = {"first": True}
+
+    def hash_during_an_update(h, named):
+        original(h, named)
+        if state.pop("first", False):  # the first tensor group is read, then the weights change
+            with torch.no_grad():
+                model.icm.out_proj.weight.add_(1.0)
+            model.invalidate_signature()
+
+    monkeypatch.setattr(model_module, "_hash_tensors", hash_during_an_update)
+    stale = model.content_signature
+    monkeypatch.setattr(model_module, "_hash_tensors", original)
+    assert model.content_signature != stale
+
+
 def test_content_signature_covers_everything_that_makes_content_tokens():
     """Each change below alters t_con, so a cache made before it must be refused."""
     base = make_text_model(seed=5).content_signature
