@@ -556,13 +556,15 @@ class RetrvR1Model(nn.Module):
         )
 
     def _reasoning_text(self, trace: GenerationTrace) -> str:
-        """The model's own words, with each splice shown as a short marker."""
+        """The model's own words, with each splice shown as a short marker; the tokens that
+        end reasoning (``</think>``, ``<answer>``, end of sequence) are structure, not words."""
+        closing = {self.special.think_end, self.special.answer_start, *self.special.eos}
         parts: list[str] = []
         pending: list[int] = []
         splice = 0
         for chunk in trace.chunks[1:]:
             if chunk.role == "generated":
-                pending.extend(chunk.ids.tolist())
+                pending.extend(t for t in chunk.ids.tolist() if t not in closing)
             elif chunk.role == "spliced":
                 parts.append(self.tokenizer.decode(pending, skip_special_tokens=False))
                 pending = []

@@ -248,6 +248,18 @@ def test_reasoning_trace_and_usage_are_reported(text_model):
     assert any("budget of 7" in n for n in r.notes)
 
 
+def test_reasoning_text_leaves_out_the_tokens_that_end_reasoning(text_model):
+    """``result.reasoning`` is the model's words: not the ``</think><answer>`` that close them."""
+    from retrv_r1_plugin.testing import scripted_generation
+
+    with scripted_generation(text_model, [" looks like", "<inspection-index-start>", "<cand_2>", "<inspection-index-end>",
+                                          " the second", "</think>", "<answer>"]):
+        r = text_model.rank("q", TEXTS, reasoning_budget=64, max_inspections=1, compression="icm")
+    assert r.fallback != "forced_answer" and r.inspected == [1]  # the script opened <answer> itself
+    assert "</think>" not in r.reasoning and "<answer>" not in r.reasoning
+    assert r.reasoning.startswith("looks like") and r.reasoning.endswith("[inspected candidate 1] the second")
+
+
 def test_label_after_candidate_repeats_each_label_after_its_content(tmp_path):
     from retrv_r1_plugin.testing import build_tiny_text_backbone
 
