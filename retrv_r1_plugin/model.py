@@ -313,14 +313,19 @@ class RetrvR1Model(nn.Module):
                 f"{len(cands)} candidates exceed this model's {self.config.max_candidates} index labels; "
                 "pass fewer (top_k) or rerank in windows"
             )
-        if not self.backbone.is_vision:
-            for i, c in enumerate(cands):
-                if c.image is not None and not c.text.strip():
-                    raise ValueError(
-                        f"candidate {i} is an image without text, but backbone {self.backbone.model_type!r} "
-                        "is text-only; give it a caption or use a Qwen-VL backbone"
-                    )
+        self._check_readable(cands)
         return cands
+
+    def _check_readable(self, cands: list[Candidate]) -> None:
+        """A text-only backbone cannot read an image-only candidate: refuse it, naming it."""
+        if self.backbone.is_vision:
+            return
+        for i, c in enumerate(cands):
+            if c.image is not None and not c.text.strip():
+                raise ValueError(
+                    f"candidate {i} is an image without text, but backbone {self.backbone.model_type!r} "
+                    "is text-only; give it a caption or use a Qwen-VL backbone"
+                )
 
     def _encode(self, cands: list[Candidate], max_text_tokens: int | None = None, notes: list[str] | None = None) -> list[Encoded]:
         return self.builder.encode_candidates(cands, max_text_tokens or self.config.max_candidate_tokens, notes)
@@ -356,6 +361,7 @@ class RetrvR1Model(nn.Module):
         out of memory is split in halves (down to one candidate) with a logged warning.
         """
         cands = [Candidate.coerce(c) for c in candidates]
+        self._check_readable(cands)  # else an image-only candidate would get the t_con of a blank
         out: list[torch.Tensor] = []
         for start in range(0, len(cands), batch_size):
             encoded = self._encode(cands[start : start + batch_size])

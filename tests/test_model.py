@@ -161,6 +161,13 @@ def test_rank_batch_equals_single_calls(text_model):
         text_model.rank_batch(queries, lists[:1])
 
 
+def test_encode_candidates_refuses_image_only_candidates_on_a_text_backbone(text_model, images):
+    """As rank() does: a blank's t_con cached in a store would be silently wrong scores later."""
+    with pytest.raises(ValueError, match="candidate 1 is an image without text"):
+        text_model.encode_candidates(["a cat", Candidate(image=images["red"])])
+    assert len(text_model.encode_candidates(["a cat", Candidate(text="a red square", image=images["red"])])) == 2
+
+
 def test_cached_content_tokens_are_used_and_match(text_model, monkeypatch):
     cached = text_model.encode_candidates(TEXTS)
     assert len(cached) == len(TEXTS) and cached[0].shape == (text_model.backbone.hidden_size,)
