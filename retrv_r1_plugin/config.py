@@ -53,6 +53,9 @@ class RetrvR1Config:
     """Repeat the query after the candidate list, right before the answer (as RankGPT-style
     prompts do), so the position that answers reads the query nearby (ours, not the paper's)."""
     image_max_pixels: int = 256 * 28 * 28
+    """Pixel cap of images for a grafted vision tower (``vision_graft``). Ordinary Qwen-VL
+    backbones keep their own image processor's ``max_pixels`` (``preprocessor_config.json``,
+    else the processor's default); set it there to change how many tokens an image costs."""
     vision_graft: dict[str, Any] | None = None
     """A Qwen2.5-VL vision tower grafted onto the text backbone ``backbone_source``
     (:class:`~retrv_r1_plugin.graft.VisionGraftConfig` fields); its trained weights are in
