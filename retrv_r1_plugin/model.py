@@ -427,10 +427,20 @@ class RetrvR1Model(nn.Module):
         # with reasoning, up to two closing tokens (</think><answer>) follow the budget
         closing = MAX_FORCED_TOKENS if think else 0
         if limit is not None and len(prompt) + reasoning_budget + closing > limit:
+            per_candidate = [2 if slots is not None else len(e.chunk) for e in encoded]
+            fixed = len(prompt) - sum(per_candidate)  # frame, system prompt, query, labels
+            if fixed + closing > limit:
+                advice = (f"the prompt without any candidate text already takes {fixed} tokens (the query "
+                          f"{len(q_enc.chunk)}): shorten the query (max_query_tokens) or the system prompt")
+            elif fixed + reasoning_budget + closing > limit:
+                advice = (f"lower reasoning_budget to at most {limit - fixed - closing - len(per_candidate)} "
+                          f"(the prompt without any candidate text takes {fixed} tokens)")
+            else:
+                advice = "pass fewer candidates, lower max_candidate_tokens, or lower reasoning_budget"
             raise ContextOverflowError(
                 f"prompt of {len(prompt)} tokens plus a reasoning budget of {reasoning_budget}"
                 f"{f' and {closing} closing tokens' if closing else ''} exceeds the "
-                f"context limit of {limit}; pass fewer candidates or lower max_candidate_tokens"
+                f"context limit of {limit}; {advice}"
             )
         return prompt, encoded, notes
 

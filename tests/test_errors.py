@@ -142,8 +142,16 @@ def test_full_token_prompt_is_fitted_to_the_context():
     r = model.rank("q", ["word " * 300] * 4, compression="none", reasoning_budget=0)
     assert r.usage.prompt_tokens <= 400
     assert any("capped at" in n for n in r.notes)
-    with pytest.raises(ContextOverflowError, match="context limit of 400"):
+    with pytest.raises(ContextOverflowError, match="context limit of 400.*lower reasoning_budget to at most"):
         model.rank("q", ["w"] * 4, compression="icm", reasoning_budget=390)
+    prompt, _, _ = model.prepare("q", ["w"] * 4, compression="icm", think=True)
+    over_by_one = 400 - 2 - len(prompt) + 1  # the candidates' 8 ICM tokens are what does not fit
+    with pytest.raises(ContextOverflowError, match="context limit of 400.*pass fewer candidates"):
+        model.rank("q", ["w"] * 4, compression="icm", reasoning_budget=over_by_one)
+    # when the query alone is too long, fewer candidates would not help: the error says so
+    long_query = make_text_model(max_context_tokens=400, max_query_tokens=4000)
+    with pytest.raises(ContextOverflowError, match="without any candidate text already takes .*shorten the query"):
+        long_query.rank("word " * 300, ["w"] * 4, compression="icm", reasoning_budget=100)
 
 
 def test_full_token_prompt_with_images_is_fitted_to_the_context():
