@@ -401,6 +401,7 @@ class RetrvR1Model(nn.Module):
         icm_batch_size: int | None = None,
     ) -> tuple[Any, list[Encoded], list[str]]:
         """Build the initial context for one query (used by :meth:`rank` and by training)."""
+        self._sync_prompt_settings()
         q = Query.coerce(query)
         cands = self._check_candidates(candidates)
         icm_batch_size = self._icm_batch_size(icm_batch_size)
@@ -443,6 +444,17 @@ class RetrvR1Model(nn.Module):
                 f"context limit of {limit}; {advice}"
             )
         return prompt, encoded, notes
+
+    def _sync_prompt_settings(self) -> None:
+        """Apply prompt settings changed on ``self.config`` after construction (they are saved
+        with the model, so the prompt must follow them)."""
+        b, c = self.builder, self.config
+        if b.system_prompt != c.system_prompt:
+            b.system_prompt = c.system_prompt
+            b._template_cache = None
+            self.decoder.clear_prefix_cache()
+        b.label_after_candidate = c.label_after_candidate
+        b.query_after_candidates = c.query_after_candidates
 
     def _context_limit(self) -> int | None:
         return self.config.max_context_tokens or self.backbone.max_positions

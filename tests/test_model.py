@@ -267,6 +267,23 @@ def test_reasoning_text_leaves_out_the_tokens_that_end_reasoning(text_model):
     assert r.reasoning.startswith("looks like") and r.reasoning.endswith("[inspected candidate 1] the second")
 
 
+def test_prompt_settings_changed_on_the_config_take_effect(tmp_path):
+    """What save_pretrained writes (the config) is what the prompt uses, also after a change."""
+    from retrv_r1_plugin.testing import build_tiny_text_backbone
+
+    model = RetrvR1Model.from_backbone(build_tiny_text_backbone(), system_prompt="Rank them.")
+    model.rank("q", ["a cat", "a dog"], reasoning_budget=0)  # builds the cached prompt prefix
+    model.config.system_prompt = "Pick one."
+    model.config.label_after_candidate = True
+    prompt, _, _ = model.prepare("q", ["a cat", "a dog"], compression="none", think=False)
+    text = model.tokenizer.decode(prompt.ids.tolist())
+    assert "Pick one." in text and "Rank them." not in text and "<cand_1>: a cat <cand_1>" in text
+    model.save_pretrained(tmp_path / "m")
+    loaded = RetrvR1Model.from_pretrained(tmp_path / "m")
+    assert loaded.rank("q", ["a cat", "a dog"], reasoning_budget=0).scores == pytest.approx(
+        model.rank("q", ["a cat", "a dog"], reasoning_budget=0).scores)
+
+
 def test_label_after_candidate_repeats_each_label_after_its_content(tmp_path):
     from retrv_r1_plugin.testing import build_tiny_text_backbone
 
