@@ -457,3 +457,11 @@ async def test_async_retrieval_decodes_the_query_image_off_the_event_loop(images
     assert [d.id for d in got] == [d.id for d in want]
     assert [d.metadata["relevance_score"] for d in got] == pytest.approx([d.metadata["relevance_score"] for d in want])
     assert threads and threads[0] is not threading.main_thread()
+
+
+def test_image_only_document_on_a_text_model_is_named(images):
+    """The error must name the document, not a candidate position the user never saw."""
+    docs = [Document(page_content="a text", id="t1"),
+            Document(page_content="", id="photo-7", metadata={"image_path": str(images["red"])})]
+    with pytest.raises(ValueError, match="document photo-7 is an image without text"):
+        RetrvR1Compressor(model=tiny_text_model()).compress_documents(docs, "which is red?")

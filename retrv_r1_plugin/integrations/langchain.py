@@ -135,6 +135,13 @@ class _RetrvR1Options(BaseModel):
         """
         if not documents:
             return []
+        if not self.model.backbone.is_vision:
+            for doc, cand in zip(documents, candidates):
+                if cand.image is not None and not cand.text.strip():
+                    raise ValueError(
+                        f"document {doc.id or cand.id} is an image without text, but the model's backbone "
+                        f"{self.model.backbone.model_type!r} is text-only; give it page_content or use a Qwen-VL model"
+                    )
         ranked = rerank(
             self.model,
             query,
