@@ -61,6 +61,9 @@ def test_text_backbone_refuses_image_only_candidates_but_uses_captions(text_mode
         text_model.rank("q", [Candidate(image=solid((0, 0, 0)))])
     r = text_model.rank("q", [Candidate(text="a caption", image=solid((0, 0, 0))), "b"], reasoning_budget=0)
     assert any("image ignored" in n for n in r.notes)
+    # the caption is what gets ranked: the same scores as the caption alone, not those of a blank
+    assert r.scores == text_model.rank("q", ["a caption", "b"], reasoning_budget=0).scores
+    assert r.scores != pytest.approx(text_model.rank("q", ["", "b"], reasoning_budget=0).scores)
 
 
 def test_unknown_model_paths(tmp_path):
