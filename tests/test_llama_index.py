@@ -401,12 +401,19 @@ def test_image_documents_and_multimodal_nodes_are_read(vl_model, text_model, ima
     assert {n.node.node_id for n in captioned} == {"node", "text"}
 
 
-def test_text_model_reads_image_node_text_only(text_model, images):
+def test_text_model_reads_image_node_text_only(text_model, images, monkeypatch):
+    fetched = []
+    monkeypatch.setattr(ImageNode, "resolve_image", lambda self: fetched.append(self.image_url))
     reranker = RetrvR1Reranker(model=text_model, top_n=None, reasoning_budget=0)
     captioned = NodeWithScore(node=ImageNode(image_path=str(images["red"]), text="a red square", id_="img"))
     url_captioned = NodeWithScore(node=ImageNode(image_url="https://example.invalid/x.png", text="a cat", id_="url"))
     out = reranker.postprocess_nodes([captioned, url_captioned, *nodes_of(TEXTS[:2])], query_str="red")
-    assert len(out) == 4  # no image read, no URL fetched
+    assert fetched == []  # no URL fetched
+    # ranked on their text alone, exactly as the core ranks the captions (no image, no "image ignored" note)
+    expected = text_model.rank("red", ["a red square", "a cat", *TEXTS[:2]], reasoning_budget=0)
+    by_id = {n.node.node_id: n.score for n in out}
+    assert [by_id[i] for i in ("img", "url", "n0", "n1")] == pytest.approx(expected.scores)
+    assert [n.node.node_id for n in out] == [["img", "url", "n0", "n1"][i] for i in expected.order]
     bare = NodeWithScore(node=ImageNode(image_path=str(images["red"]), id_="bare-image"))
     with pytest.raises(ValueError, match="bare-image.*text-only"):
         reranker.postprocess_nodes([bare], query_str="red")
