@@ -370,6 +370,14 @@ def test_image_url_is_fetched_only_when_allowed(vl_model, images, monkeypatch):
     allowed = RetrvR1Reranker(model=vl_model, reasoning_budget=0, allow_image_urls=True)
     out = allowed.postprocess_nodes([node, *image_nodes(images)], query_str="red")
     assert calls == ["https://example.invalid/red.png"] and len(out) == 5
+    # the downloaded pixels are what was ranked: the same score as the red image given by path
+    by_path = NodeWithScore(node=ImageNode(image_path=str(images["red"]), id_="url-node"))
+    same = RetrvR1Reranker(model=vl_model, reasoning_budget=0, top_n=None).postprocess_nodes([by_path, *image_nodes(images)], query_str="red")
+    assert {n.node.node_id: n.score for n in out} == pytest.approx({n.node.node_id: n.score for n in same})
+    # without allow_image_urls nothing is downloaded: the node is refused by name
+    with pytest.raises(ImageLoadError, match="url-node.*allow_image_urls=True"):
+        RetrvR1Reranker(model=vl_model, reasoning_budget=0).postprocess_nodes([node, *image_nodes(images)], query_str="red")
+    assert calls == ["https://example.invalid/red.png"]
 
 
 def test_image_documents_and_multimodal_nodes_are_read(vl_model, text_model, images):
@@ -554,12 +562,13 @@ def test_multimodal_index_mixed_text_and_image_hits(vl_model, minilm, tmp_path):
     assert len(out) == 3
     assert [n.score for n in out] == sorted((n.score for n in out), reverse=True)
     all_scores = reranker.postprocess_nodes(hits, query_bundle=QueryBundle("something red"))
-    assert all(isinstance(n.score, float) for n in all_scores)
+    assert [(n.node.node_id, n.score) for n in all_scores] == [(n.node.node_id, n.score) for n in out]  # query_str or bundle: same
     # first-stage text and image scores (not comparable) are kept aside; the new ones are one distribution
     full = RetrvR1Reranker(model=vl_model, top_n=None, reasoning_budget=2).postprocess_nodes(hits, query_str="something red")
     assert math.isclose(sum(n.score for n in full), 1.0, rel_tol=1e-5)
     assert {n.node.node_id for n in full} == {h.node.node_id for h in hits}
-    assert all("retrieval_score" in n.node.metadata for n in out)
+    first_stage = {h.node.node_id: h.score for h in hits}
+    assert all(n.node.metadata["retrieval_score"] == first_stage[n.node.node_id] for n in out)
 
 
 def test_image_to_image_retrieval_then_rerank(vl_model, tmp_path):
@@ -580,3 +589,9 @@ def test_image_to_image_retrieval_then_rerank(vl_model, tmp_path):
     bundle = QueryBundle(query_str="", image_path=str(paths["red"]))
     out = RetrvR1Reranker(model=vl_model, top_n=2, reasoning_budget=0).postprocess_nodes(hits, query_bundle=bundle)
     assert len(out) == 2 and all(isinstance(n.node, ImageNode) for n in out)
+    # the best two of the core's ranking of the same query image and node images, in its order
+    texts = [h.node.get_content(metadata_mode=MetadataMode.EMBED) for h in hits]
+    expected = vl_model.rank(Query(text="", image=paths["red"]),
+                             [Candidate(t, h.node.image_path) for t, h in zip(texts, hits)], reasoning_budget=0)
+    assert [n.node.node_id for n in out] == [hits[i].node.node_id for i in expected.order[:2]]
+    assert [n.score for n in out] == pytest.approx([expected.scores[i] for i in expected.order[:2]])
