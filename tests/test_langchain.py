@@ -142,15 +142,23 @@ def test_metadata():
     retriever = RetrvR1Retriever(model=tiny_text_model(), store=text_store(), k=3, reasoning_budget=4)
     docs = retriever.invoke(QUESTION)
     texts = dict(CORPUS)
+    # the default first stage is every stored document (8 < min(20, max_candidates)); rank it directly
+    first_stage = text_store().search(QUESTION, top_k=16)
+    direct = tiny_text_model().rank(QUESTION, first_stage, reasoning_budget=4)
+    position = {c.id: i for i, c in enumerate(first_stage)}
+    assert len(first_stage) == len(CORPUS) and [d.id for d in docs] == [first_stage[i].id for i in direct.order[:3]]
+    assert direct.reasoning and direct.fallback == "forced_answer"  # a random model never answers by itself
     for doc in docs:
         assert doc.page_content == texts[doc.id]
         meta = doc.metadata
+        i = position[doc.id]
         assert meta["source"] == "corpus"
-        assert isinstance(meta["relevance_score"], float) and 0 <= meta["relevance_score"] <= 1
-        assert isinstance(meta["retrieval_score"], float)  # the first-stage (cosine) score, kept
-        assert isinstance(meta["retrv_r1_reasoning"], str) and meta["retrv_r1_reasoning"] == docs[0].metadata["retrv_r1_reasoning"]
+        assert isinstance(meta["relevance_score"], float) and meta["relevance_score"] == pytest.approx(direct.scores[i])
+        # the first-stage (cosine) score, kept
+        assert isinstance(meta["retrieval_score"], float) and meta["retrieval_score"] == pytest.approx(first_stage[i].metadata["retrieval_score"])
+        assert meta["retrv_r1_reasoning"] == direct.reasoning
         assert meta["retrv_r1_inspected"] is False
-        assert "retrv_r1_fallback" in meta
+        assert meta["retrv_r1_fallback"] == direct.fallback
     quiet = RetrvR1Retriever(model=tiny_text_model(), store=text_store(), k=2, reasoning_budget=0, return_reasoning=False)
     assert all("retrv_r1_reasoning" not in d.metadata for d in quiet.invoke(QUESTION))
 
