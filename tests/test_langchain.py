@@ -294,6 +294,8 @@ async def test_compressor_async_and_top_n_none():
     docs = [Document(page_content=t, id=cid) for cid, t in CORPUS[:5]]
     got = await compressor.acompress_documents(docs, QUESTION)
     assert len(got) == 5 and math.isclose(sum(d.metadata["relevance_score"] for d in got), 1.0, rel_tol=1e-5)
+    want = compressor.compress_documents(docs, QUESTION)  # async is the same ranking as sync
+    assert [(d.id, d.metadata["relevance_score"]) for d in got] == [(d.id, d.metadata["relevance_score"]) for d in want]
     assert compressor.top_n is None and RetrvR1Compressor(model=tiny_text_model()).top_n == 3
 
 
@@ -408,7 +410,12 @@ def test_image_query_on_the_vl_model(images):
         retriever = RetrvR1Retriever(model=model, store=store, k=2, first_stage_k=3, reasoning_budget=0)
         docs = retriever.invoke("", image=images["green"])
         assert len(docs) == 2
-        assert store.search(Query(image=images["green"]), top_k=1)[0].id == "green"
+        first = store.search(Query(image=images["green"]), top_k=3)
+        assert first[0].id == "green"
+        # the reranked pair is the core's best two of that image-searched first stage, ranked with the query image
+        direct = model.rank(Query(text="", image=images["green"]), first, reasoning_budget=0)
+        assert [d.id for d in docs] == [first[i].id for i in direct.order[:2]]
+        assert [d.metadata["relevance_score"] for d in docs] == pytest.approx([direct.scores[i] for i in direct.order[:2]])
 
     # bad images name the document
     bad = Document(page_content="x", id="broken-doc", metadata={"image_path": "/nonexistent/x.png"})
