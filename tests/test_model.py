@@ -54,10 +54,26 @@ def test_vl_model_ranks_images_paths_and_bytes(vl_model, images):
         Candidate(image=raw, id="blue"),
         Candidate(text="just text"),
     ]
+    from PIL import Image
+
+    decoded = [
+        Candidate(text="red", image=Image.open(images["red"]).convert("RGB")),
+        Candidate(image=Image.open(images["green"]).convert("RGB")),
+        Candidate(image=Image.open(images["blue"]).convert("RGB"), id="blue"),
+        Candidate(text="just text"),
+    ]
     for compression in ("icm", "none"):
         r = vl_model.rank(Query(text="", image=images["green"]), cands, compression=compression, reasoning_budget=4)
         assert len(r.scores) == 4 and math.isclose(sum(r.scores), 1, rel_tol=1e-5)
         assert r.candidates[2].id == "blue"
+        # a Path, a str path and raw bytes are read as the very pixels they hold
+        same = vl_model.rank(Query(text="", image=Image.open(images["green"]).convert("RGB")), decoded,
+                             compression=compression, reasoning_budget=4)
+        assert r.scores == pytest.approx(same.scores, abs=1e-6) and r.reasoning == same.reasoning
+        # and the pixels are used: another image in place of candidate 1 gives other scores
+        other = vl_model.rank(Query(text="", image=images["green"]), [cands[0], Candidate(image=str(images["red"])), *cands[2:]],
+                              compression=compression, reasoning_budget=4)
+        assert other.scores != pytest.approx(r.scores, abs=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["text", "vl"])
