@@ -300,7 +300,20 @@ def test_hf_teacher_runs_a_local_causal_lm_and_bad_outputs_are_dropped():
     bb = build_tiny_text_backbone(0)
     teacher = HFTeacher(bb.model, bb.tokenizer, max_new_tokens=6)
     raw = teacher.generate(_example())
-    assert isinstance(raw, str)
+    # the LM's own greedy continuation of the teacher prompt, computed here step by step
+    from training.cot import teacher_messages
+
+    ids = bb.tokenizer.apply_chat_template(teacher_messages(_example()), add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    assert "<cand_2>: a dog" in bb.tokenizer.decode(ids[0])  # the prompt shows the candidates
+    new: list[int] = []
+    with torch.no_grad():
+        for _ in range(6):
+            nxt = int(bb.model(input_ids=torch.cat([ids, torch.tensor([new], dtype=torch.long)], 1)).logits[0, -1].argmax())
+            new.append(nxt)
+            if nxt == bb.tokenizer.eos_token_id:
+                break
+    assert raw == bb.tokenizer.decode(new, skip_special_tokens=True)
+    assert raw  # the random LM wrote something
     kept, stats = synthesize_cot([_example(eid="a"), _example(eid="b")], teacher)
     assert kept == [] and stats.unparseable + stats.wrong_answer == 2  # a random model writes no valid answer
 
