@@ -181,7 +181,9 @@ def test_fault_ends_in_the_documented_fallback(model, fault):
     if fault.generated is not None:
         assert result.usage.generated_tokens == fault.generated
     if fault.fallback is None:
-        assert result.answer == result.order[0] == 1  # the boosted label    assert again.scores == result.scores and again.notes == result.notes  # greedy: reproducible
+        assert result.answer == result.order[0] == 1  # the boosted label
+    assert again.scores == result.scores and again.notes == result.notes  # greedy: reproducible
+    assert again.reasoning == result.reasoning and again.fallback == result.fallback and again.inspected == result.inspected
 
 
 @pytest.mark.parametrize("fault", FAULTS, ids=[f.name for f in FAULTS])
