@@ -441,7 +441,14 @@ def test_sentence_transformers_clip_folder_as_image_text_embedder(tiny_clip_dir:
         for name, data in images.items():
             hit = store.search(Query(image=data), top_k=2)[0]
             assert hit.id == name and hit.metadata["retrieval_score"] == pytest.approx(1.0, abs=1e-4)
-        assert len(store.search("a red square", top_k=2)) == 2
+        # text -> image through CLIP's text tower: the scores are the cosines of the two towers' embeddings
+        text = embedder.embed_queries(["a red square"])[0]
+        hits = store.search("a red square", top_k=2)
+        assert sorted(h.id for h in hits) == sorted(images)
+        for hit in hits:
+            image = embedder.embed_images([Image.open(io.BytesIO(images[hit.id])).convert("RGB")])[0]
+            cosine = float(text @ image / (np.linalg.norm(text) * np.linalg.norm(image)))
+            assert hit.metadata["retrieval_score"] == pytest.approx(cosine, abs=1e-4)
     with pytest.raises(ValueError, match="cannot embed images"):
         SentenceTransformerImageTextEmbedder(model=minilm.model).embed_images([Image.new("RGB", (4, 4))])
 
