@@ -50,6 +50,30 @@ def test_bundled_checkpoint_ranks_with_lora_and_trained_icm(default_model):
     result = model.rank("a small domesticated feline kept as a pet", cands, reasoning_budget=0)
     assert len(result.scores) == 4 and math.isclose(sum(result.scores), 1.0, rel_tol=1e-5)
     assert result.usage.prompt_tokens < 400  # compressed: two slots per candidate
+    # the trained ICM is the one shipped, bit for bit (not a freshly initialised one)
+    import torch
+    from safetensors.torch import load_file
+
+    shipped = load_file(str(bundled_checkpoint(NAME) / "icm.safetensors"))
+    assert shipped and all(torch.equal(v, model.icm.state_dict()[k]) for k, v in shipped.items())
+    # the LoRA adapters are trained (non-zero) and take part in the forward: without them, other scores
+    lora_b = {n: p.detach().clone() for n, p in model.lm.named_parameters() if "lora_B" in n}
+    assert lora_b and any(v.abs().sum() > 0 for v in lora_b.values())
+    try:
+        with torch.no_grad():
+            for n, p in model.lm.named_parameters():
+                if n in lora_b:
+                    p.zero_()
+        model.invalidate_signature()
+        without = model.rank("a small domesticated feline kept as a pet", cands, reasoning_budget=0)
+    finally:
+        with torch.no_grad():
+            for n, p in model.lm.named_parameters():
+                if n in lora_b:
+                    p.copy_(lora_b[n])
+        model.invalidate_signature()
+    assert without.scores != pytest.approx(result.scores, abs=1e-3)
+    assert model.rank("a small domesticated feline kept as a pet", cands, reasoning_budget=0).scores == pytest.approx(result.scores, abs=1e-6)
 
 
 def test_fully_fine_tuned_gguf_backbone_saves_and_reloads(tmp_path):
