@@ -95,6 +95,7 @@ def test_eval_writes_the_documented_json(beir_dir, checkpoint, tmp_path, capsys)
     for name in ("seconds_per_query", "context_tokens_per_query", "inspections_per_query"):
         assert isinstance(data[name], float)
     assert data["num_queries"] == 3 and data["context_tokens_per_query"] > 0
+    assert data["seconds_per_query"] > 0 and data["inspections_per_query"] == 0.0  # budget 0: nothing to inspect
     # a real first stage on an easy set: MiniLM finds these
     assert data["first_stage"]["R@5"] == 1.0
     assert "| first stage |" in capsys.readouterr().out
