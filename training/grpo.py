@@ -4,7 +4,9 @@ Per step: ``batch_size`` examples, ``group_size`` rollouts each, sampled with th
 inspection-aware decoder (multi-turn: inspection requests splice the candidate's full
 tokens into the context, on the KV cache) with an explicit sampling config. At the answer
 position the answer is sampled among the candidate labels (``answer_space: labels``, as
-ranking reads them) or from the whole vocabulary. Rewards (:mod:`training.rewards`) are
+ranking reads them) or from the whole vocabulary, always from the full distribution at the
+sampling temperature (``top_p`` applies to the reasoning tokens only): every label keeps a
+chance, which is what gives a group reward variance on the answer. Rewards (:mod:`training.rewards`) are
 normalised within each group: ``A = (r - mean) / (std + 1e-4)`` (Dr.GRPO: no std).
 
 The loss re-runs each rollout as one forward over the exact chunk sequence the decoder
