@@ -594,6 +594,7 @@ def test_align_self_targets_are_not_shared_by_examples_that_reuse_an_id(tmp_path
             assert chunks[-1].ids.tolist() == expected[kind], (ex.query_text, kind)
 
 
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")  # the test wraps step to record the rate
 def test_logged_lr_is_the_rate_each_step_used(tmp_path):
     """metrics.jsonl's lr at step n is the rate of step n's update (not the next step's)."""
     write_examples(tmp_path / "ex.jsonl", make_examples(2))
