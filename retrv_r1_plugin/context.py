@@ -145,6 +145,7 @@ class Encoded:
     truncated_from: int | None = None  # original text-token count when truncated
     ignored_image: bool = False
     content: torch.Tensor | None = None  # t_con, when computed or supplied from a cache
+    image_tokens: ImageTokens | None = None  # the vision tower's output, reused when re-encoding
 
     @property
     def embeds(self) -> torch.Tensor:
@@ -226,21 +227,26 @@ class ContextBuilder:
             if not ids:  # never hand the ICM an empty sequence
                 ids = tokenize_trusted(self.tok, " ")
             parts.append(self.text_chunk(ids))
-        return Encoded(chunk=cat_chunks(parts), truncated_from=truncated_from, ignored_image=ignored_image)
+        return Encoded(chunk=cat_chunks(parts), truncated_from=truncated_from, ignored_image=ignored_image, image_tokens=image_tokens)
 
     def encode_query(self, query: Query, max_text_tokens: int) -> Encoded:
         return self.encode(query.text, query.image, max_text_tokens=max_text_tokens, what="the query")
 
-    def encode_candidates(self, candidates: list[Candidate], max_text_tokens: int, notes: list[str] | None = None) -> list[Encoded]:
+    def encode_candidates(self, candidates: list[Candidate], max_text_tokens: int, notes: list[str] | None = None,
+                          reuse: list[Encoded] | None = None) -> list[Encoded]:
         """Encode candidates; images are decoded first (clear errors) then run as one batch
-        (split in halves if it runs out of memory, recorded in ``notes``)."""
+        (split in halves if it runs out of memory, recorded in ``notes``). ``reuse`` (an
+        earlier encoding of the same candidates) supplies image tokens, so re-encoding with
+        another text cap does not run the vision tower again."""
         images = {}
         if self.backbone.is_vision:
-            pil = {i: load_vision_image(c.image, f"candidate {i}") for i, c in enumerate(candidates) if c.image is not None}
+            if reuse is not None:
+                images = {i: e.image_tokens for i, e in enumerate(reuse) if e.image_tokens is not None}
+            pil = {i: load_vision_image(c.image, f"candidate {i}") for i, c in enumerate(candidates) if c.image is not None and i not in images}
             if pil:
                 order = list(pil)
                 toks = map_batches(self.backbone.encode_images, [pil[i] for i in order], len(order), what="vision encoder", notes=notes)
-                images = dict(zip(order, toks))
+                images.update(zip(order, toks))
         out = []
         for i, c in enumerate(candidates):
             enc = self.encode(

@@ -327,8 +327,9 @@ class RetrvR1Model(nn.Module):
                     "is text-only; give it a caption or use a Qwen-VL backbone"
                 )
 
-    def _encode(self, cands: list[Candidate], max_text_tokens: int | None = None, notes: list[str] | None = None) -> list[Encoded]:
-        return self.builder.encode_candidates(cands, max_text_tokens or self.config.max_candidate_tokens, notes)
+    def _encode(self, cands: list[Candidate], max_text_tokens: int | None = None, notes: list[str] | None = None,
+                reuse: list[Encoded] | None = None) -> list[Encoded]:
+        return self.builder.encode_candidates(cands, max_text_tokens or self.config.max_candidate_tokens, notes, reuse=reuse)
 
     def _icm_batch_size(self, given: int | None) -> int:
         size = self.config.extra.get("icm_batch_size", DEFAULT_ICM_BATCH_SIZE) if given is None else given
@@ -472,7 +473,7 @@ class RetrvR1Model(nn.Module):
         images = sum(self._image_token_count(e) for e in encoded)  # not shrunk: only text is capped
         per = max(1, (limit - overhead - images) // len(encoded))
         notes.append(f"full-token prompt over the context limit: candidate text capped at {per} tokens")
-        return self._encode(cands, max_text_tokens=per)
+        return self._encode(cands, max_text_tokens=per, reuse=encoded)  # images are not encoded again
 
     def _image_token_count(self, encoded: Encoded) -> int:
         """Tokens of ``encoded``'s image(s), vision start/end markers included (0 without)."""

@@ -161,9 +161,18 @@ def test_full_token_prompt_with_images_is_fitted_to_the_context():
     """Image tokens are not shrunk, so the text cap leaves room for them."""
     model = make_vl_model(max_context_tokens=700, max_candidate_tokens=4000, system_prompt="Rank.")
     cands = [Candidate(text="word " * 300, image=solid((200, 10, 10), (224, 224))) for _ in range(3)]
+    calls = []
+    encode_images = model.backbone.encode_images
+    model.backbone.encode_images = lambda images: calls.append(len(images)) or encode_images(images)
     r = model.rank("q", cands, compression="none", reasoning_budget=0)
     assert r.usage.prompt_tokens <= 700
     assert any("capped at" in n for n in r.notes)
+    assert calls == [3]  # capping the text re-encodes it, not the images
+    model.backbone.encode_images = encode_images
+    short = [Candidate(text="word " * 20, image=c.image) for c in cands]
+    fitted_prompt, _, _ = model.prepare("q", cands, compression="none", think=False)
+    assert int((fitted_prompt.ids == model.backbone.image_token_id).sum()) == 3 * int(
+        (model.prepare("q", short[:1], compression="none", think=False)[0].ids == model.backbone.image_token_id).sum())
 
 
 def test_budget_and_closing_tokens_fit_the_context_limit():
