@@ -180,6 +180,16 @@ def test_beir_malformed_lines_name_file_and_line(tmp_path: Path) -> None:
         load_beir(out, "test")
 
 
+def test_qrels_trailing_tab_is_read_and_non_finite_scores_name_file_and_line(tmp_path: Path) -> None:
+    qrels = tmp_path / "test.tsv"
+    qrels.write_text("query-id\tcorpus-id\tscore\t\nq1\td1\t1\t\r\nq1\td2\t0\n")  # trailing tabs: empty extra column
+    assert load_qrels_tsv(qrels) == {"q1": {"d1": 1, "d2": 0}}
+    for bad in ("nan", "inf", "-Infinity"):
+        qrels.write_text(f"query-id\tcorpus-id\tscore\nq1\td1\t{bad}\n")
+        with pytest.raises(DataFormatError, match=rf"test\.tsv:2: score '{bad}' is not an integer"):
+            load_qrels_tsv(qrels)
+
+
 def test_beir_writer_rejects_bad_ids(tmp_path: Path) -> None:
     with pytest.raises(DataFormatError, match="tab"):
         write_beir(tmp_path, {"a\tb": Doc(text="x")}, {}, {})

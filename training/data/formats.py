@@ -27,6 +27,7 @@ and line; missing files raise ``FileNotFoundError`` naming the path.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -290,7 +291,7 @@ def _parse_score(raw: str) -> Optional[int]:
         value = float(raw)
     except ValueError:
         return None
-    if value != int(value):
+    if not math.isfinite(value) or value != int(value):
         return None
     return int(value)
 
@@ -304,8 +305,8 @@ def load_qrels_tsv(path: PathLike) -> dict[str, dict[str, int]]:
     qrels: dict[str, dict[str, int]] = {}
     with open(p, encoding="utf-8-sig") as fh:
         for lineno, line in enumerate(fh, 1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
+            line = line.strip()  # also drops a trailing tab (an empty extra column)
+            if not line:
                 continue
             fields = line.split("\t") if "\t" in line else line.split()
             if len(fields) != 3:
