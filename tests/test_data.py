@@ -190,6 +190,19 @@ def test_qrels_trailing_tab_is_read_and_non_finite_scores_name_file_and_line(tmp
             load_qrels_tsv(qrels)
 
 
+def test_undecodable_bytes_name_file_and_line(tmp_path: Path) -> None:
+    out = _sample_beir(tmp_path)
+    corpus = out / "corpus.jsonl"
+    lines = corpus.read_bytes().splitlines(keepends=True)
+    corpus.write_bytes(lines[0] + b'{"_id": "dx", "text": "caf\xe9"}\n' + b"".join(lines[1:]))
+    with pytest.raises(DataFormatError, match=r"corpus\.jsonl:2: not valid UTF-8"):
+        load_beir(out, "test")
+    qrels = out / "qrels" / "test.tsv"
+    qrels.write_bytes(b"query-id\tcorpus-id\tscore\nq1\td1\t1\nq\xff\td1\t1\n")
+    with pytest.raises(DataFormatError, match=r"test\.tsv:3: not valid UTF-8"):
+        load_qrels_tsv(qrels)
+
+
 def test_beir_writer_rejects_bad_ids(tmp_path: Path) -> None:
     with pytest.raises(DataFormatError, match="tab"):
         write_beir(tmp_path, {"a\tb": Doc(text="x")}, {}, {})

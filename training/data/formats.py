@@ -142,20 +142,34 @@ def _require_file(path: Path, what: str) -> Path:
     return path
 
 
+def _decode_error(p: Path, exc: UnicodeDecodeError) -> DataFormatError:
+    """A :class:`DataFormatError` naming the first line of ``p`` that is not valid UTF-8."""
+    with open(p, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as line_exc:
+                return DataFormatError(f"{p}:{lineno}: not valid UTF-8 ({line_exc.reason} at byte {line_exc.start + 1})")
+    return DataFormatError(f"{p}: not valid UTF-8 ({exc.reason})")
+
+
 def read_jsonl(path: PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield ``(line_number, object)`` for each non-blank line of a JSON-lines file."""
     p = _require_file(Path(path), "JSON-lines file")
     with open(p, encoding="utf-8-sig") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataFormatError(f"{p}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataFormatError(f"{p}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
+        try:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataFormatError(f"{p}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+                if not isinstance(obj, dict):
+                    raise DataFormatError(f"{p}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+                yield lineno, obj
+        except UnicodeDecodeError as exc:
+            raise _decode_error(p, exc) from None
 
 
 def _get_id(obj: Mapping[str, Any], key: str, where: str) -> str:
@@ -304,30 +318,33 @@ def load_qrels_tsv(path: PathLike) -> dict[str, dict[str, int]]:
     p = _require_file(Path(path), "qrels file")
     qrels: dict[str, dict[str, int]] = {}
     with open(p, encoding="utf-8-sig") as fh:
-        for lineno, line in enumerate(fh, 1):
-            line = line.strip()  # also drops a trailing tab (an empty extra column)
-            if not line:
-                continue
-            fields = line.split("\t") if "\t" in line else line.split()
-            if len(fields) != 3:
-                raise DataFormatError(
-                    f"{p}:{lineno}: expected 3 tab-separated fields (query-id, corpus-id, score), "
-                    f"got {len(fields)}"
-                )
-            qid, doc_id, raw = (f.strip() for f in fields)
-            score = _parse_score(raw)
-            if score is None:
-                if not qrels and lineno == 1:
-                    continue  # header line, e.g. "query-id corpus-id score"
-                raise DataFormatError(f"{p}:{lineno}: score {raw!r} is not an integer")
-            if not qid or not doc_id:
-                raise DataFormatError(f"{p}:{lineno}: empty query-id or corpus-id")
-            judged = qrels.setdefault(qid, {})
-            if doc_id in judged and judged[doc_id] != score:
-                raise DataFormatError(
-                    f"{p}:{lineno}: pair ({qid!r}, {doc_id!r}) already has score {judged[doc_id]}, now {score}"
-                )
-            judged[doc_id] = score
+        try:
+            for lineno, line in enumerate(fh, 1):
+                line = line.strip()  # also drops a trailing tab (an empty extra column)
+                if not line:
+                    continue
+                fields = line.split("\t") if "\t" in line else line.split()
+                if len(fields) != 3:
+                    raise DataFormatError(
+                        f"{p}:{lineno}: expected 3 tab-separated fields (query-id, corpus-id, score), "
+                        f"got {len(fields)}"
+                    )
+                qid, doc_id, raw = (f.strip() for f in fields)
+                score = _parse_score(raw)
+                if score is None:
+                    if not qrels and lineno == 1:
+                        continue  # header line, e.g. "query-id corpus-id score"
+                    raise DataFormatError(f"{p}:{lineno}: score {raw!r} is not an integer")
+                if not qid or not doc_id:
+                    raise DataFormatError(f"{p}:{lineno}: empty query-id or corpus-id")
+                judged = qrels.setdefault(qid, {})
+                if doc_id in judged and judged[doc_id] != score:
+                    raise DataFormatError(
+                        f"{p}:{lineno}: pair ({qid!r}, {doc_id!r}) already has score {judged[doc_id]}, now {score}"
+                    )
+                judged[doc_id] = score
+        except UnicodeDecodeError as exc:
+            raise _decode_error(p, exc) from None
     return qrels
 
 
