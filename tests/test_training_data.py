@@ -109,6 +109,19 @@ def test_examples_keep_first_stage_order_exclude_other_positives_and_insert_miss
     assert again["q2"].positive == q2.positive
 
 
+def test_examples_match_integer_ids_in_a_qrels_mapping_to_the_string_ids_of_the_first_stage():
+    from training.examples import build_examples
+
+    docs = {str(i): Doc(text=f"doc {i}") for i in range(6)}
+    search = lambda q, k: [("3", 0.9), ("7", 0.8), ("5", 0.7), ("1", 0.6)][:k]  # noqa: E731
+    fetch = lambda ids: {i: docs.get(i, Doc(text=f"doc {i}")) for i in ids}  # noqa: E731
+    (ex,) = build_examples({1: QueryRecord(text="q")}, {1: {7: 1, 5: 1}}, search, fetch, k=3)
+    ids = [c.id for c in ex.candidates]
+    # the retrieved positive is found (not inserted), the other relevant doc is no negative
+    assert ex.id == "1" and not ex.inserted_positive and ids[ex.positive] == "7" and ex.positive_rank == 1
+    assert ids == ["3", "7", "1"]
+
+
 def test_embedding_retriever_and_default_beir_first_stage(tmp_path):
     root = _beir(tmp_path)
     retriever = EmbeddingRetriever({"a": "red apple", "b": "blue sky", "c": "a cat"}, embedder=WordEmbedder())

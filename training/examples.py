@@ -224,6 +224,10 @@ def build_examples(
     if k < 2:
         raise ValueError("k must be at least 2 (a positive and a negative)")
     out: list[TrainingExample] = []
+    # ids compare as strings: search results are normalised to str, so int keys in a qrels
+    # mapping would never match them (the positive would come back as a negative)
+    qrels = {str(q): {str(d): r for d, r in judged.items()} for q, judged in qrels.items()}
+    queries = {str(q): v for q, v in queries.items()}
     for qid in sorted(queries):
         judged = {d: r for d, r in qrels.get(qid, {}).items() if r >= min_relevance}
         if not judged:
