@@ -292,6 +292,8 @@ def test_mbeir_writer_round_trip(tmp_path: Path) -> None:
     assert again.queries["9:10"].metadata["neg_cand_list"] == ["9:2"]
     first = json.loads(mbeir_pool_path(out, "toy").read_text().splitlines()[0])
     assert first["img_path"] == "mbeir_images/toy/red.png" and first["txt"] is None
+    # every field of the published M-BEIR candidate-pool line is written (src_content may be null)
+    assert {"txt", "img_path", "modality", "did", "src_content"} <= set(first) and first["src_content"] is None
 
 
 # --------------------------------------------------------------------------- WordNet

@@ -600,6 +600,7 @@ def write_mbeir_cand_pool(path: PathLike, corpus: Mapping[str, Doc], image_root:
                 "img_path": _relativize(doc.image_path, root),
                 "modality": doc.modality,
                 "did": _check_id(str(did), "did"),
+                "src_content": doc.metadata.get("src_content"),
             }
             row.update({k: v for k, v in doc.metadata.items() if k not in row})
             yield _dump(row)
