@@ -208,6 +208,9 @@ def test_beir_writer_rejects_bad_ids(tmp_path: Path) -> None:
         write_beir(tmp_path, {"a\tb": Doc(text="x")}, {}, {})
     with pytest.raises(DataFormatError, match="not in corpus"):
         write_beir(tmp_path, {"a": Doc(text="x")}, {"q": QueryRecord(text="y")}, {"test": {"q": {"b": 1}}})
+    # qrels fields are read back stripped: such an id would point at a doc that is not there
+    with pytest.raises(DataFormatError, match="whitespace"):
+        write_beir(tmp_path, {" a": Doc(text="x")}, {"q": QueryRecord(text="y")}, {"test": {"q": {" a": 1}}})
 
 
 # --------------------------------------------------------------------------- M-BEIR

@@ -224,6 +224,8 @@ def _relativize(path: Optional[str], root: Path) -> Optional[str]:
 def _check_id(value: str, what: str) -> str:
     if not value or any(c in value for c in "\t\r\n"):
         raise DataFormatError(f"{what} {value!r} is empty or holds a tab/newline; it cannot be written")
+    if value != value.strip():  # the qrels reader strips fields: the id would no longer match
+        raise DataFormatError(f"{what} {value!r} starts or ends with whitespace; it cannot be written")
     return value
 
 
