@@ -190,6 +190,16 @@ def test_qrels_trailing_tab_is_read_and_non_finite_scores_name_file_and_line(tmp
             load_qrels_tsv(qrels)
 
 
+def test_a_headerless_qrels_file_with_a_bad_first_row_is_an_error_not_a_skipped_header(tmp_path: Path) -> None:
+    qrels = tmp_path / "test.tsv"
+    qrels.write_text("q1\td1\thigh\nq1\td2\t1\n")
+    with pytest.raises(DataFormatError, match=r"test\.tsv:1: score 'high' is not an integer"):
+        load_qrels_tsv(qrels)
+    for header in ("query-id\tcorpus-id\tscore", "qid\tdocid\trel", "q\td\trelevance"):
+        qrels.write_text(f"{header}\nq1\td2\t1\n")
+        assert load_qrels_tsv(qrels) == {"q1": {"d2": 1}}
+
+
 def test_undecodable_bytes_name_file_and_line(tmp_path: Path) -> None:
     out = _sample_beir(tmp_path)
     corpus = out / "corpus.jsonl"

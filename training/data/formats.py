@@ -312,6 +312,15 @@ def _parse_score(raw: str) -> Optional[int]:
     return int(value)
 
 
+_QRELS_HEADER_IDS = {"query-id", "query_id", "queryid", "qid", "query"}
+_QRELS_HEADER_SCORES = {"score", "relevance", "rel", "label", "grade", "judgment", "judgement"}
+
+
+def _is_qrels_header(qid: str, score: str) -> bool:
+    """A first line that names its columns (not a data row with a bad score, which must fail)."""
+    return qid.lower() in _QRELS_HEADER_IDS or score.lower() in _QRELS_HEADER_SCORES
+
+
 def load_qrels_tsv(path: PathLike) -> dict[str, dict[str, int]]:
     """Read a BEIR qrels file: ``query-id  corpus-id  score`` (tab separated, header optional).
 
@@ -334,7 +343,7 @@ def load_qrels_tsv(path: PathLike) -> dict[str, dict[str, int]]:
                 qid, doc_id, raw = (f.strip() for f in fields)
                 score = _parse_score(raw)
                 if score is None:
-                    if not qrels and lineno == 1:
+                    if lineno == 1 and _is_qrels_header(qid, raw):
                         continue  # header line, e.g. "query-id corpus-id score"
                     raise DataFormatError(f"{p}:{lineno}: score {raw!r} is not an integer")
                 if not qid or not doc_id:
