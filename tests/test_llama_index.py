@@ -302,6 +302,15 @@ def image_nodes(images: dict[str, Path]) -> list[NodeWithScore]:
     ]
 
 
+def core_ranking(model, query: str, nodes: list[NodeWithScore], images: dict[str, Path], **kwargs):
+    """The core's ranking of four nodes: the red, green and blue images with their nodes'
+    text as the reranker sees it, then a text-only node."""
+    texts = [n.node.get_content(metadata_mode=MetadataMode.EMBED) for n in nodes]
+    cands = [Candidate(texts[0], images["red"]), Candidate(texts[1], images["green"]),
+             Candidate(texts[2], images["blue"]), Candidate(texts[3])]
+    return model.rank(query, cands, **kwargs)
+
+
 def test_image_nodes_on_the_vl_model(vl_model, images):
     nodes = image_nodes(images)
     reranker = RetrvR1Reranker(model=vl_model, top_n=None, reasoning_budget=3)
@@ -309,13 +318,7 @@ def test_image_nodes_on_the_vl_model(vl_model, images):
     assert {n.node.node_id for n in out} == {"by_path", "by_base64", "by_file_path", "text"}
     assert isinstance({n.node.node_id: n.node for n in out}["by_base64"], ImageNode)
     # the same ranking as the core with the same images: every image source was read
-    texts = [n.node.get_content(metadata_mode=MetadataMode.EMBED) for n in nodes]
-    expected = vl_model.rank(
-        "a green picture",
-        [Candidate(texts[0], images["red"]), Candidate(texts[1], images["green"]),
-         Candidate(texts[2], images["blue"]), Candidate(texts[3])],
-        reasoning_budget=3,
-    )
+    expected = core_ranking(vl_model, "a green picture", nodes, images, reasoning_budget=3)
     by_id = {n.node.node_id: n.score for n in out}
     assert [by_id[i] for i in ("by_path", "by_base64", "by_file_path", "text")] == pytest.approx(expected.scores)
     # and the images matter: other pixels, other scores
@@ -392,13 +395,7 @@ def test_image_documents_and_multimodal_nodes_are_read(vl_model, text_model, ima
         NodeWithScore(node=TextNode(text="plain text about the sky", id_="text"), score=0.2),
     ]
     out = RetrvR1Reranker(model=vl_model, top_n=None, reasoning_budget=0).postprocess_nodes(nodes, query_str="green")
-    texts = [n.node.get_content(metadata_mode=MetadataMode.EMBED) for n in nodes]
-    expected = vl_model.rank(
-        "green",
-        [Candidate(texts[0], images["red"]), Candidate(texts[1], images["green"]),
-         Candidate(texts[2], images["blue"]), Candidate(texts[3])],
-        reasoning_budget=0,
-    )
+    expected = core_ranking(vl_model, "green", nodes, images, reasoning_budget=0)
     by_id = {n.node.node_id: n.score for n in out}
     assert [by_id[i] for i in ("doc_path", "doc_b64", "node", "text")] == pytest.approx(expected.scores)
     assert isinstance({n.node.node_id: n.node for n in out}["doc_b64"], ImageDocument)

@@ -578,9 +578,9 @@ def test_default_location_is_the_user_data_dir(monkeypatch: pytest.MonkeyPatch, 
 # --------------------------------------------------------------------------- langchain-qdrant
 
 
-def test_langchain_qdrant_reads_our_collection(minilm: TextEmbedder) -> None:
+def langchain_embeddings(minilm: TextEmbedder):
+    """The MiniLM embedder as a LangChain ``Embeddings`` (skips when LangChain is absent)."""
     Embeddings = pytest.importorskip("langchain_core.embeddings").Embeddings
-    QdrantVectorStore = pytest.importorskip("langchain_qdrant").QdrantVectorStore
 
     class MiniLMEmbeddings(Embeddings):
         def embed_documents(self, texts: list[str]) -> list[list[float]]:
@@ -589,6 +589,12 @@ def test_langchain_qdrant_reads_our_collection(minilm: TextEmbedder) -> None:
         def embed_query(self, text: str) -> list[float]:
             return minilm.embed_queries([text])[0].tolist()
 
+    return MiniLMEmbeddings()
+
+
+def test_langchain_qdrant_reads_our_collection(minilm: TextEmbedder) -> None:
+    QdrantVectorStore = pytest.importorskip("langchain_qdrant").QdrantVectorStore
+    embeddings = langchain_embeddings(minilm)
     with QdrantCandidateStore(minilm, location=":memory:") as store:
         store.add(PASSAGES, show_progress=False)
         named = QdrantCandidateStore(minilm, client=store.client, collection_name="named", vector_name="dense")
@@ -598,7 +604,7 @@ def test_langchain_qdrant_reads_our_collection(minilm: TextEmbedder) -> None:
             lc = QdrantVectorStore(
                 client=store.client,
                 collection_name=ours.collection_name,
-                embedding=MiniLMEmbeddings(),
+                embedding=embeddings,
                 vector_name=vector_name,
             )
             docs = lc.similarity_search_with_score("What is the capital of France?", k=2)
@@ -609,7 +615,7 @@ def test_langchain_qdrant_reads_our_collection(minilm: TextEmbedder) -> None:
             assert score == pytest.approx(ours_best.metadata["retrieval_score"], abs=1e-5)
 
         # And the other way round: what langchain writes, our store can search.
-        lc = QdrantVectorStore(client=store.client, collection_name="retrv_r1", embedding=MiniLMEmbeddings())
+        lc = QdrantVectorStore(client=store.client, collection_name="retrv_r1", embedding=embeddings)
         lc.add_texts(["Kangaroos are marsupials native to Australia."], metadatas=[{"source": "lc"}])
         hit = store.search("animals of Australia", top_k=1)[0]
         assert hit.text.startswith("Kangaroos") and hit.metadata["source"] == "lc"
@@ -621,19 +627,11 @@ def test_langchain_qdrant_reads_our_collection(minilm: TextEmbedder) -> None:
 def test_points_written_by_other_tools_are_found_by_their_search_ids(minilm: TextEmbedder) -> None:
     """A point langchain-qdrant (or a plain client) wrote has no candidate_id: search names it
     by its point id, and get/delete/put_content_tokens/add must find it by that id."""
-    Embeddings = pytest.importorskip("langchain_core.embeddings").Embeddings
     LangchainQdrant = pytest.importorskip("langchain_qdrant").QdrantVectorStore
-
-    class MiniLMEmbeddings(Embeddings):
-        def embed_documents(self, texts: list[str]) -> list[list[float]]:
-            return minilm.embed_texts(texts).tolist()
-
-        def embed_query(self, text: str) -> list[float]:
-            return minilm.embed_queries([text])[0].tolist()
-
+    embeddings = langchain_embeddings(minilm)
     with QdrantCandidateStore(minilm, location=":memory:") as store:
         store.add(PASSAGES, show_progress=False)
-        lc = LangchainQdrant(client=store.client, collection_name=store.collection_name, embedding=MiniLMEmbeddings())
+        lc = LangchainQdrant(client=store.client, collection_name=store.collection_name, embedding=embeddings)
         (lc_id,) = lc.add_texts(["Kangaroos are marsupials native to Australia."], metadatas=[{"source": "lc"}])
         vector = [float(x) for x in minilm.embed_texts(["Tea is brewed from the leaves of a shrub."])[0]]
         store.client.upsert(store.collection_name, points=[models.PointStruct(id=7, vector=vector, payload={

@@ -50,6 +50,13 @@ __all__ = [
 ]
 
 
+def _record_id(value, what: str) -> str:
+    """An id read from JSONL: a string, or an integer taken as its string (never a bool)."""
+    if not isinstance(value, (str, int)) or isinstance(value, bool):
+        raise ValueError(f"{what} id must be a string, got {value!r}")
+    return str(value)
+
+
 @dataclass
 class CandidateRecord:
     """One candidate as shown to the reranker: id, text, optional image path, first-stage score."""
@@ -62,9 +69,7 @@ class CandidateRecord:
     def __post_init__(self) -> None:
         # JSONL written by hand or by another tool: null text is no text; a wrong type is an
         # error here (read_examples names the file and line), not a crash deep in a stage
-        if not isinstance(self.id, (str, int)) or isinstance(self.id, bool):
-            raise ValueError(f"candidate id must be a string, got {self.id!r}")
-        self.id = str(self.id)
+        self.id = _record_id(self.id, "candidate")
         self.text = "" if self.text is None else self.text
         if not isinstance(self.text, str):
             raise ValueError(f"candidate {self.id!r}: text must be a string or null, got {type(self.text).__name__}")
@@ -97,9 +102,7 @@ class TrainingExample:
 
     def __post_init__(self) -> None:
         self.candidates = [c if isinstance(c, CandidateRecord) else CandidateRecord(**c) for c in self.candidates]
-        if not isinstance(self.id, (str, int)) or isinstance(self.id, bool):
-            raise ValueError(f"example id must be a string, got {self.id!r}")
-        self.id = str(self.id)
+        self.id = _record_id(self.id, "example")
         self.query_text = "" if self.query_text is None else self.query_text
         if not isinstance(self.query_text, str):
             raise ValueError(f"example {self.id!r}: query_text must be a string or null, got {type(self.query_text).__name__}")
