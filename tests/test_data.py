@@ -309,6 +309,31 @@ def test_mbeir_writer_round_trip(tmp_path: Path) -> None:
     assert {"txt", "img_path", "modality", "did", "src_content"} <= set(first) and first["src_content"] is None
 
 
+def test_mbeir_query_lines_carry_the_published_task_id(tmp_path: Path) -> None:
+    """Every published M-BEIR query line has ``task_id`` (UniIR's number of "query modality ->
+    positive modality"; its qrels and held-out-task scripts read it): the writer keeps a
+    loaded one and, given the pool, works it out; the image builders' files carry it."""
+    from training.data.build_images import build_digits_tasks
+
+    _, query, pool = _sample_mbeir(tmp_path)
+    ds = load_mbeir(query, pool)
+    out = mbeir_query_path(tmp_path / "copy", "toy", "test")
+    write_mbeir_queries(out, ds.queries, ds.qrels, image_root=query.parents[2], corpus=ds.corpus)
+    rows = {r["qid"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert rows["9:10"]["task_id"] == 0  # kept from the source line
+    assert rows["9:11"]["task_id"] == 8  # image,text query -> image,text positive
+    assert list(rows["9:11"])[:8] == ["qid", "query_txt", "query_img_path", "query_modality",
+                                      "query_src_content", "pos_cand_list", "neg_cand_list", "task_id"]
+    # without the pool an unknown task is written as null, never left out
+    write_mbeir_queries(out, {"9:11": ds.queries["9:11"]}, ds.qrels, image_root=query.parents[2])
+    assert "task_id" in json.loads(out.read_text()) and json.loads(out.read_text())["task_id"] is None
+
+    build_digits_tasks(tmp_path / "img", size=16, per_class=3, seed=0)
+    for task, expected in (("digits-text2image", 0), ("digits-image2text", 3)):
+        lines = mbeir_query_path(tmp_path / "img", task, "train").read_text().splitlines()
+        assert lines and {json.loads(x)["task_id"] for x in lines} == {expected}
+
+
 # --------------------------------------------------------------------------- WordNet
 
 DATA_NOUN = """\

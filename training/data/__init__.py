@@ -1,6 +1,7 @@
 """Data foundations: BEIR / M-BEIR readers and writers, and builders of offline sets."""
 
 from .formats import (
+    MBEIR_TASK_IDS,
     DataFormatError,
     Doc,
     QueryRecord,
@@ -14,6 +15,7 @@ from .formats import (
     load_qrels_tsv,
     mbeir_pool_path,
     mbeir_query_path,
+    mbeir_task_id,
     read_jsonl,
     write_beir,
     write_mbeir_cand_pool,
@@ -21,6 +23,7 @@ from .formats import (
 )
 
 __all__ = [
+    "MBEIR_TASK_IDS",
     "DataFormatError",
     "Doc",
     "QueryRecord",
@@ -34,6 +37,7 @@ __all__ = [
     "load_qrels_tsv",
     "mbeir_pool_path",
     "mbeir_query_path",
+    "mbeir_task_id",
     "read_jsonl",
     "write_beir",
     "write_mbeir_cand_pool",

@@ -8,6 +8,10 @@ Written as M-BEIR-format files under one root (image paths relative to it)::
     cand_pool/local/mbeir_{task}[_{split}]_cand_pool.jsonl
     dataset_info.json                              counts, sources, licences
 
+Query lines carry UniIR's ``task_id`` (0 for text -> image, 3 for image -> text). Ids are
+readable names (``digits-img-0001``), not M-BEIR's numeric ``"{dataset_id}:{n}"``: this
+package's readers take any id, UniIR's own scripts (which hash ids as two integers) do not.
+
 Tasks (splits ``train``/``dev``/``test``; load one with
 ``training.data.formats.load_mbeir_task(root, task, split)``):
 
@@ -294,7 +298,7 @@ def build_digits_tasks(
                 qid = f"digits-t2i-{split}-{d}-{t}"
                 queries[qid] = QueryRecord(text=digit_caption(d, t), metadata={"label": d})
                 qrels[qid] = positives
-        write_mbeir_queries(mbeir_query_path(root, "digits-text2image", split), queries, qrels, root)
+        write_mbeir_queries(mbeir_query_path(root, "digits-text2image", split), queries, qrels, root, pool)
         t2i_counts[split] = {"queries": len(queries), "candidates": len(pool)}
 
         i2t_queries = {
@@ -302,7 +306,7 @@ def build_digits_tasks(
             for did, doc in pool.items()
         }
         i2t_qrels = {qid: {f"digits-cap-{q.metadata['label']}": 1} for qid, q in i2t_queries.items()}
-        write_mbeir_queries(mbeir_query_path(root, "digits-image2text", split), i2t_queries, i2t_qrels, root)
+        write_mbeir_queries(mbeir_query_path(root, "digits-image2text", split), i2t_queries, i2t_qrels, root, captions)
         i2t_counts[split] = {"queries": len(i2t_queries), "candidates": len(captions)}
 
     common = {"source": DIGITS_SOURCE, "image_size": size, "seed": seed, "fractions": list(fractions)}
@@ -401,9 +405,9 @@ def build_skimage_tasks(
             iq = f"skimage-i2t-{split}-{name}"
             i2t_queries[iq] = QueryRecord(image_path=photos[f"skimage-img-{name}"].image_path, metadata={"name": name})
             i2t_qrels[iq] = {cap_id: 1}
-        write_mbeir_queries(mbeir_query_path(root, "skimage-text2image", split), queries, qrels, root)
+        write_mbeir_queries(mbeir_query_path(root, "skimage-text2image", split), queries, qrels, root, photos)
         write_mbeir_cand_pool(mbeir_pool_path(root, "skimage-image2text", split), cap_pool, root)
-        write_mbeir_queries(mbeir_query_path(root, "skimage-image2text", split), i2t_queries, i2t_qrels, root)
+        write_mbeir_queries(mbeir_query_path(root, "skimage-image2text", split), i2t_queries, i2t_qrels, root, cap_pool)
         t2i_counts[split] = {"queries": len(queries), "candidates": len(photos)}
         i2t_counts[split] = {"queries": len(i2t_queries), "candidates": len(cap_pool)}
 

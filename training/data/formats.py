@@ -16,8 +16,12 @@ set directory) and ``"metadata"`` (a JSON object); plain BEIR readers ignore the
 M-BEIR files::
 
     query jsonl   {"qid", "query_txt", "query_img_path", "query_modality",
-                   "pos_cand_list", "neg_cand_list", ...}
-    pool jsonl    {"did", "txt", "img_path", "modality", ...}
+                   "query_src_content", "pos_cand_list", "neg_cand_list", "task_id"}
+    pool jsonl    {"txt", "img_path", "modality", "did", "src_content"}
+
+(UniIR's layout: ``task_id`` is the number of "query modality -> positive modality" in
+:data:`MBEIR_TASK_IDS`; published ids are ``"{dataset_id}:{n}"``, which the readers do not
+require.)
 
 with image paths relative to an image root (the M-BEIR root directory). Loaded image
 paths are absolute. Every parse problem raises :class:`DataFormatError` naming the file
@@ -52,6 +56,8 @@ __all__ = [
     "load_mbeir_task",
     "mbeir_query_path",
     "mbeir_pool_path",
+    "MBEIR_TASK_IDS",
+    "mbeir_task_id",
     "write_mbeir_queries",
     "write_mbeir_cand_pool",
 ]
@@ -621,28 +627,58 @@ def write_mbeir_cand_pool(path: PathLike, corpus: Mapping[str, Doc], image_root:
     return p
 
 
+#: UniIR's M-BEIR task numbers, by (query modality, positive candidate modality).
+MBEIR_TASK_IDS: dict[tuple[str, str], int] = {
+    ("text", "image"): 0,
+    ("text", "text"): 1,
+    ("text", "image,text"): 2,
+    ("image", "text"): 3,
+    ("image", "image"): 4,
+    ("image", "text,image"): 5,
+    ("image,text", "text"): 6,
+    ("image,text", "image"): 7,
+    ("image,text", "image,text"): 8,
+}
+
+
+def mbeir_task_id(query_modality: Optional[str], cand_modality: Optional[str]) -> Optional[int]:
+    """The M-BEIR ``task_id`` of a query -> candidate modality pair (None when it has none)."""
+    return MBEIR_TASK_IDS.get((str(query_modality), str(cand_modality)))
+
+
 def write_mbeir_queries(
     path: PathLike,
     queries: Mapping[str, QueryRecord],
     qrels: Mapping[str, Mapping[str, int]],
     image_root: PathLike,
+    corpus: Optional[Mapping[str, Doc]] = None,
 ) -> Path:
     """Write an M-BEIR query jsonl. ``pos_cand_list`` = docs with relevance > 0 in ``qrels``;
-    ``neg_cand_list`` comes from ``metadata["neg_cand_list"]`` when present."""
+    ``neg_cand_list`` comes from ``metadata["neg_cand_list"]`` when present.
+
+    ``task_id`` is ``metadata["task_id"]`` when present, else (given the candidate pool
+    ``corpus``) the number of "query modality -> first positive's modality", else null.
+    """
     root = Path(image_root)
 
     def lines() -> Iterator[str]:
         for qid, q in queries.items():
             judged = qrels.get(qid, {})
             meta = dict(q.metadata)
+            positives = [str(d) for d, r in judged.items() if r > 0]
+            task_id = meta.pop("task_id", None)
+            if task_id is None and corpus is not None:
+                first = next((corpus[d] for d in positives if d in corpus), None)
+                task_id = mbeir_task_id(q.modality, first.modality) if first is not None else None
             row: dict[str, Any] = {
                 "qid": _check_id(str(qid), "qid"),
                 "query_txt": q.text or None,
                 "query_img_path": _relativize(q.image_path, root),
                 "query_modality": q.modality,
                 "query_src_content": meta.pop("query_src_content", None),
-                "pos_cand_list": [str(d) for d, r in judged.items() if r > 0],
+                "pos_cand_list": positives,
                 "neg_cand_list": [str(d) for d in meta.pop("neg_cand_list", [])],
+                "task_id": task_id,
             }
             row.update({k: v for k, v in meta.items() if k not in row})
             yield _dump(row)
