@@ -648,3 +648,19 @@ def test_existing_lora_adapters_keep_training_and_differing_settings_are_reporte
         inject_lora(model, LoraSettings(r=16, alpha=32))
     assert model.lm.peft_config["default"].r == 4
     assert any("r=16" in r.getMessage() and "not applied" in r.getMessage() for r in caplog.records)
+
+
+def test_dr_grpo_normalises_a_direct_answer_by_one_token(tmp_path):
+    """Dr.GRPO divides by sequences x (reasoning_budget + 1), the most targets a rollout can
+    have. In direct mode (budget 0) every rollout has exactly that one target (the answer), so
+    the normaliser equals dapo's (the count of active tokens) and both give the same gradient."""
+    write_examples(tmp_path / "ex.jsonl", make_examples(2, seed=4))
+    norms = {}
+    for loss_type in ("dapo", "dr_grpo"):
+        cfg = RLConfig(init_from="tiny:text", data=str(tmp_path / "ex.jsonl"), output_dir=str(tmp_path / loss_type), steps=1, batch_size=2,
+                       group_size=4, reasoning_budget=0, loss_type=loss_type, lora=LoraSettings(r=4, alpha=8), progress=False,
+                       model_overrides=OVERRIDES)
+        metrics = GRPOTrainer(cfg).train_step(0)
+        assert metrics["frac_zero_std_groups"] < 1.0  # some advantage is not zero: there is a gradient to compare
+        norms[loss_type] = metrics["grad_norm"]
+    assert norms["dr_grpo"] > 0 and norms["dr_grpo"] == pytest.approx(norms["dapo"], rel=1e-5)

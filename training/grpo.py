@@ -223,7 +223,7 @@ class GRPOTrainer(Trainer):
         adv = group_advantages(rewards, scale=cfg.scale_rewards)
         n_seq = sum(len(g) for g in summary)
         total_tokens = sum(s[1] for g in summary for s in g)
-        max_len = max(1, cfg.reasoning_budget) + 1
+        max_len = cfg.reasoning_budget + 1  # the most targets a rollout has: the written tokens (<= budget) and the answer
         old: dict[tuple[int, int], torch.Tensor] = {}
         ref: dict[tuple[int, int], torch.Tensor] = {}
         loss_sum = kl_sum = clipped_sum = 0.0
