@@ -122,6 +122,22 @@ def test_examples_match_integer_ids_in_a_qrels_mapping_to_the_string_ids_of_the_
     assert ids == ["3", "7", "1"]
 
 
+def test_examples_with_a_higher_min_relevance_never_use_a_lower_graded_relevant_doc_as_negative():
+    """``min_relevance`` picks which docs may be the positive; a doc the qrels still call
+    relevant (grade > 0, below the bar) is no negative either: that would teach the reranker
+    to reject a relevant document."""
+    from training.examples import build_examples
+
+    docs = {f"d{i}": Doc(text=f"doc {i}") for i in range(8)}
+    search = lambda q, k: [(f"d{i}", 1.0 - i / 10) for i in range(8)][:k]  # noqa: E731
+    fetch = lambda ids: {i: docs[i] for i in ids}  # noqa: E731
+    qrels = {"q": {"d1": 1, "d3": 2, "d4": 0}}
+    (ex,) = build_examples({"q": QueryRecord(text="q")}, qrels, search, fetch, k=4, min_relevance=2)
+    ids = [c.id for c in ex.candidates]
+    assert ids[ex.positive] == "d3" and not ex.inserted_positive and ex.positive_rank == 3
+    assert "d1" not in ids  # partially relevant: neither positive nor negative
+    assert ids == ["d0", "d2", "d3", "d4"]  # a judged non-relevant doc (grade 0) stays a negative
+
 def test_embedding_retriever_and_default_beir_first_stage(tmp_path):
     root = _beir(tmp_path)
     retriever = EmbeddingRetriever({"a": "red apple", "b": "blue sky", "c": "a cat"}, embedder=WordEmbedder())

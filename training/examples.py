@@ -221,7 +221,8 @@ def build_examples(
     (used for candidates the search returned as bare ids, and for inserting a missed
     positive). The positive is the first-stage's best-ranked relevant doc, or, when none
     was retrieved within ``k``, the highest-graded relevant doc inserted at a random position
-    (seeded by ``seed`` and the query id). Images are kept as paths; images a store returns
+    (seeded by ``seed`` and the query id). Only docs graded ``>= min_relevance`` can be the
+    positive; no doc graded above 0 is ever a negative. Images are kept as paths; images a store returns
     as raw bytes are not carried into the JSONL.
     """
     if k < 2:
@@ -232,7 +233,10 @@ def build_examples(
     qrels = {str(q): {str(d): r for d, r in judged.items()} for q, judged in qrels.items()}
     queries = {str(q): v for q, v in queries.items()}
     for qid in sorted(queries):
-        judged = {d: r for d, r in qrels.get(qid, {}).items() if r >= min_relevance}
+        graded = qrels.get(qid, {})
+        judged = {d: r for d, r in graded.items() if r >= min_relevance}
+        # relevant below min_relevance: not a positive, but no negative either
+        not_negative = judged.keys() | {d for d, r in graded.items() if r > 0}
         if not judged:
             continue
         q = queries[qid]
@@ -247,7 +251,7 @@ def build_examples(
         pos_rank = next((i for i, (d, _, _) in enumerate(ranked) if d in judged), None)
         pos_id = ranked[pos_rank][0] if pos_rank is not None else None
         # first-stage order, other relevant docs removed (they are not negatives)
-        kept = [r for r in ranked if r[0] == pos_id or r[0] not in judged][:k]
+        kept = [r for r in ranked if r[0] == pos_id or r[0] not in not_negative][:k]
         found = next((i for i, r in enumerate(kept) if r[0] == pos_id), None)
         if found is not None:
             items, positive, inserted, rank = kept, found, False, pos_rank
