@@ -138,6 +138,18 @@ def test_examples_with_a_higher_min_relevance_never_use_a_lower_graded_relevant_
     assert "d1" not in ids  # partially relevant: neither positive nor negative
     assert ids == ["d0", "d2", "d3", "d4"]  # a judged non-relevant doc (grade 0) stays a negative
 
+def test_first_stage_may_return_integer_ids_and_unscored_pairs():
+    """A first stage returning integer ids (FAISS rows, Qdrant points; numpy ints too) or
+    ``(id, None)`` pairs is used as it is, not refused with "is not an id" or a float() error."""
+    from training.examples import build_examples
+
+    docs = {str(i): Doc(text=f"doc {i}") for i in range(6)}
+    fetch = lambda ids: {i: docs[i] for i in ids}  # noqa: E731
+    for results in ([3, 1, 2], list(np.array([3, 1, 2])), [(3, None), ("1", None), ("2", 0.5)]):
+        (ex,) = build_examples({"q": QueryRecord(text="q")}, {"q": {"1": 1}}, lambda q, k, r=results: r, fetch, k=3)
+        assert [c.id for c in ex.candidates] == ["3", "1", "2"] and ex.positive == 1 and not ex.inserted_positive
+        assert ex.candidates[0].score is None
+
 def test_embedding_retriever_and_default_beir_first_stage(tmp_path):
     root = _beir(tmp_path)
     retriever = EmbeddingRetriever({"a": "red apple", "b": "blue sky", "c": "a cat"}, embedder=WordEmbedder())

@@ -21,6 +21,7 @@ Examples serialise to JSON lines (:func:`write_examples` / :func:`read_examples`
 
 from __future__ import annotations
 
+import numbers
 import os
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -170,10 +171,10 @@ def _normalise_results(results: Sequence[Any]) -> list[tuple[str, Optional[float
     """``(id, score, record-or-None)`` for every search result shape we accept."""
     out = []
     for r in results:
-        if isinstance(r, str):
-            out.append((r, None, None))
+        if isinstance(r, str) or (isinstance(r, numbers.Integral) and not isinstance(r, bool)):
+            out.append((str(r), None, None))  # an integer id (a FAISS row, a Qdrant point) too
         elif isinstance(r, tuple) and len(r) == 2:
-            out.append((str(r[0]), float(r[1]), None))
+            out.append((str(r[0]), None if r[1] is None else float(r[1]), None))
         elif hasattr(r, "id"):
             meta = getattr(r, "metadata", None) or {}
             score = meta.get("retrieval_score", getattr(r, "score", None))
