@@ -664,3 +664,22 @@ def test_dr_grpo_normalises_a_direct_answer_by_one_token(tmp_path):
         assert metrics["frac_zero_std_groups"] < 1.0  # some advantage is not zero: there is a gradient to compare
         norms[loss_type] = metrics["grad_norm"]
     assert norms["dr_grpo"] > 0 and norms["dr_grpo"] == pytest.approx(norms["dapo"], rel=1e-5)
+
+
+@pytest.mark.parametrize("compression", ["icm", "none"])
+def test_inspection_request_earns_the_format_reward_only_where_inspection_exists(tmp_path, monkeypatch, compression):
+    """With compression: none the candidates are already in full tokens and the decoder ignores
+    inspection requests: a request is then a stray structural token, never a well-formed output."""
+    import training.grpo as grpo
+
+    write_examples(tmp_path / "ex.jsonl", make_examples(1, seed=5))
+    cfg = RLConfig(init_from="tiny:text", data=str(tmp_path / "ex.jsonl"), output_dir=str(tmp_path / compression), steps=1, batch_size=1,
+                   group_size=2, reasoning_budget=8, max_inspections=1, compression=compression, lora=LoraSettings(r=4, alpha=8),
+                   progress=False, model_overrides=OVERRIDES)
+    trainer = GRPOTrainer(cfg)
+    script = ids_of(trainer.model, "x", *INSPECT_2, "</think>", "<answer>")
+    real = grpo.sample_rollouts
+    monkeypatch.setattr(grpo, "sample_rollouts", lambda *a, **kw: real(*a, **kw, script=script))
+    metrics = trainer.train_step(0)
+    assert metrics["inspections"] == (1.0 if compression == "icm" else 0.0)
+    assert metrics["format_ok"] == (1.0 if compression == "icm" else 0.0)

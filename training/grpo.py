@@ -213,7 +213,7 @@ class GRPOTrainer(Trainer):
                     r.reward = compute_reward(
                         self.model.special, r.written, answer=r.answer, positive=ex.positive, inspections=len(r.inspected),
                         num_candidates=ex.k, lam=lam, format_weight=cfg.format_weight, stop_reason=r.stop_reason,
-                        direct=cfg.reasoning_budget <= 0,
+                        direct=cfg.reasoning_budget <= 0, allow_inspection=cfg.compression == "icm",
                     )
                 local_groups[b] = rollouts
         # what the loss normalisation and the metrics need from every rollout of the global batch

@@ -8,6 +8,8 @@ step ``t`` of ``T``: 0 at the first step, 1 at the last (the paper's ``i / N_ite
   ``<inspection-index-start><cand_i><inspection-index-end>`` naming a valid, not yet
   inspected candidate; no stray structural tokens; the model itself closed ``</think>``
   and opened ``<answer>`` within the budget; and the answer is a valid candidate label.
+  Without inspection (``compression: none``: the candidates are already in full tokens and
+  the decoder ignores requests) an inspection tag is a stray structural token.
 * The result term is gated by correctness, so a wrong answer earns 0 whatever the number
   of inspections: skipping inspections can never pay for being wrong.
 * The sum of the two is ours too (the paper does not say how they combine).
@@ -56,8 +58,12 @@ def curriculum_lambda(step: int, total_steps: int, schedule: str = "linear", val
     return min(1.0, max(0.0, step / (total_steps - 1)))
 
 
-def check_format(special: SpecialTokenIds, written: list[int], num_candidates: int, answer: int | None, *, stop_reason: str = "answer") -> tuple[bool, list[str]]:
-    """Whether model-written tokens are well formed; returns ``(ok, problems)``."""
+def check_format(special: SpecialTokenIds, written: list[int], num_candidates: int, answer: int | None, *, stop_reason: str = "answer",
+                 allow_inspection: bool = True) -> tuple[bool, list[str]]:
+    """Whether model-written tokens are well formed; returns ``(ok, problems)``.
+
+    ``allow_inspection=False``: the decoder ignores inspection requests, so none is well formed.
+    """
     problems: list[str] = []
     labels = set(special.labels)
     structural = {special.think_start, special.think_end, special.answer_start, special.answer_end, special.inspect_start,
@@ -70,7 +76,7 @@ def check_format(special: SpecialTokenIds, written: list[int], num_candidates: i
         body = written[:-2]
     while i < len(body):
         tok = body[i]
-        if tok == special.inspect_start:
+        if tok == special.inspect_start and allow_inspection:
             seg = body[i + 1 : i + 3]
             idx = special.label_index(seg[0]) if seg else None
             if len(seg) < 2 or seg[1] != special.inspect_end or idx is None:
@@ -115,12 +121,14 @@ def compute_reward(
     format_weight: float = 1.0,
     stop_reason: str = "answer",
     direct: bool = False,
+    allow_inspection: bool = True,
 ) -> RewardBreakdown:
-    """The reward of one rollout. ``direct`` (no reasoning budget): only the answer is judged."""
+    """The reward of one rollout. ``direct`` (no reasoning budget): only the answer is judged.
+    ``allow_inspection``: whether the decoder acted on inspection requests (see :func:`check_format`)."""
     if direct:
         ok = answer is not None and 0 <= answer < num_candidates
     else:
-        ok, _ = check_format(special, written, num_candidates, answer, stop_reason=stop_reason)
+        ok, _ = check_format(special, written, num_candidates, answer, stop_reason=stop_reason, allow_inspection=allow_inspection)
     correct = answer is not None and answer == positive
     return RewardBreakdown(
         format=format_weight if ok else 0.0,
