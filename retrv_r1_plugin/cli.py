@@ -19,6 +19,7 @@ from typing import Iterable
 
 from ._optional import MissingExtraError
 from .types import Candidate, Query, RankResult, RetrvR1Error
+from .windows import check_window
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 # Ordered: an image's caption is the first of these that exists next to it (x.txt before x.md).
@@ -187,9 +188,12 @@ def cmd_search(args: argparse.Namespace) -> int:
     model = load_model(args.model, args.device)
     query = Query(text=args.query, image=args.image)
     top_k = args.top_k
-    if top_k > model.config.max_candidates:
+    if args.window_step is not None:
+        limit = model.config.max_candidates
+        check_window(limit, args.window_step, limit)
+    elif top_k > model.config.max_candidates:
         print(f"retrv-r1: note: --top-k {top_k} capped at {model.config.max_candidates}, "
-              "the most candidates this model ranks at once", file=sys.stderr)
+              "the most candidates this model ranks at once (--window-step ranks more)", file=sys.stderr)
         top_k = model.config.max_candidates
     from .store import first_stage_query
 
@@ -206,7 +210,11 @@ def cmd_search(args: argparse.Namespace) -> int:
         else:
             print("no results: the collection is empty")
         return 0
-    result = model.rank(query, candidates, reasoning_budget=args.reasoning_budget, max_inspections=args.max_inspections)
+    settings = dict(reasoning_budget=args.reasoning_budget, max_inspections=args.max_inspections)
+    if args.window_step is None:
+        result = model.rank(query, candidates, **settings)
+    else:
+        result = model.rank_windowed(query, candidates, step=args.window_step, **settings)
     if args.json:
         print(json.dumps(result_json(result, args.top_n), indent=2))
     else:
@@ -291,7 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", help="query image (path) for the reranker; the first stage searches by the query "
                                    "text, so give text too")
     p.add_argument("--top-k", type=positive_int, default=20,
-                   help="candidates from the first stage (capped at the model's max_candidates)")
+                   help="candidates from the first stage (capped at the model's max_candidates unless --window-step)")
+    p.add_argument("--window-step", type=positive_int, default=None,
+                   help="rank all --top-k candidates in sliding windows of the model's max_candidates, moving up "
+                        "by this many (one model call per window)")
     p.add_argument("--top-n", type=positive_int, default=5, help="results to print")
     store_args(p)
     model_args(p)

@@ -25,6 +25,7 @@ from .graft import VISION_WEIGHTS, graft_vision_tower, load_vision_tower_state, 
 from .icm import ICMConfig, InformationCompressionModule
 from .tokens import add_special_tokens, init_added_embeddings, label_token, resolve_special_tokens
 from .types import Candidate, EmptyCandidatesError, NoAnswerError, Query, RankResult, RetrvR1Error, TokenUsage
+from .windows import rank_in_windows
 
 logger = logging.getLogger(__name__)
 
@@ -311,7 +312,7 @@ class RetrvR1Model(nn.Module):
         if len(cands) > self.config.max_candidates:
             raise TooManyCandidatesError(
                 f"{len(cands)} candidates exceed this model's {self.config.max_candidates} index labels; "
-                "pass fewer (top_k) or rerank in windows"
+                "pass fewer (top_k) or rank them in sliding windows with rank_windowed()"
             )
         self._check_readable(cands)
         return cands
@@ -530,6 +531,29 @@ class RetrvR1Model(nn.Module):
         if strict and result.fallback is not None:
             raise NoAnswerError(f"model output has no clean answer ({result.fallback}): {'; '.join(result.notes)}")
         return result
+
+    def rank_windowed(
+        self,
+        query: Query | str,
+        candidates: Sequence[Candidate | str],
+        *,
+        window: int | None = None,
+        step: int | None = None,
+        **kwargs: Any,
+    ) -> RankResult:
+        """Rerank more candidates than ``config.max_candidates`` in sliding windows.
+
+        RankGPT's pass (:func:`retrv_r1_plugin.windows.rank_in_windows`): ``window``
+        candidates per call (default ``max_candidates``), moving up by ``step`` (default half
+        the window) from the bottom of the first-stage order to the top. With at most
+        ``window`` candidates it is exactly :meth:`rank`. ``kwargs`` go to every :meth:`rank`
+        call. Scores below the final window are capped so they never rise down ``order``.
+        """
+        window = self.config.max_candidates if window is None else window
+        step = max(1, window // 2) if step is None and isinstance(window, int) else step
+        return rank_in_windows(
+            self.rank, query, list(candidates), window=window, step=step, limit=self.config.max_candidates, **kwargs
+        )
 
     def rank_batch(
         self,

@@ -174,6 +174,37 @@ def test_search_caps_top_k_at_the_models_max_candidates(corpus_dir, tmp_path, ca
     assert rc == 0 and len(json.loads(out)["ranking"]) == 1 and "capped" not in err
 
 
+def test_window_step_ranks_more_than_max_candidates(corpus_dir, beir_dir, tmp_path, capsys):
+    ckpt = tmp_path / "two"
+    make_text_model(seed=5, max_candidates=2).save_pretrained(ckpt)
+    store = str(tmp_path / "qdrant")
+    assert main(["index", str(corpus_dir), "--store", store, "--quiet"]) == 0  # 3 candidates
+    capsys.readouterr()
+    rc, out, err = _run_cli(["search", "how do plants make sugar?", "--store", store, "--model", str(ckpt),
+                             "--reasoning-budget", "0", "--json", "--window-step", "1"], capsys)
+    assert rc == 0, err
+    data = json.loads(out)
+    assert len(data["ranking"]) == 3 and "capped" not in err
+    assert data["notes"][0] == "3 candidates ranked in 2 sliding windows of 2 (step 1)"
+    rc, out, err = _run_cli(["search", "q", "--store", store, "--model", str(ckpt), "--window-step", "2"], capsys)
+    assert rc == 2 and "step must be between 1 and window - 1 (1)" in err
+    # eval: --top-k above max_candidates needs --window-step; with it, every query is ranked in windows
+    with pytest.raises(SystemExit):
+        main_eval(["--beir", str(beir_dir), "--model", str(ckpt), "--top-k", "4", "--quiet"])
+    assert "or give --window-step" in capsys.readouterr().err
+    res = tmp_path / "res.json"
+    assert main_eval(["--beir", str(beir_dir), "--model", str(ckpt), "--top-k", "4", "--window-step", "1",
+                      "--reasoning-budget", "0", "--quiet", "--output", str(res)]) == 0
+    data = json.loads(res.read_text())
+    assert data["window_step"] == 1 and data["num_queries"] == 3
+    single = main_eval(["--beir", str(beir_dir), "--model", str(ckpt), "--top-k", "2", "--reasoning-budget", "0",
+                        "--quiet", "--output", str(tmp_path / "one.json")])
+    assert single == 0
+    one = json.loads((tmp_path / "one.json").read_text())
+    # three windows per query instead of one
+    assert data["context_tokens_per_query"] > 2.5 * one["context_tokens_per_query"]
+
+
 @pytest.mark.parametrize("line", ["[1, 2]", '"just a string"', "42", "null"])
 def test_jsonl_line_that_is_not_an_object_is_a_clear_input_error(tmp_path, capsys, line):
     f = tmp_path / "c.jsonl"

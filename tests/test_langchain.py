@@ -354,6 +354,24 @@ def test_compressor_reranks_the_first_max_candidates_and_appends_the_rest(caplog
     assert [d.id for d in RetrvR1Compressor(model=model, top_n=6, reasoning_budget=0).compress_documents(broken, QUESTION)] == [d.id for d in out[:6]]
 
 
+def test_window_step_reranks_every_document():
+    model = small_boosted_model()
+    docs = [Document(page_content=t, id=cid) for cid, t in CORPUS]  # 8 > 4
+    out = RetrvR1Compressor(model=model, top_n=None, reasoning_budget=0, window_step=3).compress_documents(docs, QUESTION)
+    direct = model.rank_windowed(QUESTION, [t for _, t in CORPUS], step=3, reasoning_budget=0)
+    assert [d.id for d in out] == [CORPUS[i][0] for i in direct.order]
+    assert [d.metadata["relevance_score"] for d in out] == pytest.approx([direct.scores[i] for i in direct.order])
+    assert all(d.metadata["retrv_r1_fallback"] != "not_reranked" for d in out)
+    with pytest.raises(ValueError, match="step must be between 1 and window - 1"):
+        RetrvR1Compressor(model=model, window_step=4)
+    # the retriever may fetch more than max_candidates when it reranks in windows
+    with pytest.raises(ValueError, match="set window_step"):
+        RetrvR1Retriever(model=model, store=text_store(), first_stage_k=8)
+    retriever = RetrvR1Retriever(model=model, store=text_store(), first_stage_k=8, k=8, window_step=2, reasoning_budget=0)
+    got = retriever.invoke(QUESTION)
+    assert len(got) == 8 and all(d.metadata["retrv_r1_fallback"] != "not_reranked" for d in got)
+
+
 def test_contextual_compression_over_more_documents_than_max_candidates():
     base = vector_store().as_retriever(search_kwargs={"k": len(CORPUS)})
     pipeline = ContextualCompressionRetriever(

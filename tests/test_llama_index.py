@@ -145,6 +145,26 @@ def test_more_nodes_than_max_candidates_rerank_the_first_and_append_the_rest(sma
     assert [n.node.node_id for n in top] == ids[:5]
 
 
+def test_window_step_reranks_every_node_in_sliding_windows(small_boosted_model):
+    texts = TEXTS + ["bread from flour", "paris in france", "a mountain of snow", "rain in spain"]  # 8 > 4 labels
+    nodes = nodes_of(texts)
+    reranker = RetrvR1Reranker(model=small_boosted_model, top_n=None, reasoning_budget=0, window_step=2)
+    out = reranker.postprocess_nodes(nodes, query_str="photosynthesis")
+    direct = small_boosted_model.rank_windowed("photosynthesis", texts, step=2, reasoning_budget=0)
+    assert [n.node.node_id for n in out] == [f"n{i}" for i in direct.order]
+    assert [n.score for n in out] == pytest.approx([direct.scores[i] for i in direct.order])
+    assert all(n.node.metadata["retrv_r1_fallback"] != "not_reranked" for n in out)
+    # the windows reorder beyond the first max_candidates: the plain reranker keeps n4..n7 in place
+    plain = RetrvR1Reranker(model=small_boosted_model, top_n=None, reasoning_budget=0).postprocess_nodes(nodes, query_str="photosynthesis")
+    assert [n.node.node_id for n in out] != [n.node.node_id for n in plain]
+    for bad in (4, 0):
+        with pytest.raises(ValueError, match="step|window_step"):
+            RetrvR1Reranker(model=small_boosted_model, window_step=bad)
+    reranker.window_step = 9  # checked against the model when the nodes come
+    with pytest.raises(ValueError, match="step must be between 1 and window - 1 \\(3\\)"):
+        reranker.postprocess_nodes(nodes, query_str="photosynthesis")
+
+
 def test_fields_and_serialisation(text_model):
     reranker = RetrvR1Reranker(model=text_model, top_n=3, reasoning_budget=2, compression="none")
     assert RetrvR1Reranker.class_name() == "RetrvR1Reranker"

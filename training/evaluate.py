@@ -91,8 +91,12 @@ def evaluate(
     max_queries: int | None = None,
     rank_kwargs: dict[str, Any] | None = None,
     show_progress: bool = True,
+    window_step: int | None = None,
 ) -> EvalResult:
-    """First-stage metrics, and reranked metrics when ``model`` is given."""
+    """First-stage metrics, and reranked metrics when ``model`` is given.
+
+    With ``window_step`` the model ranks the ``top_k`` hits in sliding windows of its
+    ``max_candidates`` (:meth:`RetrvR1Model.rank_windowed`), so ``top_k`` may exceed it."""
     from tqdm.auto import tqdm
 
     qids = sorted(q for q in dataset.queries if dataset.qrels.get(q))
@@ -113,7 +117,10 @@ def evaluate(
             reranked[qid] = ids
             continue
         start = time.perf_counter()
-        result = model.rank(query, hits[:top_k], **(rank_kwargs or {}))
+        if window_step is None:
+            result = model.rank(query, hits[:top_k], **(rank_kwargs or {}))
+        else:
+            result = model.rank_windowed(query, hits[:top_k], step=window_step, **(rank_kwargs or {}))
         seconds += time.perf_counter() - start
         tokens += result.usage.context_tokens
         inspections += len(result.inspected)
@@ -175,6 +182,9 @@ def main_eval(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--compression", choices=["icm", "none"])
     p.add_argument("--reasoning-budget", type=int)
     p.add_argument("--max-inspections", type=int)
+    p.add_argument("--window-step", type=int,
+                   help="rank --top-k candidates in sliding windows of the model's max_candidates, moving up by "
+                        "this many (lets --top-k exceed max_candidates; one model call per window)")
     p.add_argument("--store", help="embedded Qdrant folder for the first stage (default: in memory)")
     p.add_argument("--first-stage", choices=["qdrant", "random"], default="qdrant",
                    help="qdrant: MiniLM vectors in embedded Qdrant (default); random: K documents drawn at random "
@@ -209,13 +219,24 @@ def main_eval(argv: Sequence[str] | None = None) -> int:
         from retrv_r1_plugin.model import RetrvR1Model
 
         model = RetrvR1Model.from_pretrained(args.model, gguf_file=args.gguf_file)
-        if args.top_k > model.config.max_candidates:
-            p.error(f"--top-k {args.top_k} exceeds the model's {model.config.max_candidates} labels")
+        limit = model.config.max_candidates
+        if args.window_step is not None:
+            from retrv_r1_plugin.windows import check_window
+
+            try:
+                check_window(limit, args.window_step, limit)
+            except ValueError as exc:
+                p.error(f"--window-step: {exc}")
+        elif args.top_k > limit:
+            p.error(f"--top-k {args.top_k} exceeds the model's {limit} labels (or give --window-step)")
         rank_kwargs = {k: v for k, v in dict(compression=args.compression, reasoning_budget=args.reasoning_budget,
                                              max_inspections=args.max_inspections).items() if v is not None}
     result = evaluate(dataset, search, model, top_k=args.top_k,
-                      max_queries=args.max_queries, rank_kwargs=rank_kwargs, show_progress=not args.quiet)
+                      max_queries=args.max_queries, rank_kwargs=rank_kwargs, show_progress=not args.quiet,
+                      window_step=args.window_step)
     result.extra.update(dataset=dataset.name, split=args.split, model=args.model, retriever="random" if args.first_stage == "random" else "minilm+qdrant", **rank_kwargs)
+    if args.window_step is not None:
+        result.extra["window_step"] = args.window_step
     print(format_table(result))
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

@@ -4,7 +4,9 @@ A framework reranker receives whatever its retriever returned, which may be more
 than the model has index labels (``config.max_candidates``). :func:`rerank` then ranks the
 first ``max_candidates`` (the best of the first stage, in the order given) with the model
 and appends the rest after them in their first-stage order, with scores strictly below
-every reranked score, as ``training/evaluate.py`` does with ``ids[top_k:]``.
+every reranked score, as ``training/evaluate.py`` does with ``ids[top_k:]``. With a
+``window_step`` it ranks all items instead, in sliding windows of ``max_candidates``
+(:meth:`RetrvR1Model.rank_windowed`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from ..windows import check_window
 from . import FALLBACK_KEY, INSPECTED_KEY, result_metadata
 
 if TYPE_CHECKING:
@@ -56,9 +59,18 @@ class Reranked:
         return out
 
 
-def to_rank(model: RetrvR1Model, items: Sequence[T]) -> list[T]:
-    """The items the model ranks: the first ``max_candidates`` (the first stage's best)."""
-    return list(items[: model.config.max_candidates])
+def to_rank(model: RetrvR1Model, items: Sequence[T], window_step: int | None = None) -> list[T]:
+    """The items the model ranks: the first ``max_candidates`` (the first stage's best), or
+    all of them with a ``window_step``."""
+    return list(items) if window_step is not None else list(items[: model.config.max_candidates])
+
+
+def check_window_step(model: RetrvR1Model, step: int | None) -> int | None:
+    """``step`` if the model's sliding windows (of ``max_candidates``) can move by it."""
+    if step is not None:
+        limit = model.config.max_candidates
+        check_window(limit, step, limit)
+    return step
 
 
 def rerank(
@@ -69,6 +81,7 @@ def rerank(
     *,
     owner: str,
     warn: bool = True,
+    window_step: int | None = None,
     **rank_kwargs: Any,
 ) -> Reranked:
     """Rank ``items`` for ``query``; items beyond ``max_candidates`` follow, unranked.
@@ -78,8 +91,15 @@ def rerank(
     ``lo - (j + 1) / (n_tail + 1)`` (``lo``: the lowest reranked score, or 0 if that is
     higher), so they sort strictly below every reranked item and keep their given order.
     With ``warn``, a warning naming ``owner`` is logged when there are such items.
+    With ``window_step``, ``candidates`` are the conversions of all items and the model ranks
+    them all in sliding windows moving up by that step.
     ``items`` must not be empty; ``rank_kwargs`` go to :meth:`RetrvR1Model.rank`.
     """
+    if window_step is not None:
+        if len(candidates) != len(items):
+            raise ValueError(f"expected the candidates of all {len(items)} items, got {len(candidates)}")
+        result = model.rank_windowed(query, list(candidates), step=window_step, **rank_kwargs)
+        return Reranked(result=result, order=list(result.order), scores=list(result.scores), reranked=len(items))
     limit = model.config.max_candidates
     head = list(candidates)
     if len(head) != min(len(items), limit):
@@ -89,7 +109,8 @@ def rerank(
         logger.warning(
             "%s got %d items but the Retrv-R1 model ranks at most %d (max_candidates): the "
             "first %d are reranked and the other %d follow in their first-stage order, scored "
-            "below them (retrieve at most %d to rerank all; logged once per %s instance)",
+            "below them (retrieve at most %d, or set window_step to rerank all in sliding "
+            "windows; logged once per %s instance)",
             owner, len(items), limit, limit, n_tail, limit, owner,
         )
     result = model.rank(query, head, **rank_kwargs)
@@ -100,4 +121,4 @@ def rerank(
     return Reranked(result=result, order=order, scores=scores, reranked=len(head))
 
 
-__all__ = ["NOT_RERANKED", "Reranked", "rerank", "to_rank"]
+__all__ = ["NOT_RERANKED", "Reranked", "check_window_step", "rerank", "to_rank"]

@@ -47,7 +47,7 @@ from PIL import Image  # noqa: E402
 from ..model import RetrvR1Model  # noqa: E402
 from ..types import Candidate, ImageInput, ImageLoadError, Query, encode_png, load_image  # noqa: E402
 from . import RETRIEVAL_SCORE_KEY, load_model  # noqa: E402
-from ._common import rerank, to_rank  # noqa: E402
+from ._common import check_window_step, rerank, to_rank  # noqa: E402
 
 __all__ = ["RetrvR1Compressor", "RetrvR1Retriever", "candidate_to_document", "document_to_candidate"]
 
@@ -117,6 +117,7 @@ class _RetrvR1Options(BaseModel):
     compression: Optional[Literal["icm", "none"]] = Field(default=None, description="'icm' (compressed candidates plus inspection) or 'none' (full tokens).")
     strict: bool = Field(default=False, description="Raise NoAnswerError when the model's output has no clean answer; otherwise rank by label probabilities and flag metadata['retrv_r1_fallback'].")
     return_reasoning: bool = Field(default=True, description="Write the reasoning trace into metadata['retrv_r1_reasoning'].")
+    window_step: Optional[int] = Field(default=None, ge=1, description="Rerank all documents, even more than the model's max_candidates, in sliding windows of max_candidates moving up by this many (RankLLM's step_size; below max_candidates); None reranks the first max_candidates and keeps the rest in their given order.")
 
     _overflow_warned: bool = PrivateAttr(default=False)
 
@@ -127,11 +128,17 @@ class _RetrvR1Options(BaseModel):
             values = {**values, "model": load_model(values["model"], values.get("device"))}
         return values
 
+    @field_validator("window_step")
+    @classmethod
+    def _valid_window_step(cls, value: Optional[int], info: ValidationInfo) -> Optional[int]:
+        model = info.data.get("model")
+        return check_window_step(model, value) if isinstance(model, RetrvR1Model) else value
+
     def _rank_documents(self, query: Query, documents: Sequence[Document], candidates: Sequence[Candidate], top: Optional[int]) -> list[Document]:
         """Rerank ``documents``; best ``top`` first.
 
         ``candidates`` are the conversions of the first ``max_candidates`` documents (all of
-        them when there are no more); the other documents follow, not reranked.
+        them when there are no more, or with ``window_step``); the other documents follow, not reranked.
         """
         if not documents:
             return []
@@ -149,6 +156,7 @@ class _RetrvR1Options(BaseModel):
             candidates,
             owner=type(self).__name__,
             warn=not self._overflow_warned,
+            window_step=self.window_step,
             reasoning_budget=self.reasoning_budget,
             max_inspections=self.max_inspections,
             compression=self.compression,
@@ -185,10 +193,17 @@ class _RetrvR1Options(BaseModel):
 
 
 # ====================================================================== retriever
-def _check_first_stage_k(model: RetrvR1Model, n: int) -> int:
+def _check_first_stage_k(model: RetrvR1Model, n: int, window_step: Optional[int] = None) -> int:
+    if window_step is not None:  # sliding windows rank any number
+        if n < 1:
+            raise ValueError(f"first_stage_k must be >= 1, got {n}")
+        return n
     limit = model.config.max_candidates
     if n < 1 or n > limit:
-        raise ValueError(f"first_stage_k must be between 1 and the model's max_candidates ({limit}), got {n}")
+        raise ValueError(
+            f"first_stage_k must be between 1 and the model's max_candidates ({limit}), got {n} "
+            "(set window_step to rerank more in sliding windows)"
+        )
     return n
 
 
@@ -229,11 +244,11 @@ class RetrvR1Retriever(_RetrvR1Options, BaseRetriever):
         # A field validator (not the model validator): a refused assignment leaves the old value.
         model = info.data.get("model")
         if value is not None and isinstance(model, RetrvR1Model):
-            _check_first_stage_k(model, value)
+            _check_first_stage_k(model, value, info.data.get("window_step"))
         return value
 
     def _check_first_stage_k(self, n: int) -> int:
-        return _check_first_stage_k(self.model, n)
+        return _check_first_stage_k(self.model, n, self.window_step)
 
     def _sizes(self, k: Optional[int], first_stage_k: Optional[int]) -> tuple[int, int]:
         k = self.k if k is None else k
@@ -319,7 +334,9 @@ class RetrvR1Compressor(_RetrvR1Options, BaseDocumentCompressor):
     retriever's best, in the order given) are reranked and the others follow them in their
     given order, with ``relevance_score`` below every reranked score (counting down from 0,
     so negative), ``retrv_r1_inspected`` False and ``retrv_r1_fallback`` ``"not_reranked"``;
-    their images are not read, and a warning is logged once per compressor.
+    their images are not read, and a warning is logged once per compressor. With
+    ``window_step`` all documents are reranked, in sliding windows (see
+    :meth:`RetrvR1Model.rank_windowed`).
     """
 
     top_n: Optional[int] = Field(default=3, description="Number of documents returned (>= 1); None returns all, reranked.")
@@ -342,4 +359,4 @@ class RetrvR1Compressor(_RetrvR1Options, BaseDocumentCompressor):
             return []
         docs = list(documents)
         q = self._query(query, None)
-        return self._rank_documents(q, docs, self._candidates(to_rank(self.model, docs)), self.top_n)
+        return self._rank_documents(q, docs, self._candidates(to_rank(self.model, docs, self.window_step)), self.top_n)

@@ -38,7 +38,7 @@ from llama_index.core.utils import resolve_binary  # noqa: E402
 from ..model import RetrvR1Model  # noqa: E402
 from ..types import Candidate, ImageInput, ImageLoadError, Query, load_image  # noqa: E402
 from . import RETRIEVAL_SCORE_KEY, load_model, model_name  # noqa: E402
-from ._common import Reranked, rerank, to_rank  # noqa: E402
+from ._common import Reranked, check_window_step, rerank, to_rank  # noqa: E402
 
 logger = logging.getLogger(__name__)
 dispatcher = get_dispatcher(__name__)
@@ -72,6 +72,10 @@ class RetrvR1Reranker(BaseNodePostprocessor):
     others follow them in their given order, with scores below every reranked score (counting
     down from 0, so negative), ``retrv_r1_inspected`` False and ``retrv_r1_fallback``
     ``"not_reranked"``; their images are not read, and a warning is logged once per reranker.
+    With ``window_step`` set, all nodes are reranked instead, in RankGPT-style sliding windows
+    of ``max_candidates`` nodes moving up by ``window_step`` from the bottom of the list
+    (``1 + ceil((n - max_candidates) / window_step)`` model calls; see
+    :meth:`RetrvR1Model.rank_windowed`).
     An empty node list returns ``[]`` without calling the model. ``apostprocess_nodes``
     runs the model in a worker thread; calls on one model are serialised by its lock.
     """
@@ -89,6 +93,7 @@ class RetrvR1Reranker(BaseNodePostprocessor):
     strict: bool = Field(default=False, description="Raise NoAnswerError when the model's output has no clean answer; when False the label probabilities are used and metadata['retrv_r1_fallback'] says why.")
     allow_image_urls: bool = Field(default=False, description="Download images of ImageNodes that have only an image_url.")
     metadata_mode: MetadataMode = Field(default=MetadataMode.EMBED, description="Which metadata is included in the node text shown to the model.")
+    window_step: Optional[int] = Field(default=None, ge=1, description="Rerank all nodes, even more than the model's max_candidates, in sliding windows of max_candidates moving up by this many (RankLLM's step_size; below max_candidates); None reranks the first max_candidates and keeps the rest in their given order.")
 
     _model: RetrvR1Model = PrivateAttr()
     _overflow_warned: bool = PrivateAttr(default=False)
@@ -106,12 +111,14 @@ class RetrvR1Reranker(BaseNodePostprocessor):
         strict: bool = False,
         allow_image_urls: bool = False,
         metadata_mode: MetadataMode = MetadataMode.EMBED,
+        window_step: Optional[int] = None,
         callback_manager: Optional[CallbackManager] = None,
         **kwargs: Any,
     ) -> None:
         if top_n is not None and top_n < 1:
             raise ValueError(f"top_n must be >= 1 or None, got {top_n}")
         loaded = load_model(model, device)
+        check_window_step(loaded, window_step)
         if callback_manager is not None:
             kwargs["callback_manager"] = callback_manager
         super().__init__(
@@ -126,6 +133,7 @@ class RetrvR1Reranker(BaseNodePostprocessor):
             strict=strict,
             allow_image_urls=allow_image_urls,
             metadata_mode=metadata_mode,
+            window_step=window_step,
             **kwargs,
         )
         self._model = loaded
@@ -238,7 +246,8 @@ class RetrvR1Reranker(BaseNodePostprocessor):
         if not nodes:
             return []
         query = self._query(query_bundle)
-        candidates = [self._candidate(n) for n in to_rank(self._model, nodes)]
+        window_step = check_window_step(self._model, self.window_step)
+        candidates = [self._candidate(n) for n in to_rank(self._model, nodes, window_step)]
         top_n = len(nodes) if self.top_n is None else self.top_n
 
         dispatcher.event(ReRankStartEvent(query=query_bundle, nodes=nodes, top_n=top_n, model_name=self.model))
@@ -258,6 +267,7 @@ class RetrvR1Reranker(BaseNodePostprocessor):
                 candidates,
                 owner=self.class_name(),
                 warn=not self._overflow_warned,
+                window_step=window_step,
                 reasoning_budget=self.reasoning_budget,
                 max_inspections=self.max_inspections,
                 compression=self.compression,
