@@ -683,3 +683,31 @@ def test_inspection_request_earns_the_format_reward_only_where_inspection_exists
     metrics = trainer.train_step(0)
     assert metrics["inspections"] == (1.0 if compression == "icm" else 0.0)
     assert metrics["format_ok"] == (1.0 if compression == "icm" else 0.0)
+
+
+@pytest.mark.parametrize("stage", ["align", "sft", "rl"])
+def test_images_a_text_only_backbone_cannot_see_are_reported_when_training_starts(tmp_path, caplog, stage):
+    """Inference notes an image the text-only backbone ignores; training builds its prompts
+    without those notes, so a run on image data would train on the captions alone in silence."""
+    Image.new("RGB", (56, 56), (200, 20, 20)).save(tmp_path / "red.png")
+    examples = make_examples(3, seed=6)
+    examples[0] = dataclasses.replace(examples[0], query_image=str(tmp_path / "red.png"))
+    examples[1] = dataclasses.replace(examples[1], candidates=[dataclasses.replace(examples[1].candidates[0], image=str(tmp_path / "red.png"))]
+                                      + examples[1].candidates[1:])
+    write_examples(tmp_path / "ex.jsonl", examples)
+    common = dict(init_from="tiny:text", output_dir=str(tmp_path / stage), steps=1, batch_size=1, progress=False, model_overrides=OVERRIDES)
+    if stage == "align":
+        cfg, cls = AlignConfig(data=str(tmp_path / "ex.jsonl"), **common), AlignTrainer
+    elif stage == "sft":
+        cfg, cls = SFTConfig(data=str(_traces(tmp_path, examples)), reasoning_budget=128, lora=LoraSettings(r=4, alpha=8), **common), SFTTrainer
+    else:
+        cfg, cls = RLConfig(data=str(tmp_path / "ex.jsonl"), group_size=2, lora=LoraSettings(r=4, alpha=8), **common), GRPOTrainer
+    with caplog.at_level("WARNING"):
+        cls(cfg)
+    warned = [r.getMessage() for r in caplog.records if "text-only" in r.getMessage()]
+    assert len(warned) == 1 and "2 of 3 examples" in warned[0], warned
+    caplog.clear()
+    write_examples(tmp_path / "ex.jsonl", make_examples(3, seed=6))  # no images: nothing to report
+    with caplog.at_level("WARNING"):
+        cls(dataclasses.replace(cfg, data=str(_traces(tmp_path, make_examples(3, seed=6), "plain.jsonl")) if stage == "sft" else cfg.data))
+    assert not [r for r in caplog.records if "text-only" in r.getMessage()]

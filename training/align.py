@@ -38,7 +38,7 @@ from .config import AlignConfig
 from .examples import TrainingExample, read_examples
 from .params import configure_trainable
 from .sequences import chunk_targets, forward_hidden, logits_at
-from .trainer import DataOrder, Trainer
+from .trainer import DataOrder, Trainer, warn_ignored_images
 
 __all__ = ["AlignTrainer", "relation_template", "train_align"]
 
@@ -77,6 +77,8 @@ class AlignTrainer(Trainer):
             pairs = sum(len(self._caption_pairs(ex)) for ex in self.examples)
             if not pairs:
                 raise ValueError(f"align: vision found no (image, caption) pairs in {self.cfg.data}")
+        else:
+            warn_ignored_images(self.model, self.examples)
         configure_trainable(self.model, lm="frozen", train_icm=not self.vision, train_token_rows=False, train_vision=self.vision)
         self.order = DataOrder(len(self.examples), self.cfg.seed)
         self._self_targets: dict[tuple[str, str, int], list[int]] = {}

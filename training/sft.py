@@ -19,7 +19,7 @@ from .config import SFTConfig
 from .cot import CoTTrace, read_traces
 from .params import configure_trainable
 from .sequences import build_sequence, check_written, logits_at, prepare_example, reasoning_to_ids, target_logprobs
-from .trainer import DataOrder, Trainer
+from .trainer import DataOrder, Trainer, warn_ignored_images
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ class SFTTrainer(Trainer):
         cfg = self.cfg
         configure_trainable(self.model, lm=cfg.lm, train_icm=cfg.train_icm, train_token_rows=cfg.train_token_rows, lora=cfg.lora, train_vision=cfg.train_vision)
         traces = read_traces(cfg.data)[: cfg.max_examples]
+        warn_ignored_images(self.model, [t.example for t in traces])
         self.items: list[tuple[CoTTrace, list[int]]] = []
         dropped = 0
         for t in traces:

@@ -56,7 +56,7 @@ from .plots import plot_curves
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Trainer", "DataOrder", "load_model", "atomic_directory", "latest_checkpoint", "recover_output_dir", "FINAL_DIR"]
+__all__ = ["Trainer", "DataOrder", "load_model", "atomic_directory", "latest_checkpoint", "recover_output_dir", "warn_ignored_images", "FINAL_DIR"]
 
 FINAL_DIR = "final"
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -126,6 +126,22 @@ def _grafted_model(cfg: RunConfig, overrides: dict[str, Any]) -> RetrvR1Model:
     backbone = graft_vision_tower(text, vision, max_pixels=max_pixels)
     torch.manual_seed(cfg.seed)
     return RetrvR1Model.from_backbone(backbone, backbone_source=source, gguf_file=cfg.gguf_file, vision_graft=vision.to_dict(), **overrides)
+
+
+def warn_ignored_images(model: RetrvR1Model, examples: list) -> int:
+    """Log one warning when a text-only backbone will train on examples that carry images.
+
+    Inference records such an image in its notes; training builds its prompts without them,
+    so the images would be dropped in silence and the model trained on the text alone.
+    Returns the number of such examples.
+    """
+    if model.backbone.is_vision:
+        return 0
+    n = sum(1 for ex in examples if ex.query_image or any(c.image for c in ex.candidates))
+    if n:
+        logger.warning("%d of %d examples carry images, but backbone %r is text-only: it ignores them and trains on their "
+                       "text alone (use a Qwen-VL backbone or a vision_graft to train on images)", n, len(examples), model.backbone.model_type)
+    return n
 
 
 class DataOrder:
