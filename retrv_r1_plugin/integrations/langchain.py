@@ -228,7 +228,7 @@ class RetrvR1Retriever(_RetrvR1Options, BaseRetriever):
     store: Optional[Any] = Field(default=None, description="First-stage candidate store: QdrantCandidateStore, an object with search(query, top_k), or such a callable.")
     base_retriever: Optional[BaseRetriever] = Field(default=None, description="A LangChain retriever giving the first-stage documents (instead of store).")
     k: int = Field(default=4, ge=1, description="Number of documents returned (>= 1).")
-    first_stage_k: Optional[int] = Field(default=None, description="How many first-stage candidates to rerank (default: min(20, the model's max_candidates)).")
+    first_stage_k: Optional[int] = Field(default=None, description="How many first-stage candidates to rerank (default: min(20, the model's max_candidates); above max_candidates only with window_step).")
 
     @model_validator(mode="after")
     def _check_sources(self) -> RetrvR1Retriever:
