@@ -472,6 +472,11 @@ def test_digits_builder(tmp_path: Path) -> None:
     assert not set(train.corpus) & set(test.corpus)  # disjoint pools
     i2t = load_mbeir_task(tmp_path, "digits-image2text", "dev")
     assert len(i2t.corpus) == 10 and len(i2t.queries) == 10
+    # M-BEIR publishes "val" where our builders write "dev": either name finds the split
+    val = load_mbeir_task(tmp_path, "digits-image2text", "val")
+    assert val.split == "dev" and set(val.queries) == set(i2t.queries)
+    with pytest.raises(FileNotFoundError):
+        load_mbeir_task(tmp_path, "digits-image2text", "validation")
     for qid, judged in i2t.qrels.items():
         assert judged == {f"digits-cap-{i2t.queries[qid].metadata['label']}": 1}
     info = json.loads((tmp_path / "dataset_info.json").read_text())

@@ -591,8 +591,15 @@ def mbeir_pool_path(root: PathLike, task: str, split: Optional[str] = None) -> P
 
 
 def load_mbeir_task(root: PathLike, task: str, split: str, **kwargs: Any) -> RetrievalDataset:
-    """Load ``task``/``split`` from an M-BEIR-style root (per-split pool, else a shared one)."""
+    """Load ``task``/``split`` from an M-BEIR-style root (per-split pool, else a shared one).
+
+    ``dev`` and ``val`` name the same split: M-BEIR publishes ``val``, our builders write
+    ``dev``; the one that exists is read."""
     qpath = mbeir_query_path(root, task, split)
+    alias = {"dev": "val", "val": "dev"}.get(split)
+    if not qpath.is_file() and alias and mbeir_query_path(root, task, alias).is_file():
+        split = alias
+        qpath = mbeir_query_path(root, task, split)
     pool = mbeir_pool_path(root, task, split)
     if not pool.is_file():
         pool = mbeir_pool_path(root, task)
