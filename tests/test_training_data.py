@@ -439,9 +439,15 @@ def test_clipping_kl_and_token_averaging():
     old = torch.zeros(2)
     logp = torch.log(torch.tensor([1.5, 0.5])).requires_grad_(True)
     loss, stats = grpo_token_loss(logp, old, 1.0, epsilon=0.2)
-    assert loss.tolist() == pytest.approx([-1.2, -0.5]) and stats["clipped"].tolist() == [1.0, 1.0]
+    # clip_ratio counts, as TRL's, only tokens whose gradient the clip removes: the ratio
+    # below 1 - eps with A > 0 still gets its gradient
+    assert loss.tolist() == pytest.approx([-1.2, -0.5]) and stats["clipped"].tolist() == [1.0, 0.0]
     loss.sum().backward()
     assert logp.grad[0] == 0 and logp.grad[1] != 0  # the clipped-above token gets no gradient for A > 0
+    _, stats = grpo_token_loss(torch.log(torch.tensor([1.5, 0.5])), old, -1.0, epsilon=0.2)
+    assert stats["clipped"].tolist() == [0.0, 1.0]  # A < 0: the low side is the clipped one
+    _, stats = grpo_token_loss(torch.log(torch.tensor([1.5, 0.5])), old, torch.tensor([1.0, -1.0]), epsilon=0.2)
+    assert stats["clipped"].tolist() == [1.0, 1.0]  # per-token advantages
     loss, _ = grpo_token_loss(torch.log(torch.tensor([1.25])), torch.zeros(1), 1.0, epsilon=0.2, epsilon_high=0.28)
     assert loss.item() == pytest.approx(-1.25)  # clip-higher lets it through
     same = torch.tensor([-1.0, -2.0])

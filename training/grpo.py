@@ -139,7 +139,10 @@ def grpo_token_loss(
     high = epsilon if epsilon_high is None else epsilon_high
     clipped = torch.clamp(ratio, 1 - epsilon, 1 + high)
     loss = -torch.min(ratio * advantage, clipped * advantage)
-    stats: dict[str, torch.Tensor] = {"clipped": ((ratio < 1 - epsilon) | (ratio > 1 + high)).float().detach()}
+    # as TRL's clip_ratio/region_mean: only tokens whose gradient the clip removes
+    adv = torch.as_tensor(advantage, dtype=ratio.dtype, device=ratio.device)
+    region = ((ratio < 1 - epsilon) & (adv < 0)) | ((ratio > 1 + high) & (adv > 0))
+    stats: dict[str, torch.Tensor] = {"clipped": region.float().detach()}
     if ref_logp is not None and beta > 0:
         d = ref_logp - logp
         k3 = torch.exp(d) - d - 1
