@@ -224,6 +224,28 @@ def test_align_self_targets_come_from_the_frozen_lm_reading_full_tokens(tmp_path
 # =========================================================================== stage 2
 
 
+def test_sft_without_inspection_leaves_the_inspection_requests_out_of_its_targets(tmp_path, caplog):
+    """compression: none reads every candidate in full tokens; the decoder ignores inspection
+    requests and GRPO's format reward refuses them, so SFT must not teach them."""
+    examples = make_examples(4)
+    traces = _traces(tmp_path, examples)
+    common = dict(init_from="tiny:text", data=str(traces), steps=1, batch_size=2, reasoning_budget=128, max_inspections=2,
+                  lora=LoraSettings(r=4, alpha=8), progress=False, model_overrides=OVERRIDES)
+    icm = SFTTrainer(SFTConfig(output_dir=str(tmp_path / "icm"), **common))
+    special = icm.model.special
+    assert sum(special.inspect_start in w for _, w in icm.items) > 0  # the programmatic traces do inspect
+    with caplog.at_level("WARNING"):
+        none = SFTTrainer(SFTConfig(output_dir=str(tmp_path / "none"), compression="none", **common))
+    for (_, with_requests), (_, without) in zip(icm.items, none.items):
+        assert special.inspect_start not in without and special.inspect_end not in without
+        assert without[-1] == special.answer_start
+        assert len(with_requests) - len(without) == 3 * with_requests.count(special.inspect_start)  # start, label, end
+    stripped = sum(special.inspect_start in w for _, w in icm.items)
+    assert any(f"inspection requests of {stripped} of 4 traces were left out" in r.getMessage() for r in caplog.records)
+    metrics = none.train_step(0)
+    assert metrics["inspections"] == 0
+
+
 def _traces(tmp_path: Path, examples, name: str = "traces.jsonl") -> Path:
     path = tmp_path / name
     _, stats = synthesize_cot(examples, ProgrammaticTeacher(max_inspections=2), path)

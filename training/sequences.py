@@ -212,6 +212,22 @@ def reasoning_to_ids(tokenizer, special: SpecialTokenIds, text: str) -> list[int
     return ids
 
 
+def strip_inspection_requests(special: SpecialTokenIds, written: list[int]) -> list[int]:
+    """``written`` without its inspection requests (``<inspection-index-start> ...
+    <inspection-index-end>``), for models that read every candidate in full tokens: their
+    decoder ignores requests, and GRPO's format reward refuses them."""
+    out: list[int] = []
+    inside = False
+    for tok in written:
+        if tok == special.inspect_start:
+            inside = True
+        elif inside and tok == special.inspect_end:
+            inside = False
+        elif not inside:
+            out.append(tok)
+    return out
+
+
 def check_written(special: SpecialTokenIds, written: list[int], num_candidates: int, *, reasoning_budget: int, max_inspections: int, allow_inspection: bool = True) -> InspectionMachine:
     """Run the inspection state machine over written tokens (no model needed)."""
     machine = InspectionMachine(special, num_candidates, reasoning_budget, max_inspections, allow_inspection)

@@ -18,7 +18,15 @@ import torch
 from .config import SFTConfig
 from .cot import CoTTrace, read_traces
 from .params import configure_trainable
-from .sequences import build_sequence, check_written, logits_at, prepare_example, reasoning_to_ids, target_logprobs
+from .sequences import (
+    build_sequence,
+    check_written,
+    logits_at,
+    prepare_example,
+    reasoning_to_ids,
+    strip_inspection_requests,
+    target_logprobs,
+)
 from .trainer import DataOrder, Trainer, warn_ignored_images
 
 logger = logging.getLogger(__name__)
@@ -38,9 +46,15 @@ def candidate_order(seed: int, step: int, position: int, k: int, probability: fl
     return torch.randperm(k, generator=g).tolist()
 
 
-def trace_tokens(model, trace: CoTTrace) -> list[int]:
-    """Model-written token ids of a trace: its reasoning, then ``<answer>`` (the label follows as target)."""
-    return reasoning_to_ids(model.tokenizer, model.special, trace.reasoning) + [model.special.answer_start]
+def trace_tokens(model, trace: CoTTrace, allow_inspection: bool = True) -> list[int]:
+    """Model-written token ids of a trace: its reasoning, then ``<answer>`` (the label follows as target).
+
+    Without inspection (``compression: none``) the trace's inspection requests are left out:
+    inference would ignore them and GRPO's format reward refuses them."""
+    ids = reasoning_to_ids(model.tokenizer, model.special, trace.reasoning)
+    if not allow_inspection:
+        ids = strip_inspection_requests(model.special, ids)
+    return ids + [model.special.answer_start]
 
 
 class SFTTrainer(Trainer):
@@ -55,17 +69,23 @@ class SFTTrainer(Trainer):
         traces = read_traces(cfg.data)[: cfg.max_examples]
         warn_ignored_images(self.model, [t.example for t in traces])
         self.items: list[tuple[CoTTrace, list[int]]] = []
-        dropped = 0
+        dropped = stripped = 0
+        inspect = cfg.compression == "icm"
         for t in traces:
             if cfg.reasoning_budget == 0:  # direct mode: the prompt ends with <answer>, nothing is written
                 self.items.append((t, []))
                 continue
-            written = trace_tokens(self.model, t)
-            machine = check_written(self.model.special, written, t.example.k, reasoning_budget=cfg.reasoning_budget, max_inspections=cfg.max_inspections, allow_inspection=cfg.compression == "icm")
+            full = trace_tokens(self.model, t)
+            written = full if inspect else strip_inspection_requests(self.model.special, full)
+            stripped += len(written) != len(full)
+            machine = check_written(self.model.special, written, t.example.k, reasoning_budget=cfg.reasoning_budget, max_inspections=cfg.max_inspections, allow_inspection=inspect)
             if machine.stop_reason != "answer" or len(machine.written) != len(written):
                 dropped += 1  # over the reasoning budget or the inspection cap: inference could not produce it
                 continue
             self.items.append((t, written))
+        if stripped:
+            logger.warning("compression: none reads every candidate in full tokens, so the inspection requests "
+                           "of %d of %d traces were left out of their targets", stripped, len(traces))
         if dropped:
             logger.warning("dropped %d of %d traces that exceed reasoning_budget=%d or max_inspections=%d", dropped, len(traces), cfg.reasoning_budget, cfg.max_inspections)
         if not self.items:
@@ -89,7 +109,7 @@ class SFTTrainer(Trainer):
             if order is not None:
                 trace = trace.permuted(order)
                 if written:
-                    written = trace_tokens(self.model, trace)
+                    written = trace_tokens(self.model, trace, allow_inspection=cfg.compression == "icm")
             with torch.enable_grad():
                 with self.autocast():
                     prompt, encoded = prepare_example(self.model, trace.example, reasoning_budget=cfg.reasoning_budget, compression=cfg.compression)
