@@ -372,6 +372,23 @@ def test_window_step_reranks_every_document():
     assert len(got) == 8 and all(d.metadata["retrv_r1_fallback"] != "not_reranked" for d in got)
 
 
+
+@pytest.mark.parametrize("bad", [True, 2.0, "2"])
+def test_window_step_must_be_an_int_like_in_the_core(bad):
+    # True would otherwise become step 1 (the most model calls), 2.0 a silent 2; the core refuses both
+    model = small_boosted_model()
+    with pytest.raises(TypeError, match="step must be an int"):
+        model.rank_windowed(QUESTION, [t for _, t in CORPUS], step=bad)
+    with pytest.raises(ValueError, match="window_step"):
+        RetrvR1Compressor(model=model, window_step=bad)
+    compressor = RetrvR1Compressor(model=model, window_step=2)
+    with pytest.raises(ValueError, match="window_step"):
+        compressor.window_step = bad
+    assert compressor.window_step == 2
+    with pytest.raises(ValueError, match="window_step"):
+        RetrvR1Retriever(model=model, store=text_store(), first_stage_k=8, window_step=bad)
+
+
 def test_contextual_compression_over_more_documents_than_max_candidates():
     base = vector_store().as_retriever(search_kwargs={"k": len(CORPUS)})
     pipeline = ContextualCompressionRetriever(

@@ -165,6 +165,19 @@ def test_window_step_reranks_every_node_in_sliding_windows(small_boosted_model):
         reranker.postprocess_nodes(nodes, query_str="photosynthesis")
 
 
+
+@pytest.mark.parametrize("bad", [True, 2.0])
+def test_window_step_must_be_an_int_after_construction_too(small_boosted_model, bad):
+    # the constructor refuses a bool or float step (as the core does); assignment must too, not turn
+    # True into step 1 (the most model calls) or 2.0 into 2
+    with pytest.raises(TypeError, match="step must be an int"):
+        RetrvR1Reranker(model=small_boosted_model, window_step=bad)
+    reranker = RetrvR1Reranker(model=small_boosted_model, window_step=2)
+    with pytest.raises(ValueError, match="window_step"):
+        reranker.window_step = bad
+    assert reranker.window_step == 2
+
+
 def test_fields_and_serialisation(text_model):
     reranker = RetrvR1Reranker(model=text_model, top_n=3, reasoning_budget=2, compression="none")
     assert RetrvR1Reranker.class_name() == "RetrvR1Reranker"

@@ -117,7 +117,7 @@ class _RetrvR1Options(BaseModel):
     compression: Optional[Literal["icm", "none"]] = Field(default=None, description="'icm' (compressed candidates plus inspection) or 'none' (full tokens).")
     strict: bool = Field(default=False, description="Raise NoAnswerError when the model's output has no clean answer; otherwise rank by label probabilities and flag metadata['retrv_r1_fallback'].")
     return_reasoning: bool = Field(default=True, description="Write the reasoning trace into metadata['retrv_r1_reasoning'].")
-    window_step: Optional[int] = Field(default=None, ge=1, description="Rerank all documents, even more than the model's max_candidates, in sliding windows of max_candidates moving up by this many (RankLLM's step_size; below max_candidates); None reranks the first max_candidates and keeps the rest in their given order.")
+    window_step: Optional[int] = Field(default=None, ge=1, strict=True, description="Rerank all documents, even more than the model's max_candidates, in sliding windows of max_candidates moving up by this many (RankLLM's step_size; below max_candidates); None reranks the first max_candidates and keeps the rest in their given order.")
 
     _overflow_warned: bool = PrivateAttr(default=False)
 

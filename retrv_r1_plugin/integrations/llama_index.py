@@ -93,7 +93,7 @@ class RetrvR1Reranker(BaseNodePostprocessor):
     strict: bool = Field(default=False, description="Raise NoAnswerError when the model's output has no clean answer; when False the label probabilities are used and metadata['retrv_r1_fallback'] says why.")
     allow_image_urls: bool = Field(default=False, description="Download images of ImageNodes that have only an image_url.")
     metadata_mode: MetadataMode = Field(default=MetadataMode.EMBED, description="Which metadata is included in the node text shown to the model.")
-    window_step: Optional[int] = Field(default=None, ge=1, description="Rerank all nodes, even more than the model's max_candidates, in sliding windows of max_candidates moving up by this many (RankLLM's step_size; below max_candidates); None reranks the first max_candidates and keeps the rest in their given order.")
+    window_step: Optional[int] = Field(default=None, ge=1, strict=True, description="Rerank all nodes, even more than the model's max_candidates, in sliding windows of max_candidates moving up by this many (RankLLM's step_size; below max_candidates); None reranks the first max_candidates and keeps the rest in their given order.")
 
     _model: RetrvR1Model = PrivateAttr()
     _overflow_warned: bool = PrivateAttr(default=False)
