@@ -89,6 +89,16 @@ class InspectionDecoder:
         self._prefix: _PrefixKV | None = None
         self._prefix_lock = threading.Lock()
 
+    def unwritable_ids(self) -> list[int]:
+        """Tokens the model is never allowed to write: Qwen-VL's ``<|image_pad|>`` and
+        ``<|video_pad|>`` stand for vision-tower embeddings that only the system places. A
+        written one has no image behind it, so the mRoPE positions of the whole sequence (as
+        training's forward computes them) would not exist."""
+        if not self.backbone.is_vision:
+            return []
+        cfg = self.backbone.config
+        return [int(i) for i in (getattr(cfg, "image_token_id", None), getattr(cfg, "video_token_id", None)) if i is not None]
+
     def clear_prefix_cache(self) -> None:
         with self._prefix_lock:
             self._prefix = None
@@ -175,6 +185,7 @@ class InspectionDecoder:
         thinking = int(prompt.ids[-1]) == self.special.think_start
         machine = InspectionMachine(self.special, len(candidates), reasoning_budget, max_inspections, allow_inspection)
         scripted = iter(script) if script is not None else None
+        unwritable = torch.tensor(self.unwritable_ids(), dtype=torch.long)
         while thinking and not machine.done:
             if scripted is not None:
                 tok = next(scripted, None)
@@ -183,7 +194,8 @@ class InspectionDecoder:
                     break
                 logp = float(torch.log_softmax(logits, -1)[tok])
             else:
-                tok, logp = self._pick(logits, sampling, generator)
+                allowed = logits.index_fill(0, unwritable.to(logits.device), float("-inf")) if len(unwritable) else logits
+                tok, logp = self._pick(allowed, sampling, generator)
             trace.generated_ids.append(tok)
             trace.sampled_logprobs.append(logp)
             logits = self._run(self.builder.text_chunk([tok], role="generated"), state)

@@ -247,3 +247,35 @@ def test_prefix_cache_follows_a_dtype_change(move):
     assert cast.scores == fresh.scores and cast.reasoning == fresh.reasoning
     if move == "model":  # the signature hashes the dtype: cached content tokens are stale
         assert model.content_signature != signature
+
+
+@pytest.mark.parametrize("kind", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_the_model_never_writes_image_placeholders(kind, do_sample):
+    """``<|image_pad|>`` / ``<|video_pad|>`` stand for vision-tower embeddings that only the
+    system places. A written one has no image behind it: the decoder ran it at 1-D positions,
+    while mRoPE positions over the whole sequence (training's forward, the fresh forward
+    below) could not be computed at all (``get_rope_index`` ran out of image grids)."""
+    model = make_vl_model(kind)
+    cfg = model.backbone.config
+    pads = [cfg.image_token_id, cfg.video_token_id]
+
+    def prefer_pads(module, inputs, logits):  # the model wants a placeholder at every position
+        logits = logits.clone()
+        logits[..., pads[0]] += 50.0
+        logits[..., pads[1]] += 49.0
+        return logits
+
+    model.backbone.lm_head.register_forward_hook(prefer_pads)
+    query = Query(text="which one is green?", image=solid((20, 200, 20)))
+    runs = _record_runs(model)
+    result = model.rank(query, _candidates(True), reasoning_budget=4, do_sample=do_sample, seed=1)
+    prompt, encoded, _ = model.prepare(query, _candidates(True), think=True, reasoning_budget=4)
+    assert [role for _, role, _ in runs].count("generated") == 4
+    with torch.inference_mode():
+        trace = model.decoder.decode(prompt, encoded, reasoning_budget=4, max_inspections=1,
+                                     sampling=SamplingConfig(do_sample=do_sample, seed=1))
+    assert len(trace.generated_ids) == 4 and not set(trace.generated_ids) & set(pads)
+    assert result.usage.generated_tokens == 4 + 2  # four written, then the forced </think><answer>
+    fresh = _fresh_logits(model, trace.chunks)  # positions over the whole sequence can be computed
+    torch.testing.assert_close(trace.answer_logits, fresh[-1], atol=2e-4, rtol=2e-4)
