@@ -373,6 +373,19 @@ def test_window_step_reranks_every_document():
 
 
 
+def test_retriever_keeps_window_step_while_first_stage_k_needs_it():
+    # first_stage_k above max_candidates is valid only with window_step: dropping window_step later
+    # is refused like RetrvR1Retriever(first_stage_k=8) is, and leaves the old value
+    model = small_boosted_model()
+    retriever = RetrvR1Retriever(model=model, store=text_store(), first_stage_k=8, k=8, window_step=2, reasoning_budget=0)
+    with pytest.raises(ValueError, match="first_stage_k must be between 1 and the model's max_candidates \\(4\\), got 8"):
+        retriever.window_step = None
+    assert retriever.window_step == 2 and len(retriever.invoke(QUESTION)) == 8
+    retriever.first_stage_k = 4
+    retriever.window_step = None  # fine once first_stage_k fits
+    assert len(retriever.invoke(QUESTION)) == 4
+
+
 @pytest.mark.parametrize("bad", [True, 2.0, "2"])
 def test_window_step_must_be_an_int_like_in_the_core(bad):
     # True would otherwise become step 1 (the most model calls), 2.0 a silent 2; the core refuses both

@@ -247,6 +247,16 @@ class RetrvR1Retriever(_RetrvR1Options, BaseRetriever):
             _check_first_stage_k(model, value, info.data.get("window_step"))
         return value
 
+    @field_validator("window_step")
+    @classmethod
+    def _window_step_fits_first_stage_k(cls, value: Optional[int], info: ValidationInfo) -> Optional[int]:
+        # On assignment (first_stage_k is validated after window_step in the constructor):
+        # retriever.window_step = None is refused while first_stage_k needs the windows.
+        model, n = info.data.get("model"), info.data.get("first_stage_k")
+        if n is not None and isinstance(model, RetrvR1Model):
+            _check_first_stage_k(model, n, value)
+        return value
+
     def _check_first_stage_k(self, n: int) -> int:
         return _check_first_stage_k(self.model, n, self.window_step)
 
