@@ -19,7 +19,7 @@ from torch import nn
 
 from .backbone import Backbone, ModelLoadError, load_backbone, resolve_source
 from .config import CONFIG_NAME, Compression, RetrvR1Config
-from .context import ContextBuilder, Encoded, map_batches, pad_embeddings
+from .context import Chunk, ContextBuilder, Encoded, map_batches, pad_embeddings
 from .generation import ANSWER_OUT_OF_RANGE, FORCED_ANSWER, MAX_FORCED_TOKENS, GenerationTrace, InspectionDecoder, SamplingConfig
 from .graft import VISION_WEIGHTS, graft_vision_tower, load_vision_tower_state, vision_tower_state
 from .icm import ICMConfig, InformationCompressionModule
@@ -414,7 +414,7 @@ class RetrvR1Model(nn.Module):
         if q_enc.truncated_from:
             notes.append(f"query truncated from {q_enc.truncated_from} to {self.config.max_query_tokens} tokens")
         if mode == "none":
-            encoded = self._fit_full_tokens(cands, encoded, q_enc, reasoning_budget, notes)
+            encoded = self._fit_full_tokens(cands, encoded, q_enc, reasoning_budget, notes, think=think)
         for i, e in enumerate(encoded):
             if e.truncated_from:
                 notes.append(f"candidate {i} truncated from {e.truncated_from} to {len(e.chunk)} tokens")
@@ -461,18 +461,23 @@ class RetrvR1Model(nn.Module):
     def _context_limit(self) -> int | None:
         return self.config.max_context_tokens or self.backbone.max_positions
 
-    def _fit_full_tokens(self, cands, encoded: list[Encoded], query: Encoded, budget: int, notes: list[str]) -> list[Encoded]:
+    def _fit_full_tokens(self, cands, encoded: list[Encoded], query: Encoded, budget: int, notes: list[str], *,
+                         think: bool = True) -> list[Encoded]:
         """Full-token mode: shrink every candidate's text evenly until the prompt fits."""
         limit = self._context_limit()
         if limit is None:
             return encoded
-        queries = 2 if self.builder.query_after_candidates else 1  # the query is repeated after the candidates
-        overhead = 64 + queries * len(query.chunk) + sum(len(x) for x in self.builder.chat_frame()) + budget + MAX_FORCED_TOKENS + 4 * len(encoded)
+        # Everything but the candidates' own tokens (frame, system prompt, the query once or
+        # twice, labels and separators: up to 6 tokens a candidate with label_after_candidate),
+        # counted exactly from a prompt whose candidates are empty.
+        empty = Encoded(chunk=Chunk(ids=query.chunk.ids[:0], embeds=query.chunk.embeds[:0]))
+        fixed = len(self.builder.prompt(query, [empty] * len(encoded), None, think=think))
+        room = limit - fixed - budget - (MAX_FORCED_TOKENS if think else 0)
         total = sum(len(e.chunk) for e in encoded)
-        if total + overhead <= limit:
+        if total <= room:
             return encoded
         images = sum(self._image_token_count(e) for e in encoded)  # not shrunk: only text is capped
-        per = max(1, (limit - overhead - images) // len(encoded))
+        per = max(1, (room - images) // len(encoded))
         notes.append(f"full-token prompt over the context limit: candidate text capped at {per} tokens")
         return self._encode(cands, max_text_tokens=per, reuse=encoded)  # images are not encoded again
 

@@ -198,6 +198,21 @@ def test_full_token_prompt_with_the_query_repeated_is_fitted_to_the_context():
     assert any("capped at" in n for n in r.notes)
 
 
+def test_full_token_prompt_with_labels_after_candidates_is_fitted_to_the_context():
+    """With ``label_after_candidate`` each candidate's line carries 6 structural tokens
+    (``<cand_i>: ... <cand_i>\n``); fitting reserved 4 and refused 64 candidates that fit
+    with their text capped at 10 tokens. The cap is now the largest that fits."""
+    model = make_text_model(max_candidates=64, label_after_candidate=True, max_candidate_tokens=4000)
+    cands = ["The quick brown fox jumps over the lazy dog " * 3] * 64
+    prompt, encoded, _ = model.prepare("q", cands, compression="none", think=True, reasoning_budget=16)
+    fixed = len(prompt) - sum(len(e.chunk) for e in encoded)  # all but the candidates' own tokens
+    for cap in (1, 10):
+        model.config.max_context_tokens = fixed + 64 * cap + 16 + 2
+        prompt, encoded, notes = model.prepare("q", cands, compression="none", think=True, reasoning_budget=16)
+        assert [len(e.chunk) for e in encoded] == [cap] * 64, notes
+        assert len(prompt) + 16 + 2 == model.config.max_context_tokens
+
+
 def test_no_answer_falls_back_and_strict_mode_raises(text_model):
     with scripted_generation(text_model, ["some", " words", "<|im_end|>"]):
         r = text_model.rank("q", TEXTS, reasoning_budget=30)
