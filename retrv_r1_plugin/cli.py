@@ -190,7 +190,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     top_k = args.top_k
     if args.window_step is not None:
         limit = model.config.max_candidates
-        check_window(limit, args.window_step, limit)
+        try:
+            check_window(limit, args.window_step, limit)
+        except ValueError as exc:
+            raise ValueError(f"--window-step {args.window_step}: {exc}") from exc
     elif top_k > model.config.max_candidates:
         print(f"retrv-r1: note: --top-k {top_k} capped at {model.config.max_candidates}, "
               "the most candidates this model ranks at once (--window-step ranks more)", file=sys.stderr)

@@ -188,6 +188,7 @@ def test_window_step_ranks_more_than_max_candidates(corpus_dir, beir_dir, tmp_pa
     assert data["notes"][0] == "3 candidates ranked in 2 sliding windows of 2 (step 1)"
     rc, out, err = _run_cli(["search", "q", "--store", store, "--model", str(ckpt), "--window-step", "2"], capsys)
     assert rc == 2 and "step must be between 1 and window - 1 (1)" in err
+    assert "--window-step 2" in err  # the error line names the bad option, as the README says
     # eval: --top-k above max_candidates needs --window-step; with it, every query is ranked in windows
     with pytest.raises(SystemExit):
         main_eval(["--beir", str(beir_dir), "--model", str(ckpt), "--top-k", "4", "--quiet"])
