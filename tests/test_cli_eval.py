@@ -107,6 +107,13 @@ def test_eval_first_stage_only(beir_dir, capsys):
     assert "| first stage |" in out and "| reranked |" not in out
 
 
+def test_eval_first_stage_only_does_not_claim_a_window_step(beir_dir, tmp_path):
+    # without --model nothing is ranked in windows: the results must not say window_step was used
+    out = tmp_path / "fs.json"
+    assert main_eval(["--beir", str(beir_dir), "--top-k", "5", "--window-step", "2", "--quiet", "--output", str(out)]) == 0
+    assert "window_step" not in json.loads(out.read_text())
+
+
 def test_eval_and_train_usage_errors_exit_2_with_the_command_prefix(beir_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["eval"])

@@ -235,7 +235,7 @@ def main_eval(argv: Sequence[str] | None = None) -> int:
                       max_queries=args.max_queries, rank_kwargs=rank_kwargs, show_progress=not args.quiet,
                       window_step=args.window_step)
     result.extra.update(dataset=dataset.name, split=args.split, model=args.model, retriever="random" if args.first_stage == "random" else "minilm+qdrant", **rank_kwargs)
-    if args.window_step is not None:
+    if model is not None and args.window_step is not None:  # first stage only: nothing ranked in windows
         result.extra["window_step"] = args.window_step
     print(format_table(result))
     if args.output:
