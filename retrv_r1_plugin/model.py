@@ -432,11 +432,17 @@ class RetrvR1Model(nn.Module):
         if limit is not None and len(prompt) + reasoning_budget + closing > limit:
             per_candidate = [2 if slots is not None else len(e.chunk) for e in encoded]
             fixed = len(prompt) - sum(per_candidate)  # frame, system prompt, query, labels
+            # the least the candidates can take: their two ICM tokens, or their image tokens and one text token
+            least = sum(2 if slots is not None else self._least_full_tokens(e) for e in encoded)
+            largest_budget = limit - fixed - closing - least
             if fixed + closing > limit:
                 advice = (f"the prompt without any candidate text already takes {fixed} tokens (the query "
                           f"{len(q_enc.chunk)}): shorten the query (max_query_tokens) or the system prompt")
+            elif largest_budget < 0:
+                advice = (f"the {len(encoded)} candidates take at least {least} tokens, beside {fixed} for the rest "
+                          "of the prompt: pass fewer candidates")
             elif fixed + reasoning_budget + closing > limit:
-                advice = (f"lower reasoning_budget to at most {limit - fixed - closing - len(per_candidate)} "
+                advice = (f"lower reasoning_budget to at most {largest_budget} "
                           f"(the prompt without any candidate text takes {fixed} tokens)")
             else:
                 advice = "pass fewer candidates, lower max_candidate_tokens, or lower reasoning_budget"
@@ -480,6 +486,11 @@ class RetrvR1Model(nn.Module):
         per = max(1, (room - images) // len(encoded))
         notes.append(f"full-token prompt over the context limit: candidate text capped at {per} tokens")
         return self._encode(cands, max_text_tokens=per, reuse=encoded)  # images are not encoded again
+
+    def _least_full_tokens(self, encoded: Encoded) -> int:
+        """Tokens ``encoded`` takes in full-token mode with its text capped at one token."""
+        images = self._image_token_count(encoded)
+        return images + min(1, len(encoded.chunk) - images)
 
     def _image_token_count(self, encoded: Encoded) -> int:
         """Tokens of ``encoded``'s image(s), vision start/end markers included (0 without)."""

@@ -213,6 +213,29 @@ def test_full_token_prompt_with_labels_after_candidates_is_fitted_to_the_context
         assert len(prompt) + 16 + 2 == model.config.max_context_tokens
 
 
+@pytest.mark.parametrize("mode", ["icm", "none"])
+def test_the_largest_reasoning_budget_advised_fits(mode):
+    """The advised budget counted each candidate as one token; in ICM mode each takes two,
+    so the advice failed again. When even one token a candidate cannot fit, the advice is
+    fewer candidates, never a negative budget."""
+    import re
+
+    model = make_text_model(max_context_tokens=400)
+    cands = ["word " * 50] * 16
+    with pytest.raises(ContextOverflowError, match="lower reasoning_budget to at most") as err:
+        model.rank("q", cands, compression=mode, reasoning_budget=390)
+    best = int(re.search(r"at most (-?\d+)", str(err.value)).group(1))
+    assert model.rank("q", cands, compression=mode, reasoning_budget=best).scores
+    with pytest.raises(ContextOverflowError):
+        model.rank("q", cands, compression=mode, reasoning_budget=best + 1)
+    prompt, _, _ = model.prepare("q", cands, compression="icm", think=True)
+    fixed = len(prompt) - 2 * 16  # all but the candidates
+    least = 2 * 16 if mode == "icm" else 16  # two ICM tokens, or one text token, a candidate
+    model.config.max_context_tokens = fixed + 2 + least - 1  # one token short even with no reasoning
+    with pytest.raises(ContextOverflowError, match=f"take at least {least} tokens.*pass fewer candidates"):
+        model.rank("q", cands, compression=mode, reasoning_budget=1)
+
+
 def test_no_answer_falls_back_and_strict_mode_raises(text_model):
     with scripted_generation(text_model, ["some", " words", "<|im_end|>"]):
         r = text_model.rank("q", TEXTS, reasoning_budget=30)
