@@ -12,12 +12,28 @@ the best. Cost: ``1 + ceil((n - window) / step)`` model calls for ``n`` candidat
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from .types import Candidate, Query, RankResult, TokenUsage
 
 RankFn = Callable[..., RankResult]
+
+# "candidate 3" in the notes RetrvR1Model.rank writes, "[inspected candidate 3]" in its reasoning:
+# indices into the candidates of that call, i.e. of one window
+_NOTE_INDEX = re.compile(r"\bcandidate (\d+)\b")
+_MARKER_INDEX = re.compile(r"\[inspected candidate (\d+)\]")
+
+
+def _to_given(pattern: re.Pattern[str], text: str, members: list[int]) -> str:
+    """``text`` with the window indices that ``pattern`` finds replaced by indices of the given list."""
+
+    def swap(m: re.Match[str]) -> str:
+        j = int(m.group(1))
+        return m.group(0).replace(m.group(1), str(members[j]), 1) if j < len(members) else m.group(0)
+
+    return pattern.sub(swap, text)
 
 
 def window_calls(n: int, window: int, step: int) -> int:
@@ -60,10 +76,12 @@ def rank_in_windows(
       it, each candidate's probability in the last window that ranked it, capped at the score
       of the candidate ranked above it, so scores never rise down ``order`` (probabilities
       from different windows are not otherwise comparable);
-    * ``reasoning`` and ``answer``: the final window's (mapped to indices of ``candidates``);
+    * ``reasoning`` and ``answer``: the final window's (``answer`` and the reasoning's
+      ``[inspected candidate i]`` markers mapped to indices of ``candidates``; the model's own
+      words and labels number the final window's members);
     * ``inspected``: every candidate inspected in any window; ``usage``: summed over windows;
     * ``fallback``: the final window's; ``notes``: the windows, and any earlier window's
-      fallback and notes.
+      fallback and notes (a note's ``candidate i`` mapped to indices of ``candidates``).
 
     ``rank_kwargs`` go to every ``rank`` call (``strict=True`` raises on the first window
     without a clean answer).
@@ -95,9 +113,9 @@ def rank_in_windows(
         where = f"window of candidates ranked {start + 1}-{end}"
         if result.fallback is not None:
             notes.append(f"{where}: {result.fallback}")
-        notes += [f"{where}: {note}" for note in result.notes]
+        notes += [f"{where}: {_to_given(_NOTE_INDEX, note, members)}" for note in result.notes]
         end -= step
-    notes += result.notes
+    notes += [_to_given(_NOTE_INDEX, note, members) for note in result.notes]
     scores = [0.0] * n
     cap = math.inf
     for i in order:
@@ -105,7 +123,7 @@ def rank_in_windows(
     return RankResult(
         order=order,
         scores=scores,
-        reasoning=result.reasoning,
+        reasoning=_to_given(_MARKER_INDEX, result.reasoning, members),
         inspected=inspected,
         usage=usage,
         answer=None if result.answer is None else members[result.answer],

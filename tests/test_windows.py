@@ -103,3 +103,23 @@ def test_model_ranks_more_candidates_than_labels_in_windows():
     ranked = [result.scores[i] for i in result.order]
     assert ranked == sorted(ranked, reverse=True)
     assert model.rank_windowed("q", cands[:4], reasoning_budget=0).scores == single.scores
+
+
+def test_notes_and_reasoning_markers_name_the_given_indices():
+    # a window's notes and the reasoning's inspection markers number the window's own members; the
+    # windowed result must name candidates by their index in the given list, like inspected/answer
+    def rank(query, cands, **kwargs):
+        scores = [float(c.text[1:]) + 1 for c in cands]  # later docs are better
+        z = sum(scores)
+        scores = [s / z for s in scores]
+        order = sorted(range(len(cands)), key=lambda i: -scores[i])
+        top = order[0]
+        return RankResult(order=order, scores=scores, reasoning=f"look [inspected candidate {top}] fine",
+                          inspected=[top], answer=top, notes=[f"candidate {top} truncated from 9 to 4 tokens"],
+                          candidates=cands)
+
+    result = rank_in_windows(rank, "q", [f"d{i}" for i in range(6)], window=4, step=2)
+    assert result.order[0] == 5 and result.answer == 5 and 5 in result.inspected
+    assert result.reasoning == "look [inspected candidate 5] fine"
+    assert result.notes[-1] == "candidate 5 truncated from 9 to 4 tokens"  # the final window's note
+    assert result.notes[1] == "window of candidates ranked 3-6: candidate 5 truncated from 9 to 4 tokens"
