@@ -565,11 +565,13 @@ class RetrvR1Model(nn.Module):
         ``window`` candidates it is exactly :meth:`rank`. ``kwargs`` go to every :meth:`rank`
         call. Scores below the final window are capped so they never rise down ``order``.
         """
+        cands = [Candidate.coerce(c) for c in candidates]
+        if not cands:
+            raise EmptyCandidatesError("no candidates to rerank (the first stage returned nothing)")
+        self._check_readable(cands)  # here, so that an error names the candidate's index in the whole list
         window = self.config.max_candidates if window is None else window
         step = max(1, window // 2) if step is None and isinstance(window, int) else step
-        return rank_in_windows(
-            self.rank, query, list(candidates), window=window, step=step, limit=self.config.max_candidates, **kwargs
-        )
+        return rank_in_windows(self.rank, query, cands, window=window, step=step, limit=self.config.max_candidates, **kwargs)
 
     def rank_batch(
         self,

@@ -80,17 +80,22 @@ def rank_in_windows(
       ``[inspected candidate i]`` markers mapped to indices of ``candidates``; the model's own
       words and labels number the final window's members);
     * ``inspected``: every candidate inspected in any window; ``usage``: summed over windows;
-    * ``fallback``: the final window's; ``notes``: the windows, and any earlier window's
-      fallback and notes (a note's ``candidate i`` mapped to indices of ``candidates``).
+    * ``fallback``: ``None`` only when every window gave a clean answer; otherwise the final
+      window's reason, else the first earlier window's (the order below the top came from it);
+      ``notes``: the windows, and any earlier window's fallback and notes (a note's
+      ``candidate i`` mapped to indices of ``candidates``).
 
     ``rank_kwargs`` go to every ``rank`` call (``strict=True`` raises on the first window
     without a clean answer).
     """
     cands = [Candidate.coerce(c) for c in candidates]
-    check_window(window, step, limit if limit is not None else window)
     n = len(cands)
+    limit = window if limit is None else limit
+    if not (n <= 1 and window == 1 and limit == 1 and type(step) is int):  # a one-label model ranks one candidate
+        check_window(window, step, limit)
     if n <= window:
         return rank(query, cands, **rank_kwargs)
+    earlier_fallback: str | None = None
     order = list(range(n))
     last_prob: dict[int, float] = {}
     inspected: list[int] = []
@@ -113,6 +118,7 @@ def rank_in_windows(
         where = f"window of candidates ranked {start + 1}-{end}"
         if result.fallback is not None:
             notes.append(f"{where}: {result.fallback}")
+            earlier_fallback = earlier_fallback or result.fallback
         notes += [f"{where}: {_to_given(_NOTE_INDEX, note, members)}" for note in result.notes]
         end -= step
     notes += [_to_given(_NOTE_INDEX, note, members) for note in result.notes]
@@ -127,7 +133,7 @@ def rank_in_windows(
         inspected=inspected,
         usage=usage,
         answer=None if result.answer is None else members[result.answer],
-        fallback=result.fallback,
+        fallback=result.fallback or earlier_fallback,
         notes=notes,
         candidates=cands,
     )

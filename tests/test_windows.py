@@ -123,3 +123,38 @@ def test_notes_and_reasoning_markers_name_the_given_indices():
     assert result.reasoning == "look [inspected candidate 5] fine"
     assert result.notes[-1] == "candidate 5 truncated from 9 to 4 tokens"  # the final window's note
     assert result.notes[1] == "window of candidates ranked 3-6: candidate 5 truncated from 9 to 4 tokens"
+
+
+def test_fallback_is_none_only_when_every_window_answered_cleanly():
+    relevance = {f"d{i}": float(-i) for i in range(6)}
+
+    class FallsBackOnce(OracleRanker):
+        def __call__(self, query, cands, **kwargs):
+            result = super().__call__(query, cands, **kwargs)
+            result.fallback = "forced_answer" if len(self.calls) == 1 else None  # only the first (bottom) window
+            return result
+
+    result = rank_in_windows(FallsBackOnce(relevance), "q", list(relevance), window=4, step=2)
+    assert result.fallback == "forced_answer"  # the order below the top came from a forced answer
+    assert "window of candidates ranked 3-6: forced_answer" in result.notes
+    clean = rank_in_windows(OracleRanker(relevance), "q", list(relevance), window=4, step=2)
+    assert clean.fallback is None
+
+
+def test_a_one_label_model_ranks_a_single_candidate():
+    oracle = OracleRanker({"a": 0.0})
+    assert rank_in_windows(oracle, "q", ["a"], window=1, step=1, limit=1).order == [0]
+    with pytest.raises(ValueError, match="window must be between 2"):
+        rank_in_windows(oracle, "q", ["a", "b"], window=1, step=1, limit=1)
+
+
+def test_model_errors_name_the_index_in_the_whole_list(tmp_path):
+    from retrv_r1_plugin.types import EmptyCandidatesError
+
+    model = make_text_model(seed=3, max_candidates=4)
+    cands = [Candidate(text=f"passage {i}") for i in range(9)]
+    cands[7] = Candidate(text="", image=b"not read before the check")  # image-only, on a text model
+    with pytest.raises(ValueError, match="candidate 7 is an image without text"):
+        model.rank_windowed("q", cands, reasoning_budget=0)
+    with pytest.raises(EmptyCandidatesError):
+        model.rank_windowed("q", [], reasoning_budget=0)
