@@ -202,14 +202,7 @@ class InspectionDecoder:
             splice = machine.step(tok)
             if splice is not None:
                 chunk = self.builder.inspection_chunk(splice, candidates[splice])
-                used = sum(len(c) for c in state["chunks"])
-                if context_limit is not None and used + len(chunk) + max(0, reasoning_budget - len(machine.written)) + MAX_FORCED_TOKENS > context_limit:
-                    machine.inspected.remove(splice)
-                    machine.stop(
-                        "context_limit",
-                        f"inspecting candidate {splice} would exceed the context limit of {context_limit} tokens; answering now",
-                    )
-                else:
+                if machine.splice_fits(splice, state["chunks"], chunk, context_limit):
                     logits = self._run(chunk, state)
         trace.inspected, trace.notes = machine.inspected, machine.notes
         trace.wrote_answer, trace.stop_reason = machine.wrote_answer, machine.stop_reason
@@ -255,6 +248,17 @@ class InspectionMachine:
         self.stop_reason = reason
         if note:
             self.notes.append(note)
+
+    def splice_fits(self, splice: int, chunks: list[Chunk], chunk: Chunk, context_limit: int | None) -> bool:
+        """Whether splicing ``chunk`` (candidate ``splice``) after ``chunks`` leaves room in
+        ``context_limit`` for the rest of the budget and the answer; if not, the inspection is
+        not made and reasoning stops (a forced answer)."""
+        used = sum(len(c) for c in chunks)
+        if context_limit is None or used + len(chunk) + max(0, self.budget - len(self.written)) + MAX_FORCED_TOKENS <= context_limit:
+            return True
+        self.inspected.remove(splice)
+        self.stop("context_limit", f"inspecting candidate {splice} would exceed the context limit of {context_limit} tokens; answering now")
+        return False
 
     def step(self, tok: int) -> int | None:
         """Record one written token; returns a candidate index to splice in, or ``None``."""
@@ -308,9 +312,11 @@ def assemble_trace(
     reasoning_budget: int,
     max_inspections: int,
     allow_inspection: bool = True,
+    context_limit: int | None = None,
 ) -> tuple[list[Chunk], InspectionMachine]:
     """The chunk sequence that decoding would build for the given written tokens, without
-    running the model (for training on teacher traces). Ends at the answer position."""
+    running the model (for training on teacher traces and rollouts). Ends at the answer
+    position. A splice that decoding would refuse under ``context_limit`` is refused here too."""
     chunks = [prompt]
     machine = InspectionMachine(special, len(candidates), reasoning_budget, max_inspections, allow_inspection)
     if int(prompt.ids[-1]) != special.think_start:
@@ -321,7 +327,9 @@ def assemble_trace(
         chunks.append(builder.text_chunk([tok], role="generated"))
         splice = machine.step(tok)
         if splice is not None:
-            chunks.append(builder.inspection_chunk(splice, candidates[splice]))
+            chunk = builder.inspection_chunk(splice, candidates[splice])
+            if machine.splice_fits(splice, chunks, chunk, context_limit):
+                chunks.append(chunk)
     tail = forced_tail(special, machine)
     if tail:
         chunks.append(builder.text_chunk(tail, role="forced"))

@@ -467,6 +467,12 @@ class RetrvR1Model(nn.Module):
     def _context_limit(self) -> int | None:
         return self.config.max_context_tokens or self.backbone.max_positions
 
+    @property
+    def context_limit(self) -> int | None:
+        """The most tokens one rerank call's context may hold (``config.max_context_tokens``,
+        else the backbone's position limit), or None when neither is known."""
+        return self._context_limit()
+
     def _fit_full_tokens(self, cands, encoded: list[Encoded], query: Encoded, budget: int, notes: list[str], *,
                          think: bool = True) -> list[Encoded]:
         """Full-token mode: shrink every candidate's text evenly until the prompt fits."""

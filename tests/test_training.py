@@ -131,6 +131,35 @@ def test_recomputed_logprobs_equal_sampling_logprobs(temperature, answer_space):
         torch.testing.assert_close(logp.detach(), torch.tensor(r.sampled_logprobs), atol=1e-4, rtol=0)
 
 
+def test_rollouts_and_their_training_sequences_refuse_a_splice_past_the_context_limit():
+    """rank() refuses an inspection whose splice would overflow the context; rollouts must do the
+    same, and rebuilding a rollout (or a teacher trace) for training must give the same chunks."""
+    model = tiny()
+    ex = make_examples(1, seed=3)[0]
+    long_text = " ".join(["grain"] * 150)
+    ex = dataclasses.replace(ex, candidates=[dataclasses.replace(ex.candidates[0], text=long_text)] + ex.candidates[1:])
+    budget = 12
+    prompt, encoded = prepare_example(model, ex, reasoning_budget=budget)
+    model.config.max_context_tokens = len(prompt) + budget + 2 + 20  # room for a short splice, not the long one
+    model.config.max_candidate_tokens = 400
+    try:
+        script = ids_of(model, "x", "<inspection-index-start>", "<cand_1>", "<inspection-index-end>", "y", "</think>", "<answer>")
+        [r] = sample_rollouts(model, ex, [5], reasoning_budget=budget, max_inspections=2, script=script)
+        assert r.inspected == [] and r.stop_reason == "context_limit"
+        prompt, encoded = prepare_example(model, ex, reasoning_budget=budget)
+        with torch.enable_grad():
+            seq = build_sequence(model, prompt, encoded, r.written, None, reasoning_budget=budget, max_inspections=2,
+                                 answer_token=r.answer_token)
+            logp = target_logprobs(model, seq, answer_space="labels")  # as sample_rollouts' default
+        assert "spliced" not in [c.role for c in seq.chunks] and seq.machine.stop_reason == "context_limit"
+        torch.testing.assert_close(logp.detach(), torch.tensor(r.sampled_logprobs), atol=1e-4, rtol=0)
+        # the same written tokens as a teacher trace: the splice is refused there too
+        seq = build_sequence(model, prompt, encoded, script, 0, reasoning_budget=budget, max_inspections=2)
+        assert "spliced" not in [c.role for c in seq.chunks] and len(seq) <= model.config.max_context_tokens
+    finally:
+        model.config.max_context_tokens = None
+
+
 # =========================================================================== stage 1
 
 

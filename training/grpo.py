@@ -89,6 +89,7 @@ def sample_rollouts(
                 sampling=SamplingConfig(do_sample=True, temperature=temperature, top_p=top_p, seed=seed),
                 allow_inspection=(compression or model.config.compression) == "icm",
                 script=script,
+                context_limit=model.context_limit,  # as rank(): a splice past the limit is refused
             )
             logits = trace.answer_logits.float() / max(temperature, 1e-5)
             gen = torch.Generator().manual_seed(seed + 7_777)

@@ -113,6 +113,7 @@ def build_sequence(
         reasoning_budget=reasoning_budget,
         max_inspections=max_inspections,
         allow_inspection=allow_inspection,
+        context_limit=model.context_limit,  # as decoding: a rollout whose splice was refused is rebuilt without it
     )
     full, positions, ids = chunk_targets(chunks)
     if answer is not None and answer_token is not None:
