@@ -475,7 +475,8 @@ class RetrvR1Model(nn.Module):
 
     def _fit_full_tokens(self, cands, encoded: list[Encoded], query: Encoded, budget: int, notes: list[str], *,
                          think: bool = True) -> list[Encoded]:
-        """Full-token mode: shrink every candidate's text evenly until the prompt fits."""
+        """Full-token mode: cap the candidates' text until the prompt fits, at the largest cap
+        that fits (short candidates keep all their text; the room they leave goes to long ones)."""
         limit = self._context_limit()
         if limit is None:
             return encoded
@@ -488,8 +489,16 @@ class RetrvR1Model(nn.Module):
         total = sum(len(e.chunk) for e in encoded)
         if total <= room:
             return encoded
-        images = sum(self._image_token_count(e) for e in encoded)  # not shrunk: only text is capped
-        per = max(1, (room - images) // len(encoded))
+        image_counts = [self._image_token_count(e) for e in encoded]  # not shrunk: only text is capped
+        texts = [len(e.chunk) - n for e, n in zip(encoded, image_counts)]
+        avail = room - sum(image_counts)
+        per, hi = 1, max(texts)  # the largest cap c with sum(min(t, c)) <= avail (at least 1)
+        while per < hi:
+            mid = (per + hi + 1) // 2
+            if sum(min(t, mid) for t in texts) <= avail:
+                per = mid
+            else:
+                hi = mid - 1
         notes.append(f"full-token prompt over the context limit: candidate text capped at {per} tokens")
         return self._encode(cands, max_text_tokens=per, reuse=encoded)  # images are not encoded again
 

@@ -213,6 +213,22 @@ def test_full_token_prompt_with_labels_after_candidates_is_fitted_to_the_context
         assert len(prompt) + 16 + 2 == model.config.max_context_tokens
 
 
+def test_full_token_fitting_gives_the_room_of_short_candidates_to_long_ones():
+    """One long candidate among short ones keeps as much text as fits, not an even share."""
+    model = make_text_model(max_candidate_tokens=4000)
+    cands = ["plants"] * 7 + ["word " * 300]
+    prompt, encoded, _ = model.prepare("q", cands, compression="none", think=True, reasoning_budget=16)
+    fixed = len(prompt) - sum(len(e.chunk) for e in encoded)
+    short = sum(len(e.chunk) for e in encoded[:7])
+    model.config.max_context_tokens = fixed + short + 100 + 16 + 2  # room for 100 tokens of the long one
+    prompt, encoded, notes = model.prepare("q", cands, compression="none", think=True, reasoning_budget=16)
+    assert [len(e.chunk) for e in encoded[:7]] == [len(e.chunk) for e in model.prepare("q", cands[:7], compression="none")[1]]
+    assert len(encoded[7].chunk) == 100  # an even share would have been (short + 100) // 8
+    assert len(prompt) + 16 + 2 == model.config.max_context_tokens
+    assert any("capped at 100 tokens" in n for n in notes)
+    assert model.rank("q", cands, compression="none", reasoning_budget=16).usage.context_tokens <= model.config.max_context_tokens
+
+
 @pytest.mark.parametrize("mode", ["icm", "none"])
 def test_the_largest_reasoning_budget_advised_fits(mode):
     """The advised budget counted each candidate as one token; in ICM mode each takes two,
