@@ -30,7 +30,7 @@ class OracleRanker:
         order = sorted(range(len(texts)), key=lambda i: -scores[i])
         return RankResult(
             order=order, scores=scores, reasoning=f"window {len(self.calls)}", inspected=[len(texts) - 1],
-            usage=TokenUsage(prompt_tokens=10, generated_tokens=2), answer=order[0], candidates=cands,
+            usage=TokenUsage(prompt_tokens=10, generated_tokens=2, inspection_tokens=3), answer=order[0], candidates=cands,
         )
 
 
@@ -57,6 +57,7 @@ def test_sliding_pass_brings_the_best_to_the_top(n, window, step):
         assert result.scores[i] == pytest.approx(math.exp(relevance[texts[i]]) / z)
     assert result.usage.prompt_tokens == 10 * len(oracle.calls)
     assert result.usage.generated_tokens == 2 * len(oracle.calls)
+    assert result.usage.inspection_tokens == 3 * len(oracle.calls)
     assert result.reasoning == f"window {len(oracle.calls)}"
     assert [c.text for c in result.candidates] == texts
     assert result.notes[0] == f"{n} candidates ranked in {len(oracle.calls)} sliding windows of {window} (step {step})"
@@ -86,6 +87,10 @@ def test_bad_window_settings_are_refused(window, step, match):
         rank_in_windows(OracleRanker({}), "q", ["a"], window=window, step=step, limit=8)
     with pytest.raises(TypeError, match="step must be an int"):
         rank_in_windows(OracleRanker({}), "q", ["a"], window=4, step=2.0, limit=8)
+    with pytest.raises(TypeError, match="step must be an int"):  # a bool is an int to isinstance
+        rank_in_windows(OracleRanker({}), "q", ["a"], window=4, step=True, limit=8)
+    with pytest.raises(TypeError, match="window must be an int"):
+        rank_in_windows(OracleRanker({}), "q", ["a"], window=True, step=1, limit=8)
 
 
 def test_model_ranks_more_candidates_than_labels_in_windows():
@@ -119,7 +124,8 @@ def test_notes_and_reasoning_markers_name_the_given_indices():
                           candidates=cands)
 
     result = rank_in_windows(rank, "q", [f"d{i}" for i in range(6)], window=4, step=2)
-    assert result.order[0] == 5 and result.answer == 5 and 5 in result.inspected
+    assert result.order[0] == 5 and result.answer == 5
+    assert result.inspected == [5]  # both windows inspected candidate 5: listed once
     assert result.reasoning == "look [inspected candidate 5] fine"
     assert result.notes[-1] == "candidate 5 truncated from 9 to 4 tokens"  # the final window's note
     assert result.notes[1] == "window of candidates ranked 3-6: candidate 5 truncated from 9 to 4 tokens"
@@ -139,6 +145,23 @@ def test_fallback_is_none_only_when_every_window_answered_cleanly():
     assert "window of candidates ranked 3-6: forced_answer" in result.notes
     clean = rank_in_windows(OracleRanker(relevance), "q", list(relevance), window=4, step=2)
     assert clean.fallback is None
+
+
+@pytest.mark.parametrize("final", [None, "final_reason"])
+def test_fallback_is_the_final_windows_else_the_first_earlier_windows(final):
+    relevance = {f"d{i}": float(-i) for i in range(8)}  # window 4, step 2: windows [4, 8), [2, 6), [0, 4)
+    reasons = ["forced_answer", "answer_out_of_range", final]
+
+    class FallsBack(OracleRanker):
+        def __call__(self, query, cands, **kwargs):
+            result = super().__call__(query, cands, **kwargs)
+            result.fallback = reasons[len(self.calls) - 1]
+            return result
+
+    result = rank_in_windows(FallsBack(relevance), "q", list(relevance), window=4, step=2)
+    assert result.fallback == (final or "forced_answer")
+    assert "window of candidates ranked 5-8: forced_answer" in result.notes
+    assert "window of candidates ranked 3-6: answer_out_of_range" in result.notes
 
 
 def test_a_one_label_model_ranks_a_single_candidate():
