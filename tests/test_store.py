@@ -750,3 +750,60 @@ def test_server_round_trip(minilm: TextEmbedder) -> None:
     finally:
         store.client.delete_collection(name)
         store.close()
+
+
+# --------------------------------------------------------------------------- threads
+
+
+class SeededEmbedder:
+    """Tiny deterministic text embedder (a pseudo-random vector per text), fast enough for stress tests."""
+
+    name = "seeded-test"
+    dim = 16
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        return np.stack([np.random.default_rng(list(t.encode())).standard_normal(self.dim) for t in texts])
+
+
+@pytest.mark.parametrize("where", ["memory", "path"])
+def test_embedded_store_shared_by_threads_loses_nothing(where: str, tmp_path: Path) -> None:
+    """qdrant-client's local mode is not thread-safe: unserialised, a search racing an upsert
+    fails on mismatched arrays and concurrent writes to an on-disk store fail (and are lost)."""
+    import threading
+
+    kwargs = {"location": ":memory:"} if where == "memory" else {"path": tmp_path / "qdrant"}
+    errors: list[str] = []
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # interleave the threads finely
+    try:
+        with QdrantCandidateStore(SeededEmbedder(), **kwargs) as store:
+            store.add([Candidate("seed", id="seed")], show_progress=False)
+
+            def writer(t: int) -> None:
+                try:
+                    for b in range(10):
+                        batch = [Candidate(f"writer {t} batch {b} item {i}", id=f"{t}-{b}-{i}") for i in range(4)]
+                        store.add(batch, batch_size=4, show_progress=False)
+                        store.put_content_tokens([c.id for c in batch], torch.ones(4, 2), "sig")
+                except Exception as exc:  # noqa: BLE001 - collected and asserted on
+                    errors.append(f"writer: {exc!r}")
+
+            def reader() -> None:
+                try:
+                    for _ in range(60):
+                        assert all(h.text for h in store.search("writer 1 batch 3", top_k=8, with_content_tokens="sig"))
+                except Exception as exc:  # noqa: BLE001
+                    errors.append(f"reader: {exc!r}")
+
+            threads = [threading.Thread(target=writer, args=(t,)) for t in range(4)]
+            threads += [threading.Thread(target=reader) for _ in range(2)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            assert errors == []
+            assert store.count() == 1 + 4 * 10 * 4
+            got = store.get([f"{t}-9-3" for t in range(4)], with_content_tokens="sig")
+            assert len(got) == 4 and all(torch.equal(c.content_tokens, torch.ones(2)) for c in got)
+    finally:
+        sys.setswitchinterval(switch)

@@ -84,6 +84,12 @@ _OPEN_PATHS: dict[str, weakref.ref] = {}
 """Embedded store folders opened by this process (real path -> the store holding the lock)."""
 _OPEN_PATHS_LOCK = threading.Lock()
 
+_CLIENT_LOCKS: weakref.WeakKeyDictionary[Any, threading.RLock] = weakref.WeakKeyDictionary()
+"""One lock per embedded (local-mode) ``QdrantClient``: qdrant-client's local mode is not
+thread-safe (a search racing an upsert fails on mismatched arrays; concurrent writes to an
+on-disk store fail in SQLite and are lost), so every store sharing that client serialises its
+calls on it."""
+
 
 class StoreUnavailableError(RetrvR1Error, ConnectionError):
     """The Qdrant server did not answer (after retries)."""
@@ -275,6 +281,7 @@ class QdrantCandidateStore:
         self.max_backoff = max_backoff
         self._collection_ready = False
         self._dim: int | None = None
+        self._local_lock: threading.RLock | None = None
 
         if location is not None and location != ":memory:":
             if url is not None:
@@ -372,10 +379,26 @@ class QdrantCandidateStore:
                 if ref is not None and ref() in (self, None):
                     del _OPEN_PATHS[key]
 
+    def _client_lock(self) -> threading.RLock:
+        """The lock serialising calls on this store's embedded client (shared by every store
+        that uses the same client object)."""
+        if self._local_lock is None:
+            with _OPEN_PATHS_LOCK:
+                try:
+                    self._local_lock = _CLIENT_LOCKS.setdefault(self._client, threading.RLock())
+                except TypeError:  # not weak-referenceable: a lock of this store's own
+                    self._local_lock = threading.RLock()
+        return self._local_lock
+
     def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run a client call; on a server, retry connection errors/timeouts with backoff."""
+        """Run a client call; on a server, retry connection errors/timeouts with backoff.
+
+        Embedded (local-mode) calls are serialised: qdrant-client's local mode is not
+        thread-safe, and a store may be shared by threads (e.g. a retriever under asyncio).
+        """
         if self.url is None:
-            return fn(*args, **kwargs)
+            with self._client_lock():
+                return fn(*args, **kwargs)
         from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
         retrying = Retrying(
