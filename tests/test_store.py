@@ -807,3 +807,30 @@ def test_embedded_store_shared_by_threads_loses_nothing(where: str, tmp_path: Pa
             assert len(got) == 4 and all(torch.equal(c.content_tokens, torch.ones(2)) for c in got)
     finally:
         sys.setswitchinterval(switch)
+
+
+def test_readding_search_results_of_an_inline_images_store_is_a_no_op(tmp_path: Path) -> None:
+    """With inline_images=True results carry the image bytes, not the path; re-adding them
+    unchanged must not re-embed, drop the path, or drop the cached content tokens."""
+    red = tmp_path / "red.png"
+    Image.new("RGB", (16, 16), (220, 20, 20)).save(red)
+    counting = CountingEmbedder(SeededEmbedder())
+    with QdrantCandidateStore(counting, location=":memory:", inline_images=True) as store:
+        store.add([Candidate("a red square", image=str(red), id="red", metadata={"k": 1}), PASSAGES[0]], show_progress=False)
+        store.put_content_tokens(["red"], [torch.ones(2, 4)], "sig")
+        before, _ = dump(store)
+        hits = store.search("a red square", top_k=2)
+        assert {h.id: h.image for h in hits}["red"] == red.read_bytes()
+        counting.texts.clear()
+        store.add(hits, show_progress=False)
+        assert counting.texts == [] and dump(store)[0] == before
+
+        # New metadata on the result: rewritten, but the content (and its t_con) is the same.
+        red_hit = next(h for h in hits if h.id == "red")
+        red_hit.metadata["k"] = 2
+        store.add([red_hit], show_progress=False)
+        (got,) = store.get(["red"], with_content_tokens="sig")
+        assert got.metadata == {"k": 2} and torch.equal(got.content_tokens, torch.ones(2, 4))
+        # Another image under the same id does drop them.
+        store.add([Candidate("a red square", image=png_bytes((0, 0, 200)), id="red")], show_progress=False)
+        assert store.get(["red"], with_content_tokens="sig")[0].content_tokens is None

@@ -532,6 +532,7 @@ class QdrantCandidateStore:
         ours: dict[str, Any] = {}
         key_parts: list[bytes] = [b"text", text.encode("utf-8")]
         finger_parts: list[bytes] = list(key_parts)
+        inline_bytes: bytes | None = None  # a path image's bytes, stored inline too
         if candidate.image is not None:
             source = candidate.image
             try:
@@ -559,7 +560,8 @@ class QdrantCandidateStore:
                 ours["image_path"] = image
                 if self.inline_images:
                     with open(image, "rb") as fh:
-                        ours["image_b64"] = base64.b64encode(fh.read()).decode("ascii")
+                        inline_bytes = fh.read()
+                    ours["image_b64"] = base64.b64encode(inline_bytes).decode("ascii")
             if self.supports_images:
                 mode: Literal["text", "caption", "image", "image+text"] = (
                     "image+text" if text.strip() and self.fuse_captions else "image"
@@ -586,14 +588,17 @@ class QdrantCandidateStore:
             CONTENT_KEY: text,
             METADATA_KEY: {**metadata, "candidate_id": candidate_id, **ours},
         }
-        record = _sha256(
-            fingerprint.encode(),
-            metadata_json.encode(),
-            candidate_id.encode(),
-            embedder_name(self.embedder).encode(),
-            mode.encode(),
-            json.dumps(sorted(ours)).encode(),
-        )
+        def record_of(fingerprint: str, keys: Iterable[str]) -> str:
+            return _sha256(
+                fingerprint.encode(),
+                metadata_json.encode(),
+                candidate_id.encode(),
+                embedder_name(self.embedder).encode(),
+                mode.encode(),
+                json.dumps(sorted(keys)).encode(),
+            )
+
+        record = record_of(fingerprint, ours)
         payload[INTERNAL_KEY] = {
             "version": _PAYLOAD_VERSION,
             "fingerprint": fingerprint,
@@ -601,6 +606,11 @@ class QdrantCandidateStore:
             "embedder": embedder_name(self.embedder),
             "indexed_by": mode,
         }
+        if inline_bytes is not None:
+            # Search results carry the inline bytes, not the path: re-adding one unchanged
+            # must still be a no-op (keeping the path and the cached content tokens).
+            as_bytes = _sha256(*key_parts[:2], b"image-bytes", inline_bytes)
+            payload[INTERNAL_KEY]["as_bytes"] = {"fingerprint": as_bytes, "record": record_of(as_bytes, ["image_b64"])}
         return _Prepared(candidate_id, point_id(candidate_id), text, image, mode, fingerprint, record, payload)
 
     def _check_vectors(self, vectors: Any, n: int, what: str) -> np.ndarray:
@@ -674,18 +684,20 @@ class QdrantCandidateStore:
         existing = {
             cid: ((record.payload or {}).get(INTERNAL_KEY) or {}) for cid, record in stored.items()
         }
-        todo = [
-            p for p in batch
-            if not (self.skip_unchanged and existing.get(p.candidate_id, {}).get("record") == p.record)
-        ]
+
+        def stored_as(p: _Prepared, key: str) -> bool:
+            """Whether ``p`` has the stored point's ``key`` (given by path or, for an image
+            stored inline too, by its bytes as search results give it)."""
+            info = existing.get(p.candidate_id, {})
+            alt = info.get("as_bytes")
+            value = getattr(p, key)
+            return info.get(key) == value or (isinstance(alt, dict) and alt.get(key) == value)
+
+        todo = [p for p in batch if not (self.skip_unchanged and stored_as(p, "record"))]
         if not todo:
             return
         # Keep cached content tokens of points whose content did not change.
-        keep = {
-            str(target[p.candidate_id]): p
-            for p in todo
-            if existing.get(p.candidate_id, {}).get("fingerprint") == p.fingerprint
-        }
+        keep = {str(target[p.candidate_id]): p for p in todo if stored_as(p, "fingerprint")}
         if keep:
             for r in self._call(
                 self._client.retrieve,
