@@ -834,3 +834,24 @@ def test_readding_search_results_of_an_inline_images_store_is_a_no_op(tmp_path: 
         # Another image under the same id does drop them.
         store.add([Candidate("a red square", image=png_bytes((0, 0, 200)), id="red")], show_progress=False)
         assert store.get(["red"], with_content_tokens="sig")[0].content_tokens is None
+
+
+def test_odd_payloads_of_other_tools_and_an_empty_id_do_not_break_search() -> None:
+    """One point a plain client wrote with a non-dict metadata or a non-string page_content
+    must not make every search of the collection fail; an id "" comes back as ""."""
+    with QdrantCandidateStore(SeededEmbedder(), location=":memory:") as store:
+        store.add([Candidate("empty id", id=""), Candidate("plain", id="p")], show_progress=False)
+        vector = [float(x) for x in SeededEmbedder().embed_texts(["odd"])[0]]
+        store.client.upsert(store.collection_name, points=[
+            models.PointStruct(id=1, vector=vector, payload={"page_content": "odd", "metadata": "not a dict"}),
+            models.PointStruct(id=2, vector=vector, payload={"page_content": 42, "metadata": ["a", "b"]}),
+            models.PointStruct(id=3, vector=vector, payload={"page_content": None, "metadata": None}),
+        ])
+        hits = {h.id: h for h in store.search("odd", top_k=10)}
+        assert set(hits) == {"", "p", "1", "2", "3"}
+        assert hits["1"].text == "odd" and hits["1"].metadata["metadata"] == "not a dict"
+        assert hits["2"].text == "42" and hits["2"].metadata["metadata"] == ["a", "b"]
+        assert hits["3"].text == "" and hits["3"].image is None
+        assert hits[""].text == "empty id" and store.get([""])[0].text == "empty id"
+        store.add([hits[""]], show_progress=False)  # re-adding the result: the same point
+        assert store.count() == 5

@@ -866,19 +866,33 @@ class QdrantCandidateStore:
     @staticmethod
     def _to_candidate(point: Any, score: float | None, signature: str | None) -> Candidate:
         payload = point.payload or {}
-        metadata = dict(payload.get(METADATA_KEY) or {})
-        candidate_id = metadata.pop("candidate_id", None) or str(point.id)
+        # A point written by another tool may hold anything under these keys: one odd point
+        # must not break every search of the collection.
+        raw_metadata = payload.get(METADATA_KEY)
+        if isinstance(raw_metadata, dict):
+            metadata = dict(raw_metadata)
+        else:
+            metadata = {} if raw_metadata is None else {METADATA_KEY: raw_metadata}
+        stored_id = metadata.pop("candidate_id", None)
+        # ``is None``, not falsiness: an id "" must come back as "" (else re-adding the
+        # result would write a second point under another id).
+        candidate_id = str(stored_id) if stored_id is not None else str(point.id)
         image_b64 = metadata.pop("image_b64", None)
         image_path = metadata.pop("image_path", None)
-        image: str | bytes | None = base64.b64decode(image_b64) if image_b64 else image_path
+        image: str | bytes | None = None
+        if isinstance(image_b64, str) and image_b64:
+            image = base64.b64decode(image_b64)
+        elif isinstance(image_path, (str, os.PathLike)) and os.fspath(image_path):
+            image = os.fspath(image_path)
         if score is not None:
             metadata[SCORE_KEY] = float(score)
         tokens = None
         entry = payload.get(TOKENS_KEY)
-        if signature and entry and entry.get("signature") == signature:
+        if signature and isinstance(entry, dict) and entry.get("signature") == signature:
             tokens = _decode_tokens(entry)
+        text = payload.get(CONTENT_KEY)
         return Candidate(
-            text=payload.get(CONTENT_KEY) or "",
+            text=text if isinstance(text, str) else ("" if text is None else str(text)),
             image=image,
             id=str(candidate_id),
             metadata=metadata,
