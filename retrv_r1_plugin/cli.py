@@ -55,13 +55,19 @@ def _read_folder(folder: Path) -> list[Candidate]:
         rel = str(f.relative_to(folder))
         if f.suffix.lower() in IMAGE_SUFFIXES:
             caption_file = next((f.with_suffix(s) for s in TEXT_SUFFIXES if f.with_suffix(s).is_file()), None)
-            caption = caption_file.read_text(errors="replace").strip() if caption_file else ""
+            caption = _read_text_file(caption_file) if caption_file else ""
             out.append(Candidate(text=caption, image=str(f), id=rel, metadata={"file_path": str(f)}))
         elif f.suffix.lower() in TEXT_SUFFIXES and f.with_suffix("") not in images:
-            out.append(Candidate(text=f.read_text(errors="replace").strip(), id=rel, metadata={"file_path": str(f)}))
+            out.append(Candidate(text=_read_text_file(f), id=rel, metadata={"file_path": str(f)}))
     if not out:
         raise ValueError(f"no text ({list(TEXT_SUFFIXES)}) or image files found in {folder}")
     return out
+
+
+def _read_text_file(path: Path) -> str:
+    """A text file's content: UTF-8 whatever the locale (a leading BOM dropped; bytes that are
+    not UTF-8 become U+FFFD), stripped."""
+    return path.read_bytes().decode("utf-8-sig", errors="replace").strip()
 
 
 def _read_jsonl(path: Path) -> Iterable[Candidate]:

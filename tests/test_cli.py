@@ -131,3 +131,20 @@ def test_jsonl_must_be_utf8_and_may_start_with_a_bom(tmp_path, capsys):
     rc, _, err = run(["index", str(latin1), "--store", str(tmp_path / "q")], capsys)
     assert rc == 2
     assert "latin1.jsonl:2: not UTF-8 text" in one_error_line(err)
+
+
+def test_folder_text_is_utf8_whatever_the_locale_and_a_bom_is_dropped(tmp_path):
+    import os
+    import subprocess
+
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.txt").write_bytes("\ufeffCaf\u00e9 cr\u00e8me br\u00fbl\u00e9e\n".encode("utf-8"))
+    assert [c.text for c in read_corpus(folder)] == ["Caf\u00e9 cr\u00e8me br\u00fbl\u00e9e"]
+    # Under an ASCII locale (no UTF-8 mode) the text must read the same.
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    code = "import sys; from retrv_r1_plugin.cli import read_corpus; print(ascii(read_corpus(sys.argv[1])[0].text))"
+    proc = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == ascii("Caf\u00e9 cr\u00e8me br\u00fbl\u00e9e")
