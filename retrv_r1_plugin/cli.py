@@ -50,11 +50,17 @@ def read_corpus(path: str | os.PathLike) -> list[Candidate]:
 def _read_folder(folder: Path) -> list[Candidate]:
     files = sorted(f for f in folder.rglob("*") if f.is_file())
     images = {f.with_suffix(""): f for f in files if f.suffix.lower() in IMAGE_SUFFIXES}
+    # Suffixes match in any case (IMG_1.JPG + IMG_1.TXT), as they do when classifying files.
+    texts: dict[Path, list[Path]] = {}
+    for f in files:
+        if f.suffix.lower() in TEXT_SUFFIXES:
+            texts.setdefault(f.with_suffix(""), []).append(f)
     out: list[Candidate] = []
     for f in files:
         rel = str(f.relative_to(folder))
         if f.suffix.lower() in IMAGE_SUFFIXES:
-            caption_file = next((f.with_suffix(s) for s in TEXT_SUFFIXES if f.with_suffix(s).is_file()), None)
+            caption_file = min(texts.get(f.with_suffix(""), []), default=None,
+                               key=lambda t: (TEXT_SUFFIXES.index(t.suffix.lower()), t.name))
             caption = _read_text_file(caption_file) if caption_file else ""
             out.append(Candidate(text=caption, image=str(f), id=rel, metadata={"file_path": str(f)}))
         elif f.suffix.lower() in TEXT_SUFFIXES and f.with_suffix("") not in images:

@@ -148,3 +148,16 @@ def test_folder_text_is_utf8_whatever_the_locale_and_a_bom_is_dropped(tmp_path):
                           cwd=Path(__file__).resolve().parents[1], timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == ascii("Caf\u00e9 cr\u00e8me br\u00fbl\u00e9e")
+
+
+def test_an_image_caption_is_found_whatever_the_case_of_the_suffixes(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(folder / "IMG_1.JPG", format="JPEG")
+    (folder / "IMG_1.TXT").write_text("a red square")
+    Image.new("RGB", (8, 8), (0, 0, 200)).save(folder / "b.png")
+    (folder / "b.Md").write_text("a blue square (md)")
+    (folder / "b.txt").write_text("a blue square (txt)")  # .txt comes before .md
+    assert [(c.id, c.text) for c in read_corpus(folder)] == [("IMG_1.JPG", "a red square"), ("b.png", "a blue square (txt)")]
