@@ -91,16 +91,26 @@ def _read_jsonl(path: Path) -> Iterable[Candidate]:
                 raise ValueError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
             if not isinstance(row, dict):
                 raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            ident = row.get("_id", row.get("id"))
-            text = row.get("text", "") or ""
-            if row.get("title") and "_id" in row:
-                text = f"{row['title']}: {text}" if text else row["title"]
-            image = row.get("image_path") or row.get("image")
+            where = f"{path}:{lineno}"
+
+            def field(name: str, types: type | tuple[type, ...], what: str):
+                value = row.get(name)
+                if value is not None and (not isinstance(value, types) or isinstance(value, bool)):
+                    raise ValueError(f"{where}: {name!r} must be {what}, got {type(value).__name__}")
+                return value
+
+            id_key = "_id" if "_id" in row else "id"
+            ident = field(id_key, (str, int), "a string or an integer")
+            text = field("text", str, "a string") or ""
+            title = field("title", str, "a string") if "_id" in row else None
+            if title:
+                text = f"{title}: {text}" if text else title
+            image = field("image_path", str, "a path string") or field("image", str, "a path string")
             if image and not os.path.isabs(image):
                 image = str(path.parent / image)
             if not text and not image:
-                raise ValueError(f"{path}:{lineno}: a line needs 'text' or 'image_path'")
-            meta = dict(row.get("metadata") or {})
+                raise ValueError(f"{where}: a line needs 'text' or 'image_path'")
+            meta = dict(field("metadata", dict, "a JSON object") or {})
             yield Candidate(text=text, image=image, id=str(ident) if ident is not None else None, metadata=meta)
 
 

@@ -161,3 +161,20 @@ def test_an_image_caption_is_found_whatever_the_case_of_the_suffixes(tmp_path):
     (folder / "b.Md").write_text("a blue square (md)")
     (folder / "b.txt").write_text("a blue square (txt)")  # .txt comes before .md
     assert [(c.id, c.text) for c in read_corpus(folder)] == [("IMG_1.JPG", "a red square"), ("b.png", "a blue square (txt)")]
+
+
+@pytest.mark.parametrize("line, field", [
+    ('{"id": "a", "text": 5}', "'text' must be a string, got int"),
+    ('{"id": "a", "text": "x", "metadata": "m"}', "'metadata' must be a JSON object, got str"),
+    ('{"id": "a", "text": "x", "metadata": [["k", 1]]}', "'metadata' must be a JSON object, got list"),
+    ('{"id": "a", "text": "x", "image_path": 5}', "'image_path' must be a path string, got int"),
+    ('{"id": "a", "text": "x", "image": {"b": 1}}', "'image' must be a path string, got dict"),
+    ('{"_id": "a", "title": ["t"], "text": "x"}', "'title' must be a string, got list"),
+    ('{"_id": {"n": 1}, "text": "x"}', "'_id' must be a string or an integer, got dict"),
+])
+def test_a_jsonl_field_of_the_wrong_type_is_an_error_naming_the_line(line, field, tmp_path, capsys):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"id": "ok", "text": "fine"}\n' + line + "\n")
+    rc, _, err = run(["index", str(corpus), "--store", str(tmp_path / "q")], capsys)
+    assert rc == 2
+    assert f"c.jsonl:2: {field}" in one_error_line(err)
