@@ -149,7 +149,9 @@ class Chatbot:
     def turn(self, kind: str, value: str) -> bool:
         """Answer one turn; False when it failed (bad image, model error), reported, not raised."""
         try:
-            if kind == "image":
+            if kind == "image-file":  # --image PATH: the path as given (spaces, quotes, backslashes)
+                self.answer("", resolve_image(value))
+            elif kind == "image":  # '/image PATH [text]' typed in the chat
                 parts = shlex.split(value)
                 if not parts:
                     print("bot> usage: /image PATH [text]")
@@ -170,7 +172,7 @@ def main() -> int:
                         default="sample", help="sample: captioned photos + passages (default); digits: 10 bundled digit images, no text")
     parser.add_argument("--query", dest="turns", action="append", type=lambda s: ("text", s),
                         help="a text query, one turn (repeatable; with --query/--image nothing is read from stdin)")
-    parser.add_argument("--image", dest="turns", action="append", type=lambda s: ("image", s),
+    parser.add_argument("--image", dest="turns", action="append", type=lambda s: ("image-file", s),
                         help="an image query, one turn: a path, or a sample photo name like cat.jpg (repeatable; "
                              "for image + text in one turn use '/image PATH text' in the chat)")
     parser.add_argument("--reasoning-budget", type=int, default=None, help="reasoning tokens per query (default: the model's)")
@@ -206,7 +208,7 @@ def main() -> int:
     ok = True
     if args.turns:
         for kind, value in args.turns:
-            print(f"\nyou> {'/image ' if kind == 'image' else ''}{value}")
+            print(f"\nyou> {'/image ' if kind == 'image-file' else ''}{value}")
             ok = bot.turn(kind, value) and ok
         return 0 if ok else 1
 

@@ -156,3 +156,14 @@ def test_multimodal_chatbot_refuses_bad_counts_before_loading_a_model():
     for flag, value in (("--threads", "0"), ("--show", "0"), ("--reasoning-budget", "-1")):
         proc = subprocess.run([sys.executable, "examples/multimodal_chatbot.py", flag, value], cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2 and f"{flag} must be >=" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_multimodal_chatbot_image_option_takes_the_path_as_given(checkpoints, tmp_path):
+    """--image PATH is one path (not split like the chat's '/image PATH text'): spaces and quotes."""
+    import shutil
+
+    photo = tmp_path / "my cat's photo.jpg"
+    shutil.copy(ROOT / "retrv_r1_plugin" / "data" / "sample" / "images" / "cat.jpg", photo)
+    out = run_script("examples/multimodal_chatbot.py", "--model", checkpoints["text"], "--image", photo)
+    assert f"you> /image {photo}" in out
+    assert "bot> error" not in out and "cannot read an image query" in out  # found, then refused by the text model
