@@ -163,7 +163,7 @@ def ms(values: list[float]) -> float:
 def run(args: argparse.Namespace) -> dict:
     import torch
 
-    from retrv_r1_plugin.store import QdrantCandidateStore
+    from retrv_r1_plugin.store import QdrantCandidateStore, point_id
     from retrv_r1_plugin.testing import scripted_generation
     from retrv_r1_plugin.types import Candidate
 
@@ -199,6 +199,14 @@ def run(args: argparse.Namespace) -> dict:
         signature = model.content_signature
         store.put_content_tokens(ids, tokens, signature)
         put_s = time.perf_counter() - start
+        # What one cache entry costs: the raw tensor in its stored precision (float16 stays
+        # float16, anything else is stored as float32), and the payload actually written
+        # (base64 of those bytes plus the entry's other fields).
+        from retrv_r1_plugin.store.qdrant import TOKENS_KEY
+
+        stored_itemsize = 2 if tokens[0].dtype == torch.float16 else 4
+        (point,) = store.client.retrieve(store.collection_name, [point_id(ids[0])], with_payload=[TOKENS_KEY])
+        payload_bytes = len(json.dumps(point.payload[TOKENS_KEY]).encode())
         results["indexing"] = {
             "n": args.n,
             "embed_and_upsert_ms": 1000 * add_s,
@@ -206,7 +214,8 @@ def run(args: argparse.Namespace) -> dict:
             "encode_candidates_ms_per_candidate": 1000 * encode_s / args.n,
             "encode_candidates_icm_content_calls": encode_calls,
             "put_content_tokens_ms": 1000 * put_s,
-            "bytes_per_candidate": int(tokens[0].numel() * 4),
+            "bytes_per_candidate": int(tokens[0].numel() * stored_itemsize),
+            "payload_bytes_per_candidate": payload_bytes,
         }
         print(f"indexed {args.n} candidates: encode_candidates {1000 * encode_s:.0f} ms, "
               f"put_content_tokens {1000 * put_s:.0f} ms", file=sys.stderr)
@@ -284,7 +293,8 @@ def print_table(payload: dict) -> None:
           f"per-query medians in ms; budget > 0 = scripted reasoning tokens, no inspections\n")
     print(f"One-time indexing cost: encode_candidates {idx['encode_candidates_ms']:.0f} ms "
           f"({idx['encode_candidates_ms_per_candidate']:.2f} ms/candidate), put_content_tokens "
-          f"{idx['put_content_tokens_ms']:.0f} ms, {idx['bytes_per_candidate']} bytes/candidate "
+          f"{idx['put_content_tokens_ms']:.0f} ms, {idx['bytes_per_candidate']} bytes/candidate of tokens "
+          f"({idx['payload_bytes_per_candidate']} bytes of payload) "
           f"(embedding + upsert: {idx['embed_and_upsert_ms']:.0f} ms)\n")
     header = ("| K | budget | ICM content ms (no cache) | ICM content ms (cached) | rank ms (no cache) | rank ms (cached) "
               "| rank speedup | search ms (no tokens) | search ms (+tokens) | search+rank speedup | ICM content calls (no cache / cached) "

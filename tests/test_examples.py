@@ -108,6 +108,9 @@ def test_content_cache_benchmark_tiny(tmp_path):
     assert {"model", "device", "threads", "indexing", "results", "content_signature"} <= set(payload)
     assert {"encode_candidates_ms", "put_content_tokens_ms", "encode_candidates_icm_content_calls"} <= set(payload["indexing"])
     assert payload["indexing"]["encode_candidates_icm_content_calls"] > 0
+    # The payload written per candidate is base64 of the tokens plus the entry's fields.
+    indexing = payload["indexing"]
+    assert indexing["payload_bytes_per_candidate"] > indexing["bytes_per_candidate"] * 4 / 3
     rows = payload["results"]
     assert [(r["k"], r["reasoning_budget"]) for r in rows] == [(8, 0), (8, 2)]
     for row in rows:
