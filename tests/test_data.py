@@ -324,9 +324,17 @@ def test_mbeir_query_lines_carry_the_published_task_id(tmp_path: Path) -> None:
     assert rows["9:11"]["task_id"] == 8  # image,text query -> image,text positive
     assert list(rows["9:11"])[:8] == ["qid", "query_txt", "query_img_path", "query_modality",
                                       "query_src_content", "pos_cand_list", "neg_cand_list", "task_id"]
-    # without the pool an unknown task is written as null, never left out
-    write_mbeir_queries(out, {"9:11": ds.queries["9:11"]}, ds.qrels, image_root=query.parents[2])
-    assert "task_id" in json.loads(out.read_text()) and json.loads(out.read_text())["task_id"] is None
+    # a loaded task_id is kept even where the pool would give another (9:11's positives give 8)
+    from dataclasses import replace
+
+    kept = {"9:11": replace(ds.queries["9:11"], metadata={"task_id": 7})}
+    write_mbeir_queries(out, kept, ds.qrels, image_root=query.parents[2], corpus=ds.corpus)
+    assert json.loads(out.read_text())["task_id"] == 7
+    # without the pool a loaded task_id is still kept; an unknown one is written as null, never left out
+    write_mbeir_queries(out, ds.queries, ds.qrels, image_root=query.parents[2])
+    rows = {r["qid"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert rows["9:10"]["task_id"] == 0
+    assert "task_id" in rows["9:11"] and rows["9:11"]["task_id"] is None
 
     build_digits_tasks(tmp_path / "img", size=16, per_class=3, seed=0)
     for task, expected in (("digits-text2image", 0), ("digits-image2text", 3)):
