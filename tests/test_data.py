@@ -507,6 +507,9 @@ def test_skimage_builder(tmp_path: Path) -> None:
         seen_captions |= {q.text for q in t2i.queries.values()}
         i2t = load_mbeir_task(tmp_path, "skimage-image2text", split, check_images=True)
         assert len(i2t.corpus) == 4 and i2t.queries and all(q.modality == "image" for q in i2t.queries.values())
+        # M-BEIR task_id: text -> image is 0, image -> text is 3
+        assert {q.metadata.get("task_id") for q in t2i.queries.values()} == {0}
+        assert {q.metadata.get("task_id") for q in i2t.queries.values()} == {3}
     assert len(seen_captions) == 12  # three captions per photo, one per split
     with pytest.raises(ValueError, match="no captions"):
         build_skimage_tasks(tmp_path, names=["not_an_image"])
