@@ -149,6 +149,8 @@ def test_first_stage_may_return_integer_ids_and_unscored_pairs():
         (ex,) = build_examples({"q": QueryRecord(text="q")}, {"q": {"1": 1}}, lambda q, k, r=results: r, fetch, k=3)
         assert [c.id for c in ex.candidates] == ["3", "1", "2"] and ex.positive == 1 and not ex.inserted_positive
         assert ex.candidates[0].score is None
+    with pytest.raises(TypeError, match="is not an id"):  # a bool is an Integral, but never an id
+        build_examples({"q": QueryRecord(text="q")}, {"q": {"1": 1}}, lambda q, k: [True, 1, 2], fetch, k=3)
 
 def test_embedding_retriever_and_default_beir_first_stage(tmp_path):
     root = _beir(tmp_path)
@@ -448,8 +450,9 @@ def test_clipping_kl_and_token_averaging():
     assert stats["clipped"].tolist() == [0.0, 1.0]  # A < 0: the low side is the clipped one
     _, stats = grpo_token_loss(torch.log(torch.tensor([1.5, 0.5])), old, torch.tensor([1.0, -1.0]), epsilon=0.2)
     assert stats["clipped"].tolist() == [1.0, 1.0]  # per-token advantages
-    loss, _ = grpo_token_loss(torch.log(torch.tensor([1.25])), torch.zeros(1), 1.0, epsilon=0.2, epsilon_high=0.28)
-    assert loss.item() == pytest.approx(-1.25)  # clip-higher lets it through
+    loss, stats = grpo_token_loss(torch.log(torch.tensor([1.25, 1.3])), torch.zeros(2), 1.0, epsilon=0.2, epsilon_high=0.28)
+    assert loss.tolist() == pytest.approx([-1.25, -1.28])  # clip-higher lets 1.25 through
+    assert stats["clipped"].tolist() == [0.0, 1.0]  # and counts as clipped only what is above 1 + epsilon_high
     same = torch.tensor([-1.0, -2.0])
     _, stats = grpo_token_loss(same, same, 1.0, ref_logp=same, beta=0.1)
     assert torch.all(stats["kl"] == 0)
