@@ -23,6 +23,7 @@ decode exactly the same). Reported numbers are per-query medians, in ms.
 from __future__ import annotations
 
 import argparse
+import atexit
 import hashlib
 import json
 import os
@@ -30,6 +31,7 @@ import random
 import re
 import statistics
 import sys
+import shutil
 import tempfile
 import time
 
@@ -181,6 +183,7 @@ def run(args: argparse.Namespace) -> dict:
 
     embedder = HashEmbedder() if args.embedder == "hash" else None  # None: the store's MiniLM default
     store_dir = tempfile.mkdtemp(prefix="retrv-r1-content-cache-")
+    atexit.register(shutil.rmtree, store_dir, ignore_errors=True)
     counter = ContentCounter(model, cuda)
     results: dict = {}
     with QdrantCandidateStore(embedder, path=store_dir, collection_name="content_cache") as store, counter:

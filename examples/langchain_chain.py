@@ -23,10 +23,12 @@ retrieval part.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import math
 import os
 import re
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -54,6 +56,14 @@ Answer:"""
 def sample_queries() -> list[str]:
     with (SAMPLE / "queries.jsonl").open() as fh:
         return [json.loads(line)["text"] for line in fh if line.strip()]
+
+
+def temporary_folder(prefix: str) -> str:
+    """A temporary folder for the embedded store, removed when the script exits (``--store``
+    keeps one)."""
+    folder = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 def load_reranker_model(name: str | None):
@@ -142,7 +152,7 @@ def main() -> int:
 
     started = time.perf_counter()
     queries = args.query or sample_queries()
-    store_dir = args.store or tempfile.mkdtemp(prefix="retrv-r1-langchain-")
+    store_dir = args.store or temporary_folder("retrv-r1-langchain-")
     model, description = load_reranker_model(args.model)
     print(f"reranker: {description}")
     print(f"  backbone {model.backbone.model_type}, compression={model.config.compression}, max_candidates={model.config.max_candidates}")

