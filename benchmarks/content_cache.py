@@ -149,7 +149,7 @@ def build_model(args: argparse.Namespace):
         from retrv_r1_plugin.testing import build_tiny_text_backbone
 
         torch.manual_seed(0)
-        model = RetrvR1Model.from_backbone(build_tiny_text_backbone(seed=0), **overrides).eval().to(args.device)
+        model = RetrvR1Model.from_backbone(build_tiny_text_backbone(seed=0), **overrides).eval().to(args.device, dtype)
         return model, "tiny Qwen2 (random weights, built from config)"
     from retrv_r1_plugin.backbone import smollm2_source
 
