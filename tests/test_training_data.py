@@ -437,6 +437,33 @@ def test_equal_rewards_give_zero_advantages_and_zero_gradient():
     assert torch.all(logp.grad < 0)
 
 
+def test_sft_with_shuffled_candidates_and_no_inspection_leaves_the_requests_out_of_its_targets(tmp_path, monkeypatch):
+    """compression: none leaves inspection requests out of the SFT targets; a step that shuffles
+    the candidates rebuilds the written tokens from the permuted trace and must leave them out too."""
+    import training.sft as sft
+    from training.config import LoraSettings
+
+    path = tmp_path / "traces.jsonl"
+    synthesize_cot([_example(positive=p, eid=f"q{p}") for p in range(4)], ProgrammaticTeacher(max_inspections=2, seed=3), path)
+    trainer = sft.SFTTrainer(SFTConfig(
+        init_from="tiny:text", data=str(path), output_dir=str(tmp_path / "out"), steps=1, batch_size=4, reasoning_budget=128,
+        max_inspections=2, compression="none", shuffle_candidates=1.0, lora=LoraSettings(r=4, alpha=8), progress=False,
+        model_overrides={"max_candidates": 8, "system_prompt": "Rerank."}))
+    special = trainer.model.special
+    assert any(special.inspect_start in sft.trace_tokens(trainer.model, t) for t, _ in trainer.items)  # the traces do inspect
+    seen: list[list[int]] = []
+    real = sft.build_sequence
+
+    def spy(model, prompt, encoded, written, *args, **kwargs):
+        seen.append(list(written))
+        return real(model, prompt, encoded, written, *args, **kwargs)
+
+    monkeypatch.setattr(sft, "build_sequence", spy)
+    trainer.train_step(0)
+    assert len(seen) == 4 and all(w and w[-1] == special.answer_start for w in seen)
+    assert not any(special.inspect_start in w or special.inspect_end in w for w in seen)
+
+
 def test_clipping_kl_and_token_averaging():
     old = torch.zeros(2)
     logp = torch.log(torch.tensor([1.5, 0.5])).requires_grad_(True)
