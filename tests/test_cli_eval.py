@@ -200,6 +200,10 @@ def test_window_step_ranks_more_than_max_candidates(corpus_dir, beir_dir, tmp_pa
     with pytest.raises(SystemExit):
         main_eval(["--beir", str(beir_dir), "--model", str(ckpt), "--top-k", "4", "--quiet"])
     assert "or give --window-step" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:  # a step the model's windows cannot move by: a usage error naming the option
+        main_eval(["--beir", str(beir_dir), "--model", str(ckpt), "--top-k", "4", "--window-step", "2", "--quiet"])
+    assert info.value.code == 2
+    assert "--window-step: step must be between 1 and window - 1 (1)" in capsys.readouterr().err
     res = tmp_path / "res.json"
     assert main_eval(["--beir", str(beir_dir), "--model", str(ckpt), "--top-k", "4", "--window-step", "1",
                       "--reasoning-budget", "0", "--quiet", "--output", str(res)]) == 0
