@@ -86,6 +86,20 @@ _INSPECT = re.compile(r"<inspection-index-start>\s*" + _CAND + r"\s*<inspection-
 _ANSWER = re.compile(r"<answer>\s*" + _CAND + r"\s*(?:</answer>)?")
 _LABEL = re.compile(r"<cand_(\d+)>")
 _OTHER_TAG = re.compile(r"</?(?:think|answer|inspected)>|<\|[^>]*\|>")
+#: anything shaped like a tag or special token (``<answer>``, ``<cand_3>``, ``<|im_end|>``, ``</s>``)
+_TAGLIKE = re.compile(r"<(/?[^\s<>]{1,64})>")
+
+
+def untrusted_for_teacher(text: str) -> str:
+    """Query or candidate text as a teacher may see it: one line, tag-like sequences escaped.
+
+    The text is untrusted: a literal ``<cand_3>``, ``<answer>`` or
+    ``<inspection-index-start>`` in it, echoed by the teacher into its reasoning, would
+    become a real structural token of the SFT target (and a ``<|im_end|>`` would end the
+    teacher's own chat turn); a newline would start a fake ``<cand_N>:`` line of the prompt.
+    Escaped as ``&lt;answer&gt;``, an echo stays ordinary text.
+    """
+    return _TAGLIKE.sub(r"&lt;\1&gt;", " ".join(text.split()))
 
 
 class TeacherError(RuntimeError):
@@ -168,9 +182,9 @@ def read_traces(path: str | os.PathLike) -> list[CoTTrace]:
 
 def teacher_messages(example: TrainingExample, max_chars: int = 600) -> list[dict[str, str]]:
     """Chat messages asking a teacher for a four-phase trace of ``example``."""
-    lines = [f"Query: {example.query_text or ''}{' [image]' if example.query_image else ''}".rstrip(), "Candidates:"]
+    lines = [f"Query: {untrusted_for_teacher(example.query_text or '')}{' [image]' if example.query_image else ''}".rstrip(), "Candidates:"]
     for i, c in enumerate(example.candidates):
-        text = (c.text or "").replace("\n", " ")[:max_chars]
+        text = untrusted_for_teacher(c.text or "")[:max_chars]
         lines.append(f"<cand_{i + 1}>: {'[image] ' if c.image else ''}{text}")
     lines.append("Think step by step in the four phases, then answer.")
     return [{"role": "system", "content": TEACHER_SYSTEM_PROMPT}, {"role": "user", "content": "\n".join(lines)}]
@@ -256,7 +270,7 @@ class ProgrammaticTeacher:
         hard = sorted(hard + [pos])
         clear = [i for i in range(k) if i not in hard]
         lab = lambda i: f"<cand_{i + 1}>"  # noqa: E731
-        query = example.query_text.strip().rstrip("?.!")
+        query = untrusted_for_teacher(example.query_text or "").rstrip("?.!")
         ideal = f"what the query asks: {query}" if query else "an item like the query image"
         parts = [f"Ideal: {ideal}.", f"Drop: {', '.join(map(lab, clear)) if clear else 'none'}.", f"Hard: {', '.join(map(lab, hard))}."]
         negs = [i for i in hard if i != pos]
