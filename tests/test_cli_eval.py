@@ -105,13 +105,11 @@ def test_eval_first_stage_only(beir_dir, capsys):
     assert main_eval(["--beir", str(beir_dir), "--top-k", "5", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "| first stage |" in out and "| reranked |" not in out
-
-
-def test_eval_first_stage_only_does_not_claim_a_window_step(beir_dir, tmp_path):
-    # without --model nothing is ranked in windows: the results must not say window_step was used
-    out = tmp_path / "fs.json"
-    assert main_eval(["--beir", str(beir_dir), "--top-k", "5", "--window-step", "2", "--quiet", "--output", str(out)]) == 0
-    assert "window_step" not in json.loads(out.read_text())
+    # reranking options without --model would be ignored: a usage error naming them
+    with pytest.raises(SystemExit) as info:
+        main_eval(["--beir", str(beir_dir), "--top-k", "5", "--quiet", "--window-step", "2", "--reasoning-budget", "0"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "--window-step, --reasoning-budget set how the reranker runs: give --model" in err
 
 
 def test_eval_and_train_usage_errors_exit_2_with_the_command_prefix(beir_dir, tmp_path, capsys):

@@ -197,6 +197,13 @@ def main_eval(argv: Sequence[str] | None = None) -> int:
         p.error("give --beir DIR, or --mbeir-queries FILE with --mbeir-pool FILE")
     if args.top_k < 1:
         p.error(f"--top-k must be >= 1, got {args.top_k}")
+    if not args.model:  # reranking options without a reranker would be ignored in silence
+        given = [flag for flag, value in (("--window-step", args.window_step), ("--compression", args.compression),
+                                          ("--reasoning-budget", args.reasoning_budget),
+                                          ("--max-inspections", args.max_inspections), ("--gguf-file", args.gguf_file))
+                 if value is not None]
+        if given:
+            p.error(f"{', '.join(given)} set how the reranker runs: give --model too (without it only the first stage is evaluated)")
 
     dataset = load_dataset(args)
     store = None

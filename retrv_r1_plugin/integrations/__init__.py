@@ -7,16 +7,18 @@ extra fails with an error naming the pip command::
     from retrv_r1_plugin.integrations.langchain import RetrvR1Retriever, RetrvR1Compressor  # [langchain]
 
 The adapters only convert nodes/documents to :class:`~retrv_r1_plugin.types.Candidate`,
-call :meth:`RetrvR1Model.rank <retrv_r1_plugin.model.RetrvR1Model.rank>` and write the result
-back. What they write into a node's / document's metadata:
+call :meth:`RetrvR1Model.rank <retrv_r1_plugin.model.RetrvR1Model.rank>` (or, with
+``window_step``, :meth:`~retrv_r1_plugin.model.RetrvR1Model.rank_windowed`) and write the
+result back. What they write into a node's / document's metadata:
 
 * ``retrv_r1_reasoning``: the model's reasoning trace for the query (when ``return_reasoning``);
 * ``retrv_r1_inspected``: whether the model inspected this candidate in full tokens;
 * ``retrv_r1_fallback``: ``None`` when the ranking is the model's own clean answer, otherwise
   why it is not (e.g. ``"forced_answer"``); the scores are still the label probabilities.
-  ``"not_reranked"`` marks an item beyond the model's ``max_candidates``: an adapter given
-  more items reranks the first ``max_candidates`` and appends the others in their given
-  order, scored below every reranked item (see ``_common.rerank``).
+  ``"not_reranked"`` marks an item beyond the model's ``max_candidates``: without
+  ``window_step``, an adapter given more items reranks the first ``max_candidates`` and
+  appends the others in their given order, scored below every reranked item (see
+  ``_common.rerank``); with it, every item is reranked and none is so marked.
 
 This module imports no framework and no model code at import time.
 """

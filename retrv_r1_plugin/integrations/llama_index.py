@@ -67,7 +67,7 @@ class RetrvR1Reranker(BaseNodePostprocessor):
     ``retrv_r1_fallback`` and, with ``keep_retrieval_score``, ``retrieval_score``.
 
     The nodes of one call are ranked together (listwise), at most the model's
-    ``max_candidates`` of them. Given more (e.g. ``similarity_top_k`` above it), the first
+    ``max_candidates`` of them per model call. Given more (e.g. ``similarity_top_k`` above it), the first
     ``max_candidates`` nodes (the retriever's best, in the order given) are reranked and the
     others follow them in their given order, with scores below every reranked score (counting
     down from 0, so negative), ``retrv_r1_inspected`` False and ``retrv_r1_fallback``
