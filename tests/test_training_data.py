@@ -217,6 +217,28 @@ def test_parse_teacher_output_canonicalises_and_rejects():
     assert parse_teacher_output("see <cand_7>.</think><answer><cand_1>", 3)[3]
 
 
+def test_parse_teacher_output_refuses_an_answer_naming_several_candidates_and_canonicalises_labels(special):
+    tok, sp = special
+    for text in ("Hm.</think><answer><cand_2> or <cand_3></answer>", "Hm.</think><answer>2, 3</answer>", "Hm.</think><answer><cand_2>, <cand_1>"):
+        assert parse_teacher_output(text, 3)[3] == ["several candidates in <answer>"], text
+    ok = "Compare <cand_02> and <cand_1>.</think><answer><cand_2>.</answer> Done, <cand_2> it is."
+    reasoning, answer, _, problems = parse_teacher_output(ok, 3)
+    assert problems == [] and answer == 1 and reasoning == "Compare <cand_2> and <cand_1>.</think>"
+    assert reasoning_to_ids(tok, sp, reasoning)  # every label in a kept trace is a token of the model
+    traces, stats = synthesize_cot([_example(k=3, positive=1)], _FixedTeacher("Hm.</think><answer><cand_2> or <cand_3></answer>"))
+    assert traces == [] and stats.unparseable == 1 and stats.wrong_answer == 0
+
+
+class _FixedTeacher:
+    name = "fixed"
+
+    def __init__(self, raw: str) -> None:
+        self.raw = raw
+
+    def generate(self, example):
+        return self.raw
+
+
 def test_programmatic_teacher_writes_four_phases_with_real_inspection_tokens(special):
     tok, sp = special
     examples = [_example(k=6, positive=i % 6, eid=f"e{i}") for i in range(12)]

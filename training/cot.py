@@ -208,6 +208,9 @@ def parse_teacher_output(text: str, num_candidates: int) -> tuple[str, int | Non
         return "", None, [], ["no <answer>"]
     last = answers[-1]
     answer = _num(last) - 1
+    tail = body[last.end():]
+    if not last.group(0).endswith("</answer>") and re.search(r"<cand_\d+>|\d", tail.split("</answer>", 1)[0]):
+        problems.append("several candidates in <answer>")  # "<answer><cand_2> or <cand_3>": no single choice
     reasoning = body[: last.start()].rstrip()
     if reasoning.endswith("</think>"):
         reasoning = reasoning[: -len("</think>")].rstrip()
@@ -223,6 +226,8 @@ def parse_teacher_output(text: str, num_candidates: int) -> tuple[str, int | Non
         return f"<inspection-index-start><cand_{idx + 1}><inspection-index-end>"
 
     reasoning = _INSPECT.sub(canon, reasoning)
+    # "<cand_02>" names candidate 2 but is no token of the model: write every label canonically
+    reasoning = _LABEL.sub(lambda m: f"<cand_{int(m.group(1))}>", reasoning)
     if "<inspection-index-start>" in _INSPECT.sub("", reasoning) or "<inspection-index-end>" in _INSPECT.sub("", reasoning):
         problems.append("malformed inspection request")
     if _OTHER_TAG.search(reasoning):
