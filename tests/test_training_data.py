@@ -310,7 +310,7 @@ class _FakeChatServer:
     HTTP 500, then answers with the candidate whose text holds the query's last word (or a
     wrong one for queries containing "wrong"); after ``die_after`` successes it answers 401."""
 
-    def __init__(self, fail_first: int = 0, die_after: int | None = None) -> None:
+    def __init__(self, fail_first: int = 0, die_after: int | None = None, port: int = 0) -> None:
         self.calls = 0
         self.served: list[str] = []
         outer = self
@@ -346,7 +346,7 @@ class _FakeChatServer:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     def __enter__(self):
@@ -380,9 +380,9 @@ def test_cot_cache_resumes_an_interrupted_run_without_repeating_calls(tmp_path):
         with pytest.raises(TeacherError):
             synthesize_cot(examples, OpenAITeacher(url, "fake", backoff=0.001), tmp_path / "t.jsonl", cache_path=cache)
     assert len(cache.read_text().splitlines()) == 2
-    with _FakeChatServer() as url:
-        server_url = url
-        teacher = OpenAITeacher(server_url, "fake", backoff=0.001)
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    with _FakeChatServer(port=port) as url:  # the endpoint is back (the cache key holds its URL)
+        teacher = OpenAITeacher(url, "fake", backoff=0.001)
         kept, stats = synthesize_cot(examples, teacher, tmp_path / "t.jsonl", cache_path=cache)
     assert stats.cached == 2 and stats.called == 3 and teacher.calls == 3 and stats.kept == 5
 
@@ -649,6 +649,28 @@ def test_cot_cache_does_not_mix_examples_that_share_an_id(tmp_path):
     traces, stats = synthesize_cot(examples, ProgrammaticTeacher(), tmp_path / "out.jsonl", cache_path=tmp_path / "cache.jsonl", progress=False)
     assert stats.wrong_answer == 0 and stats.kept == 2 and stats.called == 2
     assert sorted(t.answer for t in traces) == sorted(e.positive for e in examples)
+
+
+def test_cot_cache_is_not_shared_by_teachers_with_other_settings_models_or_prompts(tmp_path, monkeypatch):
+    import training.cot as cot
+
+    examples = [_example(positive=i % 4, eid=f"e{i}") for i in range(4)]
+    cache = tmp_path / "cache.jsonl"
+    first, _ = synthesize_cot(examples, ProgrammaticTeacher(max_inspections=0, seed=0), cache_path=cache)
+    assert all(t.inspected == [] for t in first)
+    again, stats = synthesize_cot(examples, ProgrammaticTeacher(max_inspections=0, seed=0), cache_path=cache)
+    assert stats.cached == 4 and stats.called == 0  # the same teacher reuses its outputs
+    other, stats = synthesize_cot(examples, ProgrammaticTeacher(max_inspections=3, seed=1), cache_path=cache)
+    assert stats.called == 4 and stats.cached == 0  # other settings: fresh calls
+    assert any(t.inspected for t in other)
+    # LM teachers: the endpoint, sampling settings and the prompt are part of the key
+    ex = examples[0]
+    keys = {cot._cache_key(ex, t) for t in (OpenAITeacher("http://a/v1", "m"), OpenAITeacher("http://b/v1", "m"),
+                                             OpenAITeacher("http://a/v1", "m", temperature=0.7), OpenAITeacher("http://a/v1", "m", max_tokens=64))}
+    assert len(keys) == 4
+    before = cot._cache_key(ex, OpenAITeacher("http://a/v1", "m"))
+    monkeypatch.setattr(cot, "TEACHER_SYSTEM_PROMPT", cot.TEACHER_SYSTEM_PROMPT + " Be brief.")
+    assert cot._cache_key(ex, OpenAITeacher("http://a/v1", "m")) != before
 
 
 def _two_examples_with_same_id():

@@ -267,6 +267,11 @@ class ProgrammaticTeacher:
         self.n_hard, self.max_inspections = n_hard, max_inspections
         self.skip_positive_inspection, self.seed = skip_positive_inspection, seed
 
+    def cache_identity(self, example: TrainingExample) -> dict[str, Any]:
+        """Everything besides the example that decides the output (part of the cache key)."""
+        return {"name": self.name, "n_hard": self.n_hard, "max_inspections": self.max_inspections,
+                "skip_positive_inspection": self.skip_positive_inspection, "seed": self.seed}
+
     def generate(self, example: TrainingExample) -> str:
         rng = random.Random(self.seed * 1_000_003 + zlib.crc32(example.id.encode()))
         k, pos = example.k, example.positive
@@ -300,17 +305,25 @@ class HFTeacher:
     def __init__(self, model: Any, tokenizer: Any = None, *, max_new_tokens: int = 512, temperature: float = 0.0, gguf_file: str | None = None, name: str | None = None, seed: int = 0) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        self.gguf_file = gguf_file
         if isinstance(model, (str, os.PathLike)):
             extra = {"gguf_file": gguf_file} if gguf_file else {}
             self.name = name or f"hf:{Path(model).name}"
+            self.source = str(Path(model).resolve()) if Path(model).exists() else str(model)
             tokenizer = tokenizer or AutoTokenizer.from_pretrained(model, **extra)
             model = AutoModelForCausalLM.from_pretrained(model, **extra)
         else:
             self.name = name or f"hf:{type(model).__name__}"
+            self.source = f"{type(model).__name__}:{getattr(getattr(model, 'config', None), '_name_or_path', '')}"
         if tokenizer is None:
             raise ValueError("give the tokenizer with a loaded model")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_new_tokens, self.temperature, self.seed = max_new_tokens, temperature, seed
+
+    def cache_identity(self, example: TrainingExample) -> dict[str, Any]:
+        """The model, the generation settings and the prompt (part of the cache key)."""
+        return {"name": self.name, "model": self.source, "gguf_file": self.gguf_file, "max_new_tokens": self.max_new_tokens,
+                "temperature": self.temperature, "seed": self.seed, "messages": teacher_messages(example)}
 
     def generate(self, example: TrainingExample) -> str:
         import torch
@@ -393,6 +406,11 @@ class OpenAITeacher:
         self.send_images = send_images
         self.calls = 0
 
+    def cache_identity(self, example: TrainingExample) -> dict[str, Any]:
+        """The endpoint, the model, the sampling settings and the prompt (part of the cache key)."""
+        return {"name": self.name, "url": self.url, "model": self.model, "temperature": self.temperature, "max_tokens": self.max_tokens,
+                "send_images": self.send_images, "messages": teacher_messages(example)}
+
     def _messages(self, example: TrainingExample) -> list[dict[str, Any]]:
         messages: list[dict[str, Any]] = teacher_messages(example)
         if self.send_images:
@@ -452,9 +470,13 @@ class OpenAITeacher:
 # --------------------------------------------------------------------------- synthesis
 
 
-def _cache_key(example: TrainingExample) -> str:
-    """Example id plus a fingerprint of its content: two data sets may reuse the same ids."""
-    digest = hashlib.sha1(json.dumps(example.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:12]
+def _cache_key(example: TrainingExample, teacher: Teacher) -> str:
+    """Example id plus a fingerprint of its content (two data sets may reuse the same ids) and
+    of the teacher's settings and prompt (``cache_identity``, where the teacher has one): another
+    model, endpoint, temperature, token limit, seed or prompt never reuses an output."""
+    identity = getattr(teacher, "cache_identity", None)
+    blob = {"example": example.to_dict(), "teacher": identity(example) if callable(identity) else teacher.name}
+    digest = hashlib.sha1(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return f"{example.id}#{digest}"
 
 
@@ -472,7 +494,7 @@ class SynthesisStats:
 
 
 class _Cache:
-    """Append-only JSONL of raw teacher outputs, keyed by (teacher, example id)."""
+    """Append-only JSONL of raw teacher outputs, keyed by (teacher name, :func:`_cache_key`)."""
 
     def __init__(self, path: str | os.PathLike | None) -> None:
         self.path = Path(path) if path else None
@@ -523,7 +545,7 @@ def synthesize_cot(
     stats = SynthesisStats()
     kept: list[CoTTrace] = []
     for ex in tqdm(examples, desc=f"CoT ({teacher.name})", disable=not progress):
-        key = _cache_key(ex)
+        key = _cache_key(ex, teacher)
         raw = cache.get(teacher.name, key)
         if raw is None:
             try:
