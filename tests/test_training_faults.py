@@ -148,3 +148,25 @@ def test_latest_checkpoint_skips_folders_that_are_not_numbered_checkpoints(tmp_p
         (d / STATE_FILE).write_text("{}")
         (d / WEIGHTS_FILE).write_text("")
     assert latest_checkpoint(tmp_path).name == f"{CHECKPOINT_PREFIX}000003"
+
+
+def test_cot_cache_resumes_after_a_kill_in_the_middle_of_a_line(tmp_path):
+    """A kill while a cache line is written leaves a torn last line (maybe cut inside a UTF-8
+    character): the next run must start, redo only that call, and leave a cache that a third
+    run reads completely."""
+    examples = make_examples(4)
+    cache = tmp_path / "cache.jsonl"
+    _, stats = synthesize_cot(examples[:3], ProgrammaticTeacher(), cache_path=cache)
+    assert stats.called == 3
+    for torn in ('{"teacher": "programmatic", "id": "q3#x", "raw": "caf\u00e9'.encode()[:-1],  # cut inside "é"
+                 b'{"teacher": "programmatic", "id": "q3#x", "ra'):
+        cache.write_bytes(b"".join(cache.read_bytes().splitlines(keepends=True)[:3]) + torn)
+        _, stats = synthesize_cot(examples, ProgrammaticTeacher(), cache_path=cache)
+        assert stats.cached == 3 and stats.called == 1
+        _, stats = synthesize_cot(examples, ProgrammaticTeacher(), cache_path=cache)
+        assert stats.cached == 4 and stats.called == 0  # the line after the torn one was kept
+        assert [json.loads(line)["id"].split("#")[0] for line in cache.read_text(encoding="utf-8").splitlines()] == ["q0", "q1", "q2", "q3"]
+    # a complete last line that only lacks its newline is kept
+    cache.write_bytes(cache.read_bytes().rstrip(b"\n"))
+    _, stats = synthesize_cot(examples, ProgrammaticTeacher(), cache_path=cache)
+    assert stats.cached == 4 and stats.called == 0 and cache.read_bytes().endswith(b"\n")

@@ -500,13 +500,32 @@ class _Cache:
         self.path = Path(path) if path else None
         self.entries: dict[tuple[str, str], str] = {}
         if self.path and self.path.is_file():
-            with open(self.path, encoding="utf-8") as fh:
-                for line in fh:
-                    try:
-                        obj = json.loads(line)
-                        self.entries[(obj["teacher"], obj["id"])] = obj["raw"]
-                    except (ValueError, KeyError):
-                        continue  # a torn last line from a crash: that call is simply redone
+            data = self.path.read_bytes()  # bytes: a kill mid-line may have cut a UTF-8 character
+            end = data.rfind(b"\n") + 1
+            if end < len(data):  # the last line has no newline: a write cut by a kill
+                if self._parse(data[end:]) is None:
+                    with open(self.path, "r+b") as fh:  # torn: drop it, so the next line starts on its own
+                        fh.truncate(end)
+                        os.fsync(fh.fileno())
+                    data = data[:end]
+                else:
+                    with open(self.path, "ab") as fh:  # complete: only its newline is missing
+                        fh.write(b"\n")
+                        os.fsync(fh.fileno())
+            for line in data.splitlines():
+                entry = self._parse(line)
+                if entry is not None:
+                    self.entries[entry[0]] = entry[1]
+
+    @staticmethod
+    def _parse(line: bytes) -> tuple[tuple[str, str], str] | None:
+        try:
+            obj = json.loads(line.decode("utf-8"))
+            if isinstance(obj["raw"], str):
+                return (obj["teacher"], obj["id"]), obj["raw"]
+        except (ValueError, KeyError, TypeError):  # UnicodeDecodeError is a ValueError
+            pass
+        return None
 
     def get(self, teacher: str, ex_id: str) -> str | None:
         return self.entries.get((teacher, ex_id))
