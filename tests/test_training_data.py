@@ -310,7 +310,7 @@ class _FakeChatServer:
     HTTP 500, then answers with the candidate whose text holds the query's last word (or a
     wrong one for queries containing "wrong"); after ``die_after`` successes it answers 401."""
 
-    def __init__(self, fail_first: int = 0, die_after: int | None = None, port: int = 0) -> None:
+    def __init__(self, fail_first: int = 0, die_after: int | None = None, port: int = 0, fail_status: int = 500, retry_after: str | None = None) -> None:
         self.calls = 0
         self.served: list[str] = []
         outer = self
@@ -323,7 +323,9 @@ class _FakeChatServer:
                 outer.calls += 1
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 if outer.calls <= fail_first:
-                    self.send_response(500)
+                    self.send_response(fail_status)
+                    if retry_after is not None:
+                        self.send_header("Retry-After", retry_after)
                     self.end_headers()
                     return
                 if die_after is not None and len(outer.served) >= die_after:
@@ -371,6 +373,28 @@ def test_openai_teacher_retries_with_backoff_and_keeps_only_correct(tmp_path):
     with _FakeChatServer(fail_first=10) as url:  # a server that keeps failing: the error surfaces
         with pytest.raises(TeacherError, match="after 3 attempts"):
             OpenAITeacher(url, "fake", backoff=0.001, max_retries=3).generate(examples[0])
+
+
+def test_openai_teacher_honours_retry_after_and_fails_at_once_on_client_errors():
+    import time
+
+    ex = _example(positive=1)
+    for status in (429, 503):
+        with _FakeChatServer(fail_first=1, fail_status=status, retry_after="1") as url:
+            teacher = OpenAITeacher(url, "fake", backoff=0.001, max_backoff=0.002, max_retries=3)
+            start = time.monotonic()
+            assert "<answer><cand_2></answer>" in teacher.generate(ex)
+            assert time.monotonic() - start >= 0.9 and teacher.calls == 2  # waited as the server asked
+    with _FakeChatServer(fail_first=1, fail_status=408) as url:  # request timeout: transient
+        teacher = OpenAITeacher(url, "fake", backoff=0.001, max_retries=3)
+        teacher.generate(ex)
+        assert teacher.calls == 2
+    for status in (400, 401, 404):
+        with _FakeChatServer(fail_first=5, fail_status=status) as url:
+            teacher = OpenAITeacher(url, "fake", backoff=0.001, max_retries=3)
+            with pytest.raises(TeacherError, match=f"HTTP {status}"):
+                teacher.generate(ex)
+            assert teacher.calls == 1
 
 
 def test_cot_cache_resumes_an_interrupted_run_without_repeating_calls(tmp_path):

@@ -369,15 +369,36 @@ class RateLimiter:
 
 
 class _Retryable(Exception):
-    pass
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def _retry_after(headers: Any) -> float | None:
+    """Seconds asked for by a ``Retry-After`` header (delta-seconds or an HTTP date), or ``None``."""
+    value = headers.get("Retry-After") if headers is not None else None
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        import email.utils
+
+        when = email.utils.parsedate_to_datetime(value)
+        return max(0.0, when.timestamp() - time.time())
+    except (TypeError, ValueError, OverflowError):
+        return None
 
 
 class OpenAITeacher:
     """An OpenAI-compatible chat endpoint (``POST {base_url}/chat/completions``) as teacher.
 
-    Retries HTTP 429/5xx, connection errors, timeouts and malformed replies with
+    Retries HTTP 408/429/5xx, connection errors, timeouts and malformed replies with
     exponential backoff (``backoff * 2**n`` seconds, capped at ``max_backoff``) up to
-    ``max_retries`` attempts; other HTTP errors (e.g. 401) fail at once. ``api_key``
+    ``max_retries`` attempts, waiting at least what a ``Retry-After`` header asks (at most
+    ``max_retry_after`` seconds); other HTTP errors (e.g. 400, 401) fail at once. ``api_key``
     defaults to ``$OPENAI_API_KEY`` (may be empty for local servers).
     """
 
@@ -393,6 +414,7 @@ class OpenAITeacher:
         max_retries: int = 6,
         backoff: float = 1.0,
         max_backoff: float = 60.0,
+        max_retry_after: float = 600.0,
         requests_per_minute: float | None = None,
         send_images: bool = False,
     ) -> None:
@@ -402,6 +424,7 @@ class OpenAITeacher:
         self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY", "")
         self.temperature, self.max_tokens, self.timeout = temperature, max_tokens, timeout
         self.max_retries, self.backoff, self.max_backoff = max(1, max_retries), backoff, max_backoff
+        self.max_retry_after = max_retry_after
         self.limiter = RateLimiter(requests_per_minute)
         self.send_images = send_images
         self.calls = 0
@@ -438,8 +461,8 @@ class OpenAITeacher:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 body = resp.read().decode("utf-8")
         except urllib.error.HTTPError as exc:
-            if exc.code == 429 or exc.code >= 500:
-                raise _Retryable(f"HTTP {exc.code} from {self.url}") from exc
+            if exc.code in (408, 429) or exc.code >= 500:
+                raise _Retryable(f"HTTP {exc.code} from {self.url}", _retry_after(exc.headers)) from exc
             raise TeacherError(f"HTTP {exc.code} from {self.url}: {exc.read()[:200]!r}") from exc
         except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as exc:
             raise _Retryable(f"cannot reach {self.url}: {exc}") from exc
@@ -455,9 +478,15 @@ class OpenAITeacher:
         from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
         payload = {"model": self.model, "messages": self._messages(example), "temperature": self.temperature, "max_tokens": self.max_tokens}
+        backoff = wait_exponential(multiplier=self.backoff, max=self.max_backoff)
+
+        def wait(state) -> float:  # the backoff, or longer where the server says when to come back
+            asked = getattr(state.outcome.exception(), "retry_after", None)
+            return max(backoff(state), min(asked, self.max_retry_after)) if asked is not None else backoff(state)
+
         retrying = Retrying(
             stop=stop_after_attempt(self.max_retries),
-            wait=wait_exponential(multiplier=self.backoff, max=self.max_backoff),
+            wait=wait,
             retry=retry_if_exception_type(_Retryable),
             reraise=False,
         )
