@@ -447,6 +447,21 @@ def test_hf_teacher_runs_a_local_causal_lm_and_bad_outputs_are_dropped():
     assert kept == [] and stats.unparseable + stats.wrong_answer == 2  # a random model writes no valid answer
 
 
+def test_hf_teacher_decodes_with_its_own_settings_not_the_checkpoints_generation_config():
+    from training.cot import teacher_messages
+
+    bb = build_tiny_text_backbone(0)
+    teacher = HFTeacher(bb.model, bb.tokenizer, max_new_tokens=4)
+    plain = teacher.generate(_example())
+    ids = bb.tokenizer.apply_chat_template(teacher_messages(_example()), add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.no_grad():
+        first = int(bb.model(input_ids=ids).logits[0, -1].argmax())
+    gc = bb.model.generation_config
+    gc.suppress_tokens, gc.repetition_penalty, gc.no_repeat_ngram_size = [first], 5.0, 1  # a checkpoint's own decoding defaults
+    assert teacher.generate(_example()) == plain  # greedy as configured on the teacher
+    assert bb.model.generation_config is gc and gc.suppress_tokens == [first]  # the model's config is left as it was
+
+
 # =========================================================================== rewards
 
 

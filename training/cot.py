@@ -343,8 +343,21 @@ class HFTeacher:
             torch.manual_seed(self.seed + zlib.crc32(example.id.encode()))
             kwargs.update(temperature=self.temperature, top_k=0, top_p=1.0)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        with torch.inference_mode():
-            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=pad, **kwargs)
+        # generate() fills every setting not given here from the checkpoint's generation_config
+        # (repetition_penalty, num_beams, suppress_tokens, min_new_tokens, ...): decode under a
+        # clean one that keeps only the checkpoint's stop and special token ids.
+        from transformers import GenerationConfig
+
+        saved = getattr(self.model, "generation_config", None)
+        keep = {k: getattr(saved, k, None) for k in ("eos_token_id", "bos_token_id", "pad_token_id", "decoder_start_token_id")}
+        if keep["eos_token_id"] is None:
+            keep["eos_token_id"] = self.tokenizer.eos_token_id
+        self.model.generation_config = GenerationConfig(**{k: v for k, v in keep.items() if v is not None})
+        try:
+            with torch.inference_mode():
+                out = self.model.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=pad, **kwargs)
+        finally:
+            self.model.generation_config = saved
         return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
