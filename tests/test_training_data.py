@@ -397,6 +397,25 @@ def test_openai_teacher_honours_retry_after_and_fails_at_once_on_client_errors()
             assert teacher.calls == 1
 
 
+def test_data_cot_cli_passes_the_seed_to_an_hf_teacher(tmp_path, monkeypatch):
+    import training.cot as cot
+    from training.cli import main_data
+    from training.examples import write_examples
+
+    write_examples(tmp_path / "ex.jsonl", [_example(positive=i % 4, eid=f"e{i}") for i in range(2)])
+    common = ["cot", "--examples", str(tmp_path / "ex.jsonl"), "--out", str(tmp_path / "t.jsonl")]
+    seen = {}
+
+    class Recorder(ProgrammaticTeacher):
+        def __init__(self, model, **kwargs):
+            seen.update(kwargs, model=model)
+            super().__init__()
+
+    monkeypatch.setattr(cot, "HFTeacher", Recorder)
+    assert main_data(common + ["--teacher", "hf", "--model", "some/dir", "--seed", "7", "--temperature", "0.5"]) == 0
+    assert seen["seed"] == 7 and seen["temperature"] == 0.5 and seen["model"] == "some/dir"
+
+
 def test_cot_cache_resumes_an_interrupted_run_without_repeating_calls(tmp_path):
     examples = [_example(positive=i % 4, eid=f"e{i}") for i in range(5)]
     cache = tmp_path / "cache.jsonl"

@@ -61,7 +61,7 @@ def _teacher(args):
     if args.teacher == "hf":
         if not args.model:
             raise ValueError("--teacher hf needs --model (a local model directory)")
-        return HFTeacher(args.model, gguf_file=args.gguf_file, max_new_tokens=args.max_tokens, temperature=args.temperature)
+        return HFTeacher(args.model, gguf_file=args.gguf_file, max_new_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     if not (args.base_url and args.model):
         raise ValueError("--teacher openai needs --base-url and --model")
     return OpenAITeacher(args.base_url, args.model, temperature=args.temperature, max_tokens=args.max_tokens, requests_per_minute=args.rpm, send_images=args.send_images)
