@@ -397,6 +397,18 @@ def test_openai_teacher_honours_retry_after_and_fails_at_once_on_client_errors()
             assert teacher.calls == 1
 
 
+def test_data_cot_cli_reports_a_failed_teacher_without_a_traceback(tmp_path, capsys):
+    from training.cli import main_data
+    from training.examples import write_examples
+
+    write_examples(tmp_path / "ex.jsonl", [_example(positive=i % 4, eid=f"e{i}") for i in range(2)])
+    common = ["cot", "--examples", str(tmp_path / "ex.jsonl"), "--out", str(tmp_path / "t.jsonl")]
+    with _FakeChatServer(fail_first=5, fail_status=401) as url:
+        assert main_data(common + ["--teacher", "openai", "--base-url", url, "--model", "fake"]) == 1
+    err = capsys.readouterr().err
+    assert "error:" in err and "HTTP 401" in err and "Traceback" not in err
+
+
 def test_data_cot_cli_passes_the_seed_to_an_hf_teacher(tmp_path, monkeypatch):
     import training.cot as cot
     from training.cli import main_data

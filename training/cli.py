@@ -140,6 +140,13 @@ def main_data(argv: Sequence[str]) -> int:
     except (OSError, ValueError, KeyError) as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:  # TeacherError: the teacher failed for good; what came before is cached
+        from .cot import TeacherError
+
+        if not isinstance(exc, TeacherError):
+            raise
+        print(f"{parser.prog}: error: {exc} (outputs so far are cached; rerun to resume)", file=sys.stderr)
+        return 1
     return 0
 
 
