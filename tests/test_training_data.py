@@ -428,6 +428,14 @@ def test_data_cot_cli_passes_the_seed_to_an_hf_teacher(tmp_path, monkeypatch):
     assert seen["seed"] == 7 and seen["temperature"] == 0.5 and seen["model"] == "some/dir"
 
 
+def test_data_examples_cli_refuses_mbeir_queries_without_a_pool(tmp_path, capsys):
+    from training.cli import main_data
+
+    (tmp_path / "q.jsonl").write_text("")
+    assert main_data(["examples", "--mbeir-queries", str(tmp_path / "q.jsonl"), "--out", str(tmp_path / "o.jsonl")]) == 2
+    assert "--mbeir-pool" in capsys.readouterr().err
+
+
 def test_cot_cache_resumes_an_interrupted_run_without_repeating_calls(tmp_path):
     examples = [_example(positive=i % 4, eid=f"e{i}") for i in range(5)]
     cache = tmp_path / "cache.jsonl"

@@ -109,6 +109,8 @@ def main_data(argv: Sequence[str]) -> int:
             from .data.formats import load_beir, load_beir_queries, load_mbeir
             from .examples import EmbeddingRetriever, RandomRetriever, examples_from_dataset, examples_from_store, write_examples
 
+            if bool(args.mbeir_queries) != bool(args.mbeir_pool):
+                raise ValueError("--mbeir-queries and --mbeir-pool go together")
             if args.beir or args.mbeir_queries:
                 ds = load_beir(args.beir, split=args.split) if args.beir else load_mbeir(args.mbeir_queries, args.mbeir_pool)
                 if args.first_stage == "random":
