@@ -119,8 +119,12 @@ def test_eval_and_train_usage_errors_exit_2_with_the_command_prefix(beir_dir, tm
     with pytest.raises(SystemExit) as info:
         main(["eval", "--beir", str(beir_dir), "--top-k", "0"])
     assert info.value.code == 2 and "--top-k must be >= 1" in capsys.readouterr().err
-    from training.cli import main_train
+    from training.cli import main as training_main, main_train
 
+    assert training_main(["--help"]) == 0 and "train {align|sft|rl} --config FILE" in capsys.readouterr().out
+    assert training_main([]) == 2 and "usage: python -m training.cli" in capsys.readouterr().err
+    assert training_main(["train", "sft", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert capsys.readouterr().err.startswith("python -m training.cli train: error:")
     assert main_train(["sft", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert capsys.readouterr().err.startswith("retrv-r1 train: error:")
 

@@ -22,9 +22,9 @@ def _setup_logging() -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def main_train(argv: Sequence[str]) -> int:
+def main_train(argv: Sequence[str], prog: str = "retrv-r1 train") -> int:
     """Run one training stage from a YAML config; returns a process exit code."""
-    parser = argparse.ArgumentParser(prog="retrv-r1 train", description="Train a Retrv-R1 stage: align (ICM self-alignment), sft (activation SFT) or rl (GRPO).")
+    parser = argparse.ArgumentParser(prog=prog, description="Train a Retrv-R1 stage: align (ICM self-alignment), sft (activation SFT) or rl (GRPO).")
     parser.add_argument("stage", choices=["align", "sft", "rl"])
     parser.add_argument("--config", required=True, help="YAML file with the stage's fields (see training/configs/)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
@@ -152,13 +152,27 @@ def main_data(argv: Sequence[str]) -> int:
     return 0
 
 
+USAGE = """usage: python -m training.cli {train|data} ...
+
+  train {align|sft|rl} --config FILE [--resume] [--set KEY=VALUE ...]
+                      one training stage (also: retrv-r1 train ...)
+  data examples ...   query + first-stage top-K + positive, as JSONL
+  data cot ...        four-phase reasoning traces from a teacher, as JSONL
+
+Run `python -m training.cli train --help` or `python -m training.cli data --help` for the options.
+"""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "train":
-        return main_train(argv[1:])
+        return main_train(argv[1:], prog="python -m training.cli train")
     if argv and argv[0] == "data":
         return main_data(argv[1:])
-    print("usage: python -m training.cli {train|data} ...", file=sys.stderr)
+    if argv and argv[0] in ("-h", "--help"):
+        print(USAGE, end="")
+        return 0
+    print(USAGE, end="", file=sys.stderr)
     return 2
 
 
