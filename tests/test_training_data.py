@@ -308,9 +308,12 @@ def test_untrusted_text_never_becomes_structural_tokens_of_a_trace(special):
 class _FakeChatServer:
     """An OpenAI-compatible endpoint in a thread: fails the first ``fail_first`` calls with
     HTTP 500, then answers with the candidate whose text holds the query's last word (or a
-    wrong one for queries containing "wrong"); after ``die_after`` successes it answers 401."""
+    wrong one for queries containing "wrong"); after ``die_after`` successes it answers 401.
+    A query containing ``fail_query`` is always answered with ``fail_status`` and a body that
+    echoes the request's Authorization header."""
 
-    def __init__(self, fail_first: int = 0, die_after: int | None = None, port: int = 0, fail_status: int = 500, retry_after: str | None = None) -> None:
+    def __init__(self, fail_first: int = 0, die_after: int | None = None, port: int = 0, fail_status: int = 500, retry_after: str | None = None,
+                 fail_query: str | None = None) -> None:
         self.calls = 0
         self.served: list[str] = []
         outer = self
@@ -322,6 +325,13 @@ class _FakeChatServer:
             def do_POST(self):
                 outer.calls += 1
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if fail_query is not None and fail_query in body["messages"][1]["content"]:
+                    echo = f"prompt too long (sent with {self.headers.get('Authorization')})".encode()  # as servers echo keys
+                    self.send_response(fail_status)
+                    self.send_header("Content-Length", str(len(echo)))
+                    self.end_headers()
+                    self.wfile.write(echo)
+                    return
                 if outer.calls <= fail_first:
                     self.send_response(fail_status)
                     if retry_after is not None:
@@ -407,6 +417,90 @@ def test_data_cot_cli_reports_a_failed_teacher_without_a_traceback(tmp_path, cap
         assert main_data(common + ["--teacher", "openai", "--base-url", url, "--model", "fake"]) == 1
     err = capsys.readouterr().err
     assert "error:" in err and "HTTP 401" in err and "Traceback" not in err
+
+
+def _examples_with_one_too_long(n: int = 4, bad: int = 1) -> list[TrainingExample]:
+    examples = [_example(positive=i % 4, eid=f"e{i}") for i in range(n)]
+    examples[bad].query_text = "toolong " + examples[bad].query_text  # the fake endpoint answers 400 to it, always
+    return examples
+
+
+def test_cot_on_error_skip_leaves_out_a_failing_example_and_does_not_cache_it(tmp_path, caplog):
+    examples = _examples_with_one_too_long()
+    cache = tmp_path / "cache.jsonl"
+    with _FakeChatServer(fail_status=400, fail_query="toolong") as url:
+        teacher = OpenAITeacher(url, "fake", api_key="sk-secret-123", backoff=0.001, max_retries=2)
+        with caplog.at_level("WARNING", logger="training.cot"):
+            kept, stats = synthesize_cot(examples, teacher, tmp_path / "t.jsonl", cache_path=cache, on_error="skip")
+    assert [t.example.id for t in kept] == ["e0", "e2", "e3"]
+    assert [t.example.id for t in read_traces(tmp_path / "t.jsonl")] == ["e0", "e2", "e3"]
+    assert stats.failed == 1 and stats.kept == 3 and stats.called == 3 and stats.to_dict()["failed"] == 1
+    assert teacher.calls == 4  # HTTP 400 is not retried
+    assert "'e1'" in caplog.text and "HTTP 400" in caplog.text and "prompt too long" in caplog.text
+    assert "sk-secret-123" not in caplog.text  # the server echoed the key; the log does not
+    assert [json.loads(line)["id"].split("#")[0] for line in cache.read_text().splitlines()] == ["e0", "e2", "e3"]
+    # a later run (the endpoint now takes the prompt; the cache key holds its URL, so the same
+    # port) reuses the three outputs and asks again for e1 only
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    with _FakeChatServer(port=port) as url:
+        teacher = OpenAITeacher(url, "fake", api_key="sk-secret-123", backoff=0.001, max_retries=2)
+        kept2, stats2 = synthesize_cot(examples, teacher, tmp_path / "t.jsonl", cache_path=cache, on_error="skip")
+    assert stats2.failed == 0 and stats2.cached == 3 and stats2.called == 1 and teacher.calls == 1 and stats2.kept == 4
+    assert sorted(t.example.id for t in kept2) == ["e0", "e1", "e2", "e3"]
+
+
+def test_cot_on_error_stop_is_the_default_and_stops_at_the_failing_example(tmp_path):
+    examples = _examples_with_one_too_long()
+    cache = tmp_path / "cache.jsonl"
+    for kwargs in ({}, {"on_error": "stop"}, {"on_error": "raise"}):  # "raise": the older name
+        with _FakeChatServer(fail_status=400, fail_query="toolong") as url:
+            with pytest.raises(TeacherError, match="HTTP 400"):
+                synthesize_cot(examples, OpenAITeacher(url, "fake", backoff=0.001), tmp_path / "t.jsonl", cache_path=cache, **kwargs)
+    assert not (tmp_path / "t.jsonl").exists()
+    with pytest.raises(ValueError, match="on_error"):
+        synthesize_cot(examples, ProgrammaticTeacher(), on_error="ignore")
+
+
+def test_cot_on_error_skip_still_raises_errors_that_are_not_teacher_failures():
+    class Broken(ProgrammaticTeacher):
+        def generate(self, example):
+            raise KeyError("a bug, not a failed call")
+
+    with pytest.raises(KeyError):
+        synthesize_cot([_example()], Broken(), on_error="skip")
+
+
+def test_data_cot_cli_on_error_skip_reports_failed_and_a_rerun_retries(tmp_path, capsys):
+    from training.cli import main_data
+    from training.examples import write_examples
+
+    write_examples(tmp_path / "ex.jsonl", _examples_with_one_too_long())
+    common = ["cot", "--examples", str(tmp_path / "ex.jsonl"), "--out", str(tmp_path / "t.jsonl"), "--teacher", "openai", "--model", "fake"]
+    with _FakeChatServer(fail_status=400, fail_query="toolong") as url:
+        assert main_data(common + ["--base-url", url]) == 1  # default: stop
+        err = capsys.readouterr().err
+        assert "HTTP 400" in err and "--on-error skip" in err
+        assert main_data(common + ["--base-url", url, "--on-error", "skip"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["failed"] == 1 and line["kept"] == 3
+    assert [t.example.id for t in read_traces(tmp_path / "t.jsonl")] == ["e0", "e2", "e3"]
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    with _FakeChatServer(port=port) as url:
+        assert main_data(common + ["--base-url", url, "--on-error", "skip"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["failed"] == 0 and line["called"] == 1 and line["kept"] == 4
+
+
+@pytest.mark.parametrize("value", ["-1", "nan"])
+def test_data_cot_cli_refuses_a_negative_rpm(tmp_path, capsys, value):
+    from training.cli import main_data
+
+    with pytest.raises(SystemExit) as exc:
+        main_data(["cot", "--examples", str(tmp_path / "ex.jsonl"), "--out", str(tmp_path / "t.jsonl"), "--teacher", "openai",
+                   "--base-url", "http://127.0.0.1:9/v1", "--model", "fake", "--rpm", value])
+    assert exc.value.code == 2 and "--rpm" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="per minute"):
+        RateLimiter(per_minute=float(value))
 
 
 def test_data_cot_cli_passes_the_seed_to_an_hf_teacher(tmp_path, monkeypatch):

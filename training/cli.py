@@ -67,6 +67,17 @@ def _teacher(args):
     return OpenAITeacher(args.base_url, args.model, temperature=args.temperature, max_tokens=args.max_tokens, requests_per_minute=args.rpm, send_images=args.send_images)
 
 
+def _rpm(text: str) -> float:
+    """``--rpm``: a number >= 0 (0: no limit); a negative one is a usage error, not "no limit"."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value < float("inf"):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a number >= 0 (0 or unset: no limit), got {text!r}")
+    return value
+
+
 def main_data(argv: Sequence[str]) -> int:
     """Build training examples (``examples``) or CoT traces (``cot``)."""
     parser = argparse.ArgumentParser(prog="python -m training.cli data")
@@ -96,12 +107,16 @@ def main_data(argv: Sequence[str]) -> int:
     cot.add_argument("--model", help="hf: model directory; openai: model name")
     cot.add_argument("--gguf-file")
     cot.add_argument("--base-url", help="openai: e.g. http://localhost:8000/v1")
-    cot.add_argument("--rpm", type=float, help="openai: requests per minute")
+    cot.add_argument("--rpm", type=_rpm, help="openai: requests per minute (0 or unset: no limit)")
     cot.add_argument("--send-images", action="store_true")
     cot.add_argument("--temperature", type=float, default=0.0)
     cot.add_argument("--max-tokens", type=int, default=1024)
     cot.add_argument("--max-inspections", type=int, default=2)
     cot.add_argument("--seed", type=int, default=0)
+    cot.add_argument("--on-error", choices=["stop", "skip"], default="stop",
+                     help="when a teacher call fails for good (e.g. HTTP 400 for a prompt that is too long): stop the run "
+                          "(default), or skip: leave the example out, count it as 'failed', log it, and do not cache it, "
+                          "so a rerun asks again")
     args = parser.parse_args(list(argv))
     _setup_logging()
     try:
@@ -137,7 +152,7 @@ def main_data(argv: Sequence[str]) -> int:
 
             teacher = _teacher(args)
             cache = args.cache or str(Path(args.out).with_suffix(".cache.jsonl"))
-            _, stats = synthesize_cot(read_examples(args.examples), teacher, args.out, cache_path=cache, progress=True)
+            _, stats = synthesize_cot(read_examples(args.examples), teacher, args.out, cache_path=cache, on_error=args.on_error, progress=True)
             print(json.dumps({**stats.to_dict(), "out": args.out, "cache": cache}))
     except (OSError, ValueError, KeyError) as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
@@ -147,7 +162,8 @@ def main_data(argv: Sequence[str]) -> int:
 
         if not isinstance(exc, TeacherError):
             raise
-        print(f"{parser.prog}: error: {exc} (outputs so far are cached; rerun to resume)", file=sys.stderr)
+        print(f"{parser.prog}: error: {exc} (outputs so far are cached; rerun to resume, "
+              "or pass --on-error skip to leave such examples out)", file=sys.stderr)
         return 1
     return 0
 

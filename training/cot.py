@@ -365,6 +365,8 @@ class RateLimiter:
     """At most ``per_minute`` calls a minute, evenly spaced (thread-safe)."""
 
     def __init__(self, per_minute: float | None, clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
+        if per_minute is not None and not 0 <= per_minute < float("inf"):  # also refuses NaN
+            raise ValueError(f"requests per minute must be a number >= 0 (0 or None: no limit), got {per_minute}")
         self.interval = 60.0 / per_minute if per_minute else 0.0
         self.clock, self.sleep = clock, sleep
         self._next = 0.0
@@ -463,6 +465,10 @@ class OpenAITeacher:
             messages[1] = {"role": "user", "content": parts}
         return messages
 
+    def _error(self, message: str) -> TeacherError:
+        """A :class:`TeacherError` whose message never holds the API key (a server may echo it)."""
+        return TeacherError(message.replace(self.api_key, "***") if self.api_key else message)
+
     def _post(self, payload: dict[str, Any]) -> str:
         self.limiter.wait()
         self.calls += 1
@@ -476,7 +482,7 @@ class OpenAITeacher:
         except urllib.error.HTTPError as exc:
             if exc.code in (408, 429) or exc.code >= 500:
                 raise _Retryable(f"HTTP {exc.code} from {self.url}", _retry_after(exc.headers)) from exc
-            raise TeacherError(f"HTTP {exc.code} from {self.url}: {exc.read()[:200]!r}") from exc
+            raise self._error(f"HTTP {exc.code} from {self.url}: {exc.read()[:200]!r}") from exc
         except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as exc:
             raise _Retryable(f"cannot reach {self.url}: {exc}") from exc
         try:
@@ -506,7 +512,7 @@ class OpenAITeacher:
         try:
             return retrying(self._post, payload)
         except RetryError as exc:
-            raise TeacherError(f"teacher call for example {example.id!r} failed after {self.max_retries} attempts: {exc.last_attempt.exception()}") from None
+            raise self._error(f"teacher call for example {example.id!r} failed after {self.max_retries} attempts: {exc.last_attempt.exception()}") from None
 
 
 # --------------------------------------------------------------------------- synthesis
@@ -589,17 +595,26 @@ def synthesize_cot(
     out_path: str | os.PathLike | None = None,
     *,
     cache_path: str | os.PathLike | None = None,
-    on_error: str = "raise",
+    on_error: str = "stop",
     progress: bool = False,
 ) -> tuple[list[CoTTrace], SynthesisStats]:
     """Ask ``teacher`` for every example; keep the traces whose answer is the positive.
 
-    Raw outputs go to ``cache_path`` as they arrive; a rerun reuses them. With
-    ``on_error="raise"`` a failed call stops the run (everything before it is cached);
-    ``"skip"`` counts it and goes on. Kept traces are written to ``out_path`` if given.
+    Raw outputs go to ``cache_path`` as they arrive; a rerun reuses them. A teacher call
+    that fails for good (a :class:`TeacherError`, e.g. an endpoint answering HTTP 400 to a
+    prompt that is too long) is handled by ``on_error``:
+
+    * ``"stop"`` (default; ``"raise"`` is the older name): the error propagates and the run
+      stops (everything before it is cached, so a rerun resumes there);
+    * ``"skip"``: the example is left out of the traces, counted in ``stats.failed`` and
+      logged with its id and the error; it is **not** cached, so a later run asks again.
+
+    Other exceptions always propagate. Kept traces are written to ``out_path`` if given.
     """
-    if on_error not in ("raise", "skip"):
-        raise ValueError("on_error must be raise or skip")
+    if on_error == "raise":
+        on_error = "stop"
+    if on_error not in ("stop", "skip"):
+        raise ValueError(f"on_error must be 'stop' or 'skip', got {on_error!r}")
     from tqdm.auto import tqdm
 
     cache = _Cache(cache_path)
@@ -611,10 +626,10 @@ def synthesize_cot(
         if raw is None:
             try:
                 raw = teacher.generate(ex)
-            except Exception as exc:
-                if on_error == "raise":
+            except TeacherError as exc:
+                if on_error == "stop":
                     raise
-                logger.warning("teacher failed on %s: %s", ex.id, exc)
+                logger.warning("teacher failed for good on example %r, skipped (not cached; a rerun asks again): %s", ex.id, exc)
                 stats.failed += 1
                 continue
             stats.called += 1
@@ -630,6 +645,8 @@ def synthesize_cot(
             continue
         kept.append(CoTTrace(example=ex, reasoning=reasoning, answer=answer, inspected=inspected, teacher=teacher.name))
         stats.kept += 1
+    if stats.failed:
+        logger.warning("%d example(s) skipped after a teacher failure; rerun with the same cache to retry them", stats.failed)
     if out_path is not None:
         write_traces(out_path, kept)
     return kept, stats
