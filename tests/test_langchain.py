@@ -528,3 +528,14 @@ def test_image_only_document_on_a_text_model_is_named(images):
             Document(page_content="", id="photo-7", metadata={"image_path": str(images["red"])})]
     with pytest.raises(ValueError, match="document photo-7 is an image without text"):
         RetrvR1Compressor(model=tiny_text_model()).compress_documents(docs, "which is red?")
+
+
+def test_a_callable_stores_candidates_are_not_modified(images):
+    """The retriever decodes the images of the store's candidates for the model, on copies: a store
+    that returns its own Candidate objects must get them back with their paths, not PIL images."""
+    cands = [Candidate("a red square", image=str(images["red"]), id="red"), Candidate("the sky", id="sky")]
+    retriever = RetrvR1Retriever(model=make_vl_model(seed=0), store=lambda q, top_k: cands[:top_k], k=2, first_stage_k=2, reasoning_budget=0)
+    first = retriever.invoke("which one is red?")
+    assert cands[0].image == str(images["red"]) and cands[1].image is None
+    assert [d.id for d in retriever.invoke("which one is red?")] == [d.id for d in first]
+    assert {d.id: d.metadata.get("image_path") for d in first}["red"] == str(images["red"])

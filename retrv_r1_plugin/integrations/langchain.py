@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import os
 from collections.abc import Sequence
 from typing import Any, Callable, Literal, Optional
@@ -280,10 +281,10 @@ class RetrvR1Retriever(_RetrvR1Options, BaseRetriever):
         candidates = list(search(first, top_k=n, **kwargs))[:n]
         vision = self.model.backbone.is_vision
         documents = [candidate_to_document(c) for c in candidates]
-        for c, d in zip(candidates, documents):
+        for i, (c, d) in enumerate(zip(candidates, documents)):
             if c.image is not None and vision:
-                try:
-                    c.image = load_image(c.image)
+                try:  # on a copy: the store's (or a callable's own) Candidate keeps its image source
+                    candidates[i] = dataclasses.replace(c, image=load_image(c.image))
                 except ImageLoadError as exc:
                     raise ImageLoadError(f"document {d.id}: {exc}") from exc
         return documents, candidates
