@@ -67,6 +67,21 @@ class _PrefixKV:
     next_pos: int
     device: torch.device | None = None  # where and in which dtype it was computed: a model
     dtype: torch.dtype | None = None  # moved or cast since (.to()) needs a new one
+    autocast: torch.dtype | None = None  # the autocast dtype it ran under (None: no autocast)
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast runs ``device``'s matmuls in right now, or None when it is off.
+
+    A prefix KV cache computed under bf16 autocast (training rollouts with
+    ``mixed_precision: bf16``) holds other keys and values than one computed without it, so
+    each is only reused in the mode it was computed in."""
+    try:
+        if not torch.is_autocast_enabled(device.type):
+            return None
+        return torch.get_autocast_dtype(device.type)
+    except RuntimeError:  # a device type autocast does not know (meta)
+        return None
 
 
 class InspectionDecoder:
@@ -76,7 +91,8 @@ class InspectionDecoder:
     ~85 of the ~230 tokens of a K=20 WordNet prompt in ICM mode), so inference prefills them
     once and starts each call from a copy of their KV cache (``prefix_caching``). The copy is
     taken only without gradients and with the LM in eval mode, and is recomputed when the LM
-    has moved to another device or dtype; after changing weights call
+    has moved to another device or dtype, or autocast was turned on, off or to another dtype
+    since; after changing weights call
     :meth:`clear_prefix_cache` (``RetrvR1Model.invalidate_signature`` does, and training
     calls that after every step).
     """
@@ -108,12 +124,14 @@ class InspectionDecoder:
         if not self.prefix_caching or torch.is_grad_enabled() or self.backbone.model.training:
             return None
         device, dtype = self.backbone.device, self.backbone.dtype
+        autocast = _autocast_dtype(device)
         with self._prefix_lock:
-            if self._prefix is None or self._prefix.device != device or self._prefix.dtype != dtype:
+            if self._prefix is None or (self._prefix.device, self._prefix.dtype, self._prefix.autocast) != (device, dtype, autocast):
                 ids = torch.tensor(self.builder.shared_prefix(), dtype=torch.long)  # never empty: ends with "Query: "
                 state = {"cache": self.backbone.new_cache(), "next_pos": 0, "chunks": []}
                 self._run(self.builder.text_chunk(ids.tolist()), state)
-                self._prefix = _PrefixKV(ids=ids, cache=state["cache"], next_pos=state["next_pos"], device=device, dtype=dtype)
+                self._prefix = _PrefixKV(ids=ids, cache=state["cache"], next_pos=state["next_pos"], device=device, dtype=dtype,
+                                         autocast=autocast)
             prefix = self._prefix
         n = len(prefix.ids)
         if len(prompt) <= n or not torch.equal(prompt.ids[:n], prefix.ids):

@@ -279,3 +279,24 @@ def test_the_model_never_writes_image_placeholders(kind, do_sample):
     assert result.usage.generated_tokens == 4 + 2  # four written, then the forced </think><answer>
     fresh = _fresh_logits(model, trace.chunks)  # positions over the whole sequence can be computed
     torch.testing.assert_close(trace.answer_logits, fresh[-1], atol=2e-4, rtol=2e-4)
+
+
+
+@pytest.mark.parametrize("first", [False, True], ids=["plain_first", "autocast_first"])
+def test_prefix_cache_follows_autocast(first):
+    """Training under ``mixed_precision: bf16`` samples rollouts under autocast: a prefix KV
+    cache computed without it (or under it, then reused by a plain ``rank``) holds other keys
+    and values (~1e-4 apart in the scores here), and the sampled log-probs would no longer be
+    those training recomputes."""
+    model = make_text_model()
+    cands = _candidates(False)
+
+    def rank(autocast: bool) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return torch.tensor(model.rank("plants", cands, reasoning_budget=2).scores)
+
+    rank(first)  # the prefix KV cache is computed in this mode
+    cached = {mode: rank(mode) for mode in (not first, first)}
+    model.decoder.prefix_caching = False
+    for mode, scores in cached.items():
+        torch.testing.assert_close(scores, rank(mode), atol=1e-6, rtol=0)
