@@ -170,3 +170,25 @@ def test_cot_cache_resumes_after_a_kill_in_the_middle_of_a_line(tmp_path):
     cache.write_bytes(cache.read_bytes().rstrip(b"\n"))
     _, stats = synthesize_cot(examples, ProgrammaticTeacher(), cache_path=cache)
     assert stats.cached == 4 and stats.called == 0 and cache.read_bytes().endswith(b"\n")
+
+
+def test_resume_restores_cuda_rng_on_a_machine_with_fewer_gpus(monkeypatch):
+    """A checkpoint holds one CUDA RNG state per GPU its process saw (8 on a training node);
+    resuming where fewer GPUs are visible sets those that exist instead of failing at the 2nd."""
+    from training import trainer as trainer_module
+
+    saved = trainer_module._rng_state()
+    saved["cuda"] = [torch.full((16,), i, dtype=torch.uint8) for i in range(8)]
+    set_states: list[tuple[int, int]] = []
+
+    def set_rng_state(state, device):
+        if device >= 1:
+            raise IndexError(f"no CUDA device {device}")
+        set_states.append((device, int(state[0])))
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_rng_state)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: [set_rng_state(s, i) for i, s in enumerate(states)])
+    trainer_module._set_rng_state(saved)
+    assert set_states == [(0, 0)]
