@@ -625,3 +625,25 @@ def test_image_to_image_retrieval_then_rerank(vl_model, tmp_path):
                              [Candidate(t, h.node.image_path) for t, h in zip(texts, hits)], reasoning_budget=0)
     assert [n.node.node_id for n in out] == [hits[i].node.node_id for i in expected.order[:2]]
     assert [n.score for n in out] == pytest.approx([expected.scores[i] for i in expected.order[:2]])
+
+
+def test_pickling_reloads_the_model_from_its_checkpoint(tmp_path, text_model, caplog):
+    """A pickled reranker (multiprocessing) must work when unpickled, or refuse to be pickled:
+    LlamaIndex's BaseComponent used to drop the model silently, leaving a reranker without one."""
+    import pickle
+
+    make_text_model(seed=4).save_pretrained(tmp_path / "ckpt")
+    for model in (str(tmp_path / "ckpt"), RetrvR1Model.from_pretrained(tmp_path / "ckpt")):
+        reranker = RetrvR1Reranker(model=model, top_n=2, reasoning_budget=0, device="cpu")
+        with caplog.at_level("WARNING"):
+            data = pickle.dumps(reranker)
+        assert not [r for r in caplog.records if "unpickleable" in r.getMessage()]
+        assert len(data) < 10_000  # settings only, not the weights
+        copy = pickle.loads(data)
+        assert copy.to_dict() == reranker.to_dict() and copy.retrv_r1_model is not reranker.retrv_r1_model
+        got = copy.postprocess_nodes(nodes_of(TEXTS), query_str="q")
+        want = reranker.postprocess_nodes(nodes_of(TEXTS), query_str="q")
+        assert [n.node.node_id for n in got] == [n.node.node_id for n in want]
+        assert [n.score for n in got] == pytest.approx([n.score for n in want])
+    with pytest.raises(TypeError, match="built in memory.*save_pretrained"):
+        pickle.dumps(RetrvR1Reranker(model=text_model))

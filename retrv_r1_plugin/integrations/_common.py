@@ -65,6 +65,24 @@ def to_rank(model: RetrvR1Model, items: Sequence[T], window_step: int | None = N
     return list(items) if window_step is not None else list(items[: model.config.max_candidates])
 
 
+def reload_source(model: RetrvR1Model, owner: str) -> str:
+    """The checkpoint path or bundled name a pickled ``owner`` loads ``model`` again from.
+
+    A :class:`RetrvR1Model` itself cannot be pickled (it holds a lock, and its weights would be
+    copied into every pickle), so a pickled adapter keeps where its model came from.
+
+    Raises:
+        TypeError: the model was built in memory, so nothing could load it again.
+    """
+    if not model.name_or_path:
+        raise TypeError(
+            f"cannot pickle a {owner} over a RetrvR1Model built in memory: save it with "
+            f"save_pretrained(path) and give the {owner} that path (or the model loaded from "
+            "it), so that the unpickled copy can load the model again"
+        )
+    return model.name_or_path
+
+
 def check_window_step(model: RetrvR1Model, step: int | None) -> int | None:
     """``step`` if the model's sliding windows (of ``max_candidates``) can move by it."""
     if step is not None:
@@ -121,4 +139,4 @@ def rerank(
     return Reranked(result=result, order=order, scores=scores, reranked=len(head))
 
 
-__all__ = ["NOT_RERANKED", "Reranked", "check_window_step", "rerank", "to_rank"]
+__all__ = ["NOT_RERANKED", "Reranked", "check_window_step", "reload_source", "rerank", "to_rank"]

@@ -38,7 +38,7 @@ from llama_index.core.utils import resolve_binary  # noqa: E402
 from ..model import RetrvR1Model  # noqa: E402
 from ..types import Candidate, ImageInput, ImageLoadError, Query, load_image  # noqa: E402
 from . import RETRIEVAL_SCORE_KEY, load_model, model_name  # noqa: E402
-from ._common import Reranked, check_window_step, rerank, to_rank  # noqa: E402
+from ._common import Reranked, check_window_step, reload_source, rerank, to_rank  # noqa: E402
 
 logger = logging.getLogger(__name__)
 dispatcher = get_dispatcher(__name__)
@@ -78,6 +78,10 @@ class RetrvR1Reranker(BaseNodePostprocessor):
     :meth:`RetrvR1Model.rank_windowed`).
     An empty node list returns ``[]`` without calling the model. ``apostprocess_nodes``
     runs the model in a worker thread; calls on one model are serialised by its lock.
+
+    A pickled reranker (e.g. sent to a worker process) keeps its settings, not the model: the
+    copy loads the model again from ``model`` (the checkpoint path or bundled name), as
+    ``from_dict`` does. A reranker over a model built in memory (no path) cannot be pickled.
     """
 
     model_config = ConfigDict(validate_assignment=True)  # reranker.top_n = 0 is refused like top_n=0
@@ -141,6 +145,19 @@ class RetrvR1Reranker(BaseNodePostprocessor):
     @classmethod
     def class_name(cls) -> str:
         return "RetrvR1Reranker"
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The model is not pickled (it cannot be): the copy loads it again from ``model``, like
+        # ``from_dict``. LlamaIndex's BaseComponent would drop it silently (after trying to pickle
+        # all its weights), leaving an unpickled reranker without a model.
+        reload_source(self._model, self.class_name())
+        light = self.model_copy()  # shallow, so another thread's reranking is not disturbed
+        light.__pydantic_private__ = {k: v for k, v in (self.__pydantic_private__ or {}).items() if k != "_model"}
+        return super(RetrvR1Reranker, light).__getstate__()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # BaseComponent's fallback on an error would also leave a reranker without a model.
+        self.__init__(**state["__dict__"])  # type: ignore[misc]
 
     @property
     def retrv_r1_model(self) -> RetrvR1Model:
