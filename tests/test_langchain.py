@@ -22,6 +22,7 @@ from langchain_core.embeddings import Embeddings  # noqa: E402
 from langchain_core.vectorstores import InMemoryVectorStore  # noqa: E402
 from langchain_tests.integration_tests import RetrieversIntegrationTests  # noqa: E402
 
+from retrv_r1_plugin import RetrvR1Model  # noqa: E402
 from retrv_r1_plugin._optional import MissingExtraError  # noqa: E402
 from retrv_r1_plugin.integrations.langchain import (  # noqa: E402
     RetrvR1Compressor,
@@ -539,3 +540,31 @@ def test_a_callable_stores_candidates_are_not_modified(images):
     assert cands[0].image == str(images["red"]) and cands[1].image is None
     assert [d.id for d in retriever.invoke("which one is red?")] == [d.id for d in first]
     assert {d.id: d.metadata.get("image_path") for d in first}["red"] == str(images["red"])
+
+
+def corpus_store(query: Query, top_k: int) -> list[Candidate]:
+    """A picklable callable store over CORPUS."""
+    return [Candidate(text, id=cid) for cid, text in CORPUS[:top_k]]
+
+
+def test_pickled_retriever_and_compressor_load_the_model_again(tmp_path):
+    """Pickling (multiprocessing) used to fail on the model's lock, after copying its weights."""
+    import pickle
+
+    model = make_text_model(seed=3)
+    model.save_pretrained(tmp_path / "ckpt")
+    docs = [Document(page_content=t, id=cid) for cid, t in CORPUS[:5]]
+    for given in (str(tmp_path / "ckpt"), RetrvR1Model.from_pretrained(tmp_path / "ckpt")):
+        compressor = RetrvR1Compressor(model=given, top_n=3, reasoning_budget=0)
+        retriever = RetrvR1Retriever(model=given, store=corpus_store, k=2, first_stage_k=4, reasoning_budget=0)
+        for obj, run in ((compressor, lambda c: c.compress_documents(docs, QUESTION)), (retriever, lambda r: r.invoke(QUESTION))):
+            data = pickle.dumps(obj)
+            assert len(data) < 20_000  # settings, not the weights
+            copy = pickle.loads(data)
+            assert copy.model is not obj.model and str(copy.model.device) == str(obj.model.device)
+            got, want = run(copy), run(obj)
+            assert [d.id for d in got] == [d.id for d in want]
+            assert [d.metadata["relevance_score"] for d in got] == pytest.approx([d.metadata["relevance_score"] for d in want])
+    for obj in (RetrvR1Compressor(model=tiny_text_model()), RetrvR1Retriever(model=tiny_text_model(), store=corpus_store)):
+        with pytest.raises(TypeError, match="built in memory.*save_pretrained"):
+            pickle.dumps(obj)

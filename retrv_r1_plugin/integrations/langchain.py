@@ -48,7 +48,7 @@ from PIL import Image  # noqa: E402
 from ..model import RetrvR1Model  # noqa: E402
 from ..types import Candidate, ImageInput, ImageLoadError, Query, encode_png, load_image  # noqa: E402
 from . import RETRIEVAL_SCORE_KEY, load_model  # noqa: E402
-from ._common import check_window_step, rerank, to_rank  # noqa: E402
+from ._common import check_window_step, reload_source, rerank, to_rank  # noqa: E402
 
 __all__ = ["RetrvR1Compressor", "RetrvR1Retriever", "candidate_to_document", "document_to_candidate"]
 
@@ -135,6 +135,21 @@ class _RetrvR1Options(BaseModel):
         model = info.data.get("model")
         return check_window_step(model, value) if isinstance(model, RetrvR1Model) else value
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A RetrvR1Model cannot be pickled (it holds a lock): a pickled retriever/compressor
+        # (e.g. sent to a worker process) keeps where the model came from and, on being
+        # unpickled, loads it again there, on the same device.
+        state = super().__getstate__()
+        values = {**state["__dict__"], "model": reload_source(self.model, type(self).__name__)}
+        return {**state, "__dict__": values, "retrv_r1_device": str(self.model.device)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        device = state.pop("retrv_r1_device", None)
+        values = dict(state["__dict__"])
+        values["model"] = load_model(values["model"], values.get("device") or device)
+        super().__setstate__({**state, "__dict__": values})
+
     def _rank_documents(self, query: Query, documents: Sequence[Document], candidates: Sequence[Candidate], top: Optional[int]) -> list[Document]:
         """Rerank ``documents``; best ``top`` first.
 
@@ -218,6 +233,10 @@ class RetrvR1Retriever(_RetrvR1Options, BaseRetriever):
     ``metadata["relevance_score"]`` (the model's probability), ``retrv_r1_reasoning``,
     ``retrv_r1_inspected`` and ``retrv_r1_fallback``; a first-stage score already in
     ``relevance_score`` moves to ``retrieval_score``.
+
+    Pickled (e.g. for a worker process), it and :class:`RetrvR1Compressor` keep the model's
+    checkpoint path or bundled name and load it again when unpickled; over a model built in
+    memory they refuse to be pickled.
 
     ``invoke(query, k=..., first_stage_k=..., image=...)`` overrides ``k`` and
     ``first_stage_k`` per call; ``image`` (a path, bytes or PIL image) makes an image or
