@@ -37,7 +37,8 @@ def is_out_of_memory(exc: BaseException) -> bool:
         return True
     if isinstance(exc, RuntimeError):
         message = str(exc).lower()
-        return "out of memory" in message or ("allocat" in message and "memory" in message)
+        # cuBLAS reports a failed workspace allocation as CUBLAS_STATUS_ALLOC_FAILED
+        return "out of memory" in message or ("allocat" in message and "memory" in message) or "alloc_failed" in message
     return False
 
 
