@@ -19,7 +19,7 @@ from typing import Iterable
 
 from ._optional import MissingExtraError
 from .types import Candidate, Query, RankResult, RetrvR1Error
-from .windows import check_window
+from .windows import check_window_step
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 # Ordered: an image's caption is the first of these that exists next to it (x.txt before x.md).
@@ -211,9 +211,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     query = Query(text=args.query, image=args.image)
     top_k = args.top_k
     if args.window_step is not None:
-        limit = model.config.max_candidates
         try:
-            check_window(limit, args.window_step, limit)
+            check_window_step(model, args.window_step)
         except ValueError as exc:
             raise ValueError(f"--window-step {args.window_step}: {exc}") from exc
     elif top_k > model.config.max_candidates:

@@ -426,7 +426,7 @@ class RetrvR1Model(nn.Module):
             notes.append("query image ignored by the text-only backbone")
         slots = self._slots(q_enc, cands, encoded, notes, icm_batch_size) if mode == "icm" else None
         prompt = self.builder.prompt(q_enc, encoded, slots, think=think)
-        limit = self._context_limit()
+        limit = self.context_limit
         # with reasoning, up to two closing tokens (</think><answer>) follow the budget
         closing = MAX_FORCED_TOKENS if think else 0
         if limit is not None and len(prompt) + reasoning_budget + closing > limit:
@@ -464,20 +464,17 @@ class RetrvR1Model(nn.Module):
         b.label_after_candidate = c.label_after_candidate
         b.query_after_candidates = c.query_after_candidates
 
-    def _context_limit(self) -> int | None:
-        return self.config.max_context_tokens or self.backbone.max_positions
-
     @property
     def context_limit(self) -> int | None:
         """The most tokens one rerank call's context may hold (``config.max_context_tokens``,
         else the backbone's position limit), or None when neither is known."""
-        return self._context_limit()
+        return self.config.max_context_tokens or self.backbone.max_positions
 
     def _fit_full_tokens(self, cands, encoded: list[Encoded], query: Encoded, budget: int, notes: list[str], *,
                          think: bool = True) -> list[Encoded]:
         """Full-token mode: cap the candidates' text until the prompt fits, at the largest cap
         that fits (short candidates keep all their text; the room they leave goes to long ones)."""
-        limit = self._context_limit()
+        limit = self.context_limit
         if limit is None:
             return encoded
         # Everything but the candidates' own tokens (frame, system prompt, the query once or
@@ -556,7 +553,7 @@ class RetrvR1Model(nn.Module):
                 max_inspections=inspections,
                 sampling=sampling,
                 allow_inspection=mode == "icm",
-                context_limit=self._context_limit(),
+                context_limit=self.context_limit,
             )
         result = self._result(trace, [Candidate.coerce(c) for c in candidates], notes)
         if strict and result.fallback is not None:
@@ -580,9 +577,7 @@ class RetrvR1Model(nn.Module):
         ``window`` candidates it is exactly :meth:`rank`. ``kwargs`` go to every :meth:`rank`
         call. Scores below the final window are capped so they never rise down ``order``.
         """
-        cands = [Candidate.coerce(c) for c in candidates]
-        if not cands:
-            raise EmptyCandidatesError("no candidates to rerank (the first stage returned nothing)")
+        cands = [Candidate.coerce(c) for c in candidates]  # an empty list reaches rank(), which refuses it
         self._check_readable(cands)  # here, so that an error names the candidate's index in the whole list
         window = self.config.max_candidates if window is None else window
         step = max(1, window // 2) if step is None and isinstance(window, int) else step

@@ -55,6 +55,14 @@ def check_window(window: int, step: int, limit: int) -> None:
         )
 
 
+def check_window_step(model: Any, step: int | None) -> int | None:
+    """``step`` if ``model``'s sliding windows (of its ``config.max_candidates``) can move by it."""
+    if step is not None:
+        limit = model.config.max_candidates
+        check_window(limit, step, limit)
+    return step
+
+
 def rank_in_windows(
     rank: RankFn,
     query: Query | str,
@@ -139,4 +147,4 @@ def rank_in_windows(
     )
 
 
-__all__ = ["check_window", "rank_in_windows", "window_calls"]
+__all__ = ["check_window", "check_window_step", "rank_in_windows", "window_calls"]

@@ -228,10 +228,10 @@ def main_eval(argv: Sequence[str] | None = None) -> int:
         model = RetrvR1Model.from_pretrained(args.model, gguf_file=args.gguf_file)
         limit = model.config.max_candidates
         if args.window_step is not None:
-            from retrv_r1_plugin.windows import check_window
+            from retrv_r1_plugin.windows import check_window_step
 
             try:
-                check_window(limit, args.window_step, limit)
+                check_window_step(model, args.window_step)
             except ValueError as exc:
                 p.error(f"--window-step: {exc}")
         elif args.top_k > limit:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ..windows import check_window
+from ..windows import check_window_step
 from . import FALLBACK_KEY, INSPECTED_KEY, result_metadata
 
 if TYPE_CHECKING:
@@ -81,14 +81,6 @@ def reload_source(model: RetrvR1Model, owner: str) -> str:
             "it), so that the unpickled copy can load the model again"
         )
     return model.name_or_path
-
-
-def check_window_step(model: RetrvR1Model, step: int | None) -> int | None:
-    """``step`` if the model's sliding windows (of ``max_candidates``) can move by it."""
-    if step is not None:
-        limit = model.config.max_candidates
-        check_window(limit, step, limit)
-    return step
 
 
 def rerank(
