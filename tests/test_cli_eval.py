@@ -166,12 +166,18 @@ def test_search_image_only_query_exits_2_naming_the_missing_image_embedder(corpu
     assert "Traceback" not in err and out == ""
 
 
-def test_search_caps_top_k_at_the_models_max_candidates(corpus_dir, tmp_path, capsys):
+def _two_label_model_and_store(corpus_dir, tmp_path, capsys) -> tuple[Path, str]:
+    """A checkpoint with 2 index labels and a store holding the 3 candidates of ``corpus_dir``."""
     ckpt = tmp_path / "two"
     make_text_model(seed=5, max_candidates=2).save_pretrained(ckpt)
     store = str(tmp_path / "qdrant")
-    assert main(["index", str(corpus_dir), "--store", store, "--quiet"]) == 0  # 3 candidates
+    assert main(["index", str(corpus_dir), "--store", store, "--quiet"]) == 0
     capsys.readouterr()
+    return ckpt, store
+
+
+def test_search_caps_top_k_at_the_models_max_candidates(corpus_dir, tmp_path, capsys):
+    ckpt, store = _two_label_model_and_store(corpus_dir, tmp_path, capsys)
     rc, out, err = _run_cli(["search", "how do plants make sugar?", "--store", store, "--model", str(ckpt),
                              "--reasoning-budget", "0", "--json"], capsys)  # default --top-k 20
     assert rc == 0, err
@@ -184,11 +190,7 @@ def test_search_caps_top_k_at_the_models_max_candidates(corpus_dir, tmp_path, ca
 
 
 def test_window_step_ranks_more_than_max_candidates(corpus_dir, beir_dir, tmp_path, capsys):
-    ckpt = tmp_path / "two"
-    make_text_model(seed=5, max_candidates=2).save_pretrained(ckpt)
-    store = str(tmp_path / "qdrant")
-    assert main(["index", str(corpus_dir), "--store", store, "--quiet"]) == 0  # 3 candidates
-    capsys.readouterr()
+    ckpt, store = _two_label_model_and_store(corpus_dir, tmp_path, capsys)
     rc, out, err = _run_cli(["search", "how do plants make sugar?", "--store", store, "--model", str(ckpt),
                              "--reasoning-budget", "0", "--json", "--window-step", "1"], capsys)
     assert rc == 0, err
