@@ -172,6 +172,36 @@ def test_cot_cache_resumes_after_a_kill_in_the_middle_of_a_line(tmp_path):
     assert stats.cached == 4 and stats.called == 0 and cache.read_bytes().endswith(b"\n")
 
 
+def test_cot_cache_never_truncates_a_line_another_process_is_writing(tmp_path):
+    """Shards synthesised in parallel may share one cache. While another process holds the
+    cache lock with its line half written, a starting run must wait instead of repairing
+    that line as if a kill had torn it; once the line is complete the run reuses it."""
+    import threading
+
+    from filelock import FileLock
+
+    examples = make_examples(2)
+    cache = tmp_path / "cache.jsonl"
+    _, stats = synthesize_cot(examples[:1], ProgrammaticTeacher(), cache_path=cache)
+    assert stats.called == 1
+    other = tmp_path / "other.jsonl"
+    synthesize_cot(examples[1:], ProgrammaticTeacher(), cache_path=other)
+    second_line = other.read_bytes()
+    result: dict = {}
+    with FileLock(f"{cache}.lock"):
+        with open(cache, "ab") as fh:  # the other process has written half of its line
+            fh.write(second_line[:20])
+        worker = threading.Thread(target=lambda: result.update(stats=synthesize_cot(examples, ProgrammaticTeacher(), cache_path=cache)[1]))
+        worker.start()
+        worker.join(0.5)
+        assert worker.is_alive(), "the run did not wait for the lock"
+        with open(cache, "ab") as fh:
+            fh.write(second_line[20:])
+    worker.join(30)
+    assert result["stats"].cached == 2 and result["stats"].called == 0
+    assert len(cache.read_text(encoding="utf-8").splitlines()) == 2
+
+
 def test_resume_restores_cuda_rng_on_a_machine_with_fewer_gpus(monkeypatch):
     """A checkpoint holds one CUDA RNG state per GPU its process saw (8 on a training node);
     resuming where fewer GPUs are visible sets those that exist instead of failing at the 2nd."""

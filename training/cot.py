@@ -542,28 +542,41 @@ class SynthesisStats:
 
 
 class _Cache:
-    """Append-only JSONL of raw teacher outputs, keyed by (teacher name, :func:`_cache_key`)."""
+    """Append-only JSONL of raw teacher outputs, keyed by (teacher name, :func:`_cache_key`).
+
+    Several synthesis processes may share one cache (e.g. one per shard against the same
+    API): appends and the repair of a line torn by a kill hold ``<cache>.lock``, so one
+    process never truncates or interleaves with a line another is writing.
+    """
 
     def __init__(self, path: str | os.PathLike | None) -> None:
+        from filelock import FileLock
+
         self.path = Path(path) if path else None
         self.entries: dict[tuple[str, str], str] = {}
+        self._lock = FileLock(f"{self.path}.lock") if self.path else None
         if self.path and self.path.is_file():
-            data = self.path.read_bytes()  # bytes: a kill mid-line may have cut a UTF-8 character
-            end = data.rfind(b"\n") + 1
-            if end < len(data):  # the last line has no newline: a write cut by a kill
-                if self._parse(data[end:]) is None:
-                    with open(self.path, "r+b") as fh:  # torn: drop it, so the next line starts on its own
-                        fh.truncate(end)
-                        os.fsync(fh.fileno())
-                    data = data[:end]
-                else:
-                    with open(self.path, "ab") as fh:  # complete: only its newline is missing
-                        fh.write(b"\n")
-                        os.fsync(fh.fileno())
-            for line in data.splitlines():
-                entry = self._parse(line)
-                if entry is not None:
-                    self.entries[entry[0]] = entry[1]
+            with self._lock:
+                self._load()
+
+    def _load(self) -> None:
+        assert self.path is not None
+        data = self.path.read_bytes()  # bytes: a kill mid-line may have cut a UTF-8 character
+        end = data.rfind(b"\n") + 1
+        if end < len(data):  # the last line has no newline: a write cut by a kill
+            if self._parse(data[end:]) is None:
+                with open(self.path, "r+b") as fh:  # torn: drop it, so the next line starts on its own
+                    fh.truncate(end)
+                    os.fsync(fh.fileno())
+                data = data[:end]
+            else:
+                with open(self.path, "ab") as fh:  # complete: only its newline is missing
+                    fh.write(b"\n")
+                    os.fsync(fh.fileno())
+        for line in data.splitlines():
+            entry = self._parse(line)
+            if entry is not None:
+                self.entries[entry[0]] = entry[1]
 
     @staticmethod
     def _parse(line: bytes) -> tuple[tuple[str, str], str] | None:
@@ -583,8 +596,10 @@ class _Cache:
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"teacher": teacher, "id": ex_id, "raw": raw}, ensure_ascii=False) + "\n")
+        line = (json.dumps({"teacher": teacher, "id": ex_id, "raw": raw}, ensure_ascii=False) + "\n").encode("utf-8")
+        assert self._lock is not None
+        with self._lock, open(self.path, "ab") as fh:
+            fh.write(line)
             fh.flush()
             os.fsync(fh.fileno())
 
