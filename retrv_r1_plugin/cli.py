@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ._optional import MissingExtraError
+from .jsonl import DataFormatError, read_jsonl
 from .types import Candidate, Query, RankResult, RetrvR1Error
 from .windows import check_window_step
 
@@ -77,41 +78,29 @@ def _read_text_file(path: Path) -> str:
 
 
 def _read_jsonl(path: Path) -> Iterable[Candidate]:
-    with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            try:  # UTF-8 as JSON requires, whatever the locale; a leading BOM is dropped
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not UTF-8 text ({exc.reason})") from exc
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            where = f"{path}:{lineno}"
+    """Candidates from a JSON-lines corpus (``id``/``_id``, ``text``, ``title``, ``image_path``)."""
+    for lineno, row in read_jsonl(path, "corpus file"):
+        where = f"{path}:{lineno}"
 
-            def field(name: str, types: type | tuple[type, ...], what: str):
-                value = row.get(name)
-                if value is not None and (not isinstance(value, types) or isinstance(value, bool)):
-                    raise ValueError(f"{where}: {name!r} must be {what}, got {type(value).__name__}")
-                return value
+        def field(name: str, types: type | tuple[type, ...], what: str):
+            value = row.get(name)
+            if value is not None and (not isinstance(value, types) or isinstance(value, bool)):
+                raise DataFormatError(f"{where}: {name!r} must be {what}, got {type(value).__name__}")
+            return value
 
-            id_key = "_id" if "_id" in row else "id"
-            ident = field(id_key, (str, int), "a string or an integer")
-            text = field("text", str, "a string") or ""
-            title = field("title", str, "a string") if "_id" in row else None
-            if title:
-                text = f"{title}: {text}" if text else title
-            image = field("image_path", str, "a path string") or field("image", str, "a path string")
-            if image and not os.path.isabs(image):
-                image = str(path.parent / image)
-            if not text and not image:
-                raise ValueError(f"{where}: a line needs 'text' or 'image_path'")
-            meta = dict(field("metadata", dict, "a JSON object") or {})
-            yield Candidate(text=text, image=image, id=str(ident) if ident is not None else None, metadata=meta)
+        id_key = "_id" if "_id" in row else "id"
+        ident = field(id_key, (str, int), "a string or an integer")
+        text = field("text", str, "a string") or ""
+        title = field("title", str, "a string") if "_id" in row else None
+        if title:
+            text = f"{title}: {text}" if text else title
+        image = field("image_path", str, "a path string") or field("image", str, "a path string")
+        if image and not os.path.isabs(image):
+            image = str(path.parent / image)
+        if not text and not image:
+            raise DataFormatError(f"{where}: a line needs 'text' or 'image_path'")
+        meta = dict(field("metadata", dict, "a JSON object") or {})
+        yield Candidate(text=text, image=image, id=str(ident) if ident is not None else None, metadata=meta)
 
 
 # ----------------------------------------------------------------------------- helpers

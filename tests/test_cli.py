@@ -130,7 +130,7 @@ def test_jsonl_must_be_utf8_and_may_start_with_a_bom(tmp_path, capsys):
     latin1.write_bytes('{"id": "a", "text": "ok"}\n{"id": "b", "text": "caf\u00e9"}\n'.encode("latin-1"))
     rc, _, err = run(["index", str(latin1), "--store", str(tmp_path / "q")], capsys)
     assert rc == 2
-    assert "latin1.jsonl:2: not UTF-8 text" in one_error_line(err)
+    assert "latin1.jsonl:2: not valid UTF-8" in one_error_line(err)
 
 
 def test_folder_text_is_utf8_whatever_the_locale_and_a_bom_is_dropped(tmp_path):

@@ -38,6 +38,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
+from retrv_r1_plugin.jsonl import DataFormatError, read_jsonl
+from retrv_r1_plugin.jsonl import decode_error as _decode_error
+from retrv_r1_plugin.jsonl import require_file as _require_file
+
 PathLike = Union[str, "os.PathLike[str]"]
 
 __all__ = [
@@ -67,10 +71,6 @@ SPLIT_ALIASES: dict[str, tuple[str, ...]] = {
     "validation": ("validation", "dev", "val"),
     "val": ("val", "dev", "validation"),
 }
-
-
-class DataFormatError(ValueError):
-    """A data file is malformed; the message names the file and line."""
 
 
 def _modality(text: str, image_path: Optional[str]) -> str:
@@ -140,42 +140,6 @@ class RetrievalDataset:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _require_file(path: Path, what: str) -> Path:
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
-    return path
-
-
-def _decode_error(p: Path, exc: UnicodeDecodeError) -> DataFormatError:
-    """A :class:`DataFormatError` naming the first line of ``p`` that is not valid UTF-8."""
-    with open(p, "rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            try:
-                raw.decode("utf-8")
-            except UnicodeDecodeError as line_exc:
-                return DataFormatError(f"{p}:{lineno}: not valid UTF-8 ({line_exc.reason} at byte {line_exc.start + 1})")
-    return DataFormatError(f"{p}: not valid UTF-8 ({exc.reason})")
-
-
-def read_jsonl(path: PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield ``(line_number, object)`` for each non-blank line of a JSON-lines file."""
-    p = _require_file(Path(path), "JSON-lines file")
-    with open(p, encoding="utf-8-sig") as fh:
-        try:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataFormatError(f"{p}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-                if not isinstance(obj, dict):
-                    raise DataFormatError(f"{p}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-                yield lineno, obj
-        except UnicodeDecodeError as exc:
-            raise _decode_error(p, exc) from None
 
 
 def _get_id(obj: Mapping[str, Any], key: str, where: str) -> str:
