@@ -36,7 +36,7 @@ def read_corpus(path: str | os.PathLike) -> list[Candidate]:
     JSONL lines may use BEIR keys (``_id``, ``title``, ``text``) or ours (``id``, ``text``,
     ``image_path``, ``metadata``); relative image paths resolve against the file's folder.
     In a folder, ``x.txt`` next to ``x.jpg`` is that image's caption (``.txt``, then ``.md``,
-    then ``.rst``: the first that exists).
+    then ``.rst``: the first that exists); any other text file is a document of its own.
     """
     p = Path(path)
     if not p.exists():
@@ -50,21 +50,24 @@ def read_corpus(path: str | os.PathLike) -> list[Candidate]:
 
 def _read_folder(folder: Path) -> list[Candidate]:
     files = sorted(f for f in folder.rglob("*") if f.is_file())
-    images = {f.with_suffix(""): f for f in files if f.suffix.lower() in IMAGE_SUFFIXES}
     # Suffixes match in any case (IMG_1.JPG + IMG_1.TXT), as they do when classifying files.
     texts: dict[Path, list[Path]] = {}
     for f in files:
         if f.suffix.lower() in TEXT_SUFFIXES:
             texts.setdefault(f.with_suffix(""), []).append(f)
+    captions: dict[Path, Path] = {}  # image -> its caption file: .txt, then .md, then .rst
+    for f in files:
+        if f.suffix.lower() in IMAGE_SUFFIXES and texts.get(f.with_suffix("")):
+            captions[f] = min(texts[f.with_suffix("")], key=lambda t: (TEXT_SUFFIXES.index(t.suffix.lower()), t.name))
+    used_as_caption = set(captions.values())
     out: list[Candidate] = []
     for f in files:
         rel = str(f.relative_to(folder))
         if f.suffix.lower() in IMAGE_SUFFIXES:
-            caption_file = min(texts.get(f.with_suffix(""), []), default=None,
-                               key=lambda t: (TEXT_SUFFIXES.index(t.suffix.lower()), t.name))
-            caption = _read_text_file(caption_file) if caption_file else ""
+            caption = _read_text_file(captions[f]) if f in captions else ""
             out.append(Candidate(text=caption, image=str(f), id=rel, metadata={"file_path": str(f)}))
-        elif f.suffix.lower() in TEXT_SUFFIXES and f.with_suffix("") not in images:
+        elif f.suffix.lower() in TEXT_SUFFIXES and f not in used_as_caption:
+            # a second text file with an image's stem (x.md next to x.txt and x.jpg) is its own document
             out.append(Candidate(text=_read_text_file(f), id=rel, metadata={"file_path": str(f)}))
     if not out:
         raise ValueError(f"no text ({list(TEXT_SUFFIXES)}) or image files found in {folder}")

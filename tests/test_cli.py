@@ -160,7 +160,9 @@ def test_an_image_caption_is_found_whatever_the_case_of_the_suffixes(tmp_path):
     Image.new("RGB", (8, 8), (0, 0, 200)).save(folder / "b.png")
     (folder / "b.Md").write_text("a blue square (md)")
     (folder / "b.txt").write_text("a blue square (txt)")  # .txt comes before .md
-    assert [(c.id, c.text) for c in read_corpus(folder)] == [("IMG_1.JPG", "a red square"), ("b.png", "a blue square (txt)")]
+    # b.Md is not b.png's caption, so it is a document of its own rather than lost
+    assert [(c.id, c.text, c.image is not None) for c in read_corpus(folder)] == [
+        ("IMG_1.JPG", "a red square", True), ("b.Md", "a blue square (md)", False), ("b.png", "a blue square (txt)", True)]
 
 
 @pytest.mark.parametrize("line, field", [
