@@ -164,7 +164,7 @@ def main() -> int:
         if model.config.compression == "icm":
             # t_con is query-independent: compute it once at indexing time; the retriever
             # asks the store for it (with_content_tokens=model.content_signature).
-            store.put_content_tokens(ids, model.encode_candidates(corpus), model.content_signature)
+            store.put_content_tokens(ids, model.encode_candidates(corpus), model.content_signature, contents=corpus)
             print(f"cached content tokens t_con for {len(ids)} candidates (signature {model.content_signature})")
 
         first_stage_k = min(args.first_stage_k, model.config.max_candidates)

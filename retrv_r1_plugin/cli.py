@@ -193,7 +193,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         ids = store.add(candidates, batch_size=args.batch_size, show_progress=not args.quiet)
         if model is not None:
             tokens = model.encode_candidates(candidates)
-            store.put_content_tokens(ids, tokens, model.content_signature)
+            store.put_content_tokens(ids, tokens, model.content_signature, contents=candidates)
         print(f"indexed {len(ids)} candidates into collection {args.collection!r} ({store.count()} in total)")
     return 0
 

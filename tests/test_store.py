@@ -503,6 +503,44 @@ def test_content_token_cache_round_trip(store: QdrantCandidateStore) -> None:
     assert store.count() == len(PASSAGES)
 
 
+def test_content_tokens_of_replaced_content_are_not_cached(store: QdrantCandidateStore, caplog) -> None:
+    """Tokens computed from a candidate's old text must not land on the point once it holds
+    a new text: neither when it was re-added before the put, nor when another writer
+    re-adds it between the put's check and its write (Qdrant checks the content in the update)."""
+    import logging
+
+    store.add(PASSAGES, show_progress=False)
+    old_paris, reef = PASSAGES[0], PASSAGES[2]
+    new_paris = Candidate("Paris hosts the Louvre museum.", id="paris")
+    store.add([new_paris], show_progress=False)
+    with caplog.at_level(logging.WARNING, logger="retrv_r1_plugin.store.qdrant"):
+        written = store.put_content_tokens(["paris", "reef"], [torch.ones(2, 4), torch.ones(2, 4)], "sig",
+                                           contents=[old_paris, reef])
+    assert written == ["reef"] and "'paris'" in caplog.text
+    got = {c.id: c.content_tokens for c in store.get(["paris", "reef"], with_content_tokens="sig")}
+    assert got["paris"] is None and torch.equal(got["reef"], torch.ones(2, 4))
+
+    # the race: the point changes after the put has checked it, before its write lands
+    real_update = store.client.batch_update_points
+    newer_paris = Candidate("Paris is crossed by the Seine.", id="paris")
+
+    def update_after_a_concurrent_add(*args, **kwargs):
+        store.add([newer_paris], show_progress=False)
+        return real_update(*args, **kwargs)
+
+    store.client.batch_update_points = update_after_a_concurrent_add
+    try:
+        store.put_content_tokens(["paris"], [torch.full((2, 4), 7.0)], "sig2", contents=[new_paris])
+    finally:
+        store.client.batch_update_points = real_update
+    (paris,) = store.get(["paris"], with_content_tokens="sig2")
+    assert paris.text == newer_paris.text and paris.content_tokens is None
+    # the same content still caches, also given as a search result
+    (hit,) = [h for h in store.search("Seine", top_k=len(PASSAGES)) if h.id == "paris"]
+    assert store.put_content_tokens(["paris"], [torch.full((2, 4), 7.0)], "sig2", contents=[hit]) == ["paris"]
+    assert torch.equal(store.get(["paris"], with_content_tokens="sig2")[0].content_tokens, torch.full((2, 4), 7.0))
+
+
 # --------------------------------------------------------------------------- embedded on disk
 
 

@@ -33,6 +33,7 @@ import base64
 import builtins
 import hashlib
 import json
+import logging
 import math
 import os
 import sys
@@ -69,6 +70,8 @@ T = TypeVar("T")
 
 NAMESPACE = uuid.UUID("5b7d0c4e-2f0a-5d43-9a57-7f1d6a8e2b31")
 """Namespace of the uuid5 point ids derived from candidate ids."""
+
+logger = logging.getLogger(__name__)
 
 CONTENT_KEY = "page_content"
 METADATA_KEY = "metadata"
@@ -724,7 +727,8 @@ class QdrantCandidateStore:
         *,
         dtype: Literal["float16", "float32"] | None = None,
         batch_size: int = 256,
-    ) -> None:
+        contents: Sequence[Candidate | str] | None = None,
+    ) -> list[str]:
         """Cache each candidate's compressed content tokens ``t_con`` under ``model_signature``.
 
         Args:
@@ -735,6 +739,15 @@ class QdrantCandidateStore:
                 returns tokens whose signature matches.
             dtype: storage precision; default float16 for float16 input, float32 otherwise. The
                 tensor comes back in its original dtype.
+            contents: the candidates the tensors were computed from (what was passed to
+                ``encode_candidates``). With them, tokens are written only where the stored
+                text and image are still that content, checked by Qdrant in the same update,
+                so tokens of an old text never land on a point that another process re-added
+                with a new one meanwhile. Such ids are skipped with a warning. Points written
+                by another tool carry no content fingerprint and are written unchecked.
+
+        Returns:
+            The ids whose tokens were written (all of ``ids`` without ``contents``).
 
         Raises:
             UnknownCandidateError: an id is not in the store.
@@ -748,21 +761,53 @@ class QdrantCandidateStore:
             _encode_tokens(t, model_signature, dtype, label=f"content tokens of {cid!r}")
             for cid, t in zip(ids, tensors)
         ]
+        if contents is not None and len(contents) != len(ids):
+            raise ValueError(f"got {len(contents)} contents for {len(ids)} ids")
         found: dict[str, Any] = {}
         if self._ensure_collection(create=False):
-            found = self._locate(ids, models.PayloadSelectorInclude(include=[_CANDIDATE_ID_PATH]))
+            found = self._locate(ids, models.PayloadSelectorInclude(include=[_CANDIDATE_ID_PATH, INTERNAL_KEY]))
         missing = [cid for cid in ids if cid not in found]
-        pids = [found[cid].id for cid in ids if cid in found]
         if missing:
             raise UnknownCandidateError(f"candidate ids not in collection {self.collection_name!r}: {missing[:10]}")
-        for start in range(0, len(ids), batch_size):
-            operations = [
-                models.SetPayloadOperation(
-                    set_payload=models.SetPayload(payload={TOKENS_KEY: entry}, points=[pid])
-                )
-                for pid, entry in zip(pids[start : start + batch_size], entries[start : start + batch_size])
-            ]
+        # (candidate id, point id, entry, fingerprints the stored content may have or None)
+        writes: list[tuple[str, Any, dict[str, Any], list[str] | None]] = []
+        stale: list[str] = []
+        for i, (cid, entry) in enumerate(zip(ids, entries)):
+            record = found[cid]
+            info = (record.payload or {}).get(INTERNAL_KEY)
+            if contents is None or not isinstance(info, dict) or "fingerprint" not in info:
+                writes.append((cid, record.id, entry, None))
+                continue
+            given = self._prepare(i, contents[i])
+            # the stored point's fingerprints: by path, and by bytes when stored inline too
+            stored = [info["fingerprint"]]
+            if isinstance(info.get("as_bytes"), dict):
+                stored.append(info["as_bytes"]["fingerprint"])
+            if given.fingerprint in stored:
+                writes.append((cid, record.id, entry, stored))
+            else:
+                stale.append(cid)
+        if stale:
+            logger.warning(
+                "content tokens of %d candidate(s) not cached: the stored text or image is no longer "
+                "the content they were computed from (re-added since?): %s", len(stale), stale[:10])
+
+        def operation(pid: Any, entry: dict[str, Any], fingerprints: list[str] | None) -> Any:
+            if fingerprints is None:
+                return models.SetPayloadOperation(set_payload=models.SetPayload(payload={TOKENS_KEY: entry}, points=[pid]))
+            unchanged = models.Filter(
+                must=[models.HasIdCondition(has_id=[pid])],
+                should=[
+                    models.FieldCondition(key=key, match=models.MatchValue(value=fp))
+                    for key, fp in zip((f"{INTERNAL_KEY}.fingerprint", f"{INTERNAL_KEY}.as_bytes.fingerprint"), fingerprints)
+                ],
+            )
+            return models.SetPayloadOperation(set_payload=models.SetPayload(payload={TOKENS_KEY: entry}, filter=unchanged))
+
+        for start in range(0, len(writes), batch_size):
+            operations = [operation(pid, entry, fps) for _, pid, entry, fps in writes[start : start + batch_size]]
             self._call(self._client.batch_update_points, self.collection_name, update_operations=operations, wait=True)
+        return [cid for cid, *_ in writes]
 
     def delete(self, ids: Iterable[str]) -> None:
         """Delete candidates by id (unknown ids are ignored)."""
