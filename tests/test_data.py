@@ -113,6 +113,41 @@ def test_rankings_from_scores_orders_ties_and_nan() -> None:
     assert rankings_from_scores({"q": {"b": 1.0, "a": 3.0}}, k=1) == {"q": ["a"]}
 
 
+def test_metrics_agree_with_trec_eval_on_random_runs() -> None:
+    """The definitions the module doc claims are trec_eval's (via pytrec_eval), per query:
+    R@k = ``success_k``, fraction recall = ``recall_k``, nDCG@10 = ``ndcg_cut_10`` (graded,
+    linear gain), MRR@10 = ``recip_rank`` of the run cut at 10."""
+    import random
+
+    import pytrec_eval
+
+    rng = random.Random(0)
+    qrels: dict[str, dict[str, int]] = {}
+    rankings: dict[str, list[str]] = {}
+    for q in range(300):
+        docs = [f"d{i}" for i in range(rng.randint(1, 40))]
+        qrels[f"q{q}"] = {d: rng.choice([0, 0, 1, 2, 3]) for d in rng.sample(docs, rng.randint(1, len(docs)))}
+        qrels[f"q{q}"].setdefault(rng.choice(docs), rng.randint(1, 3))  # a relevant doc, unless that one was judged
+        rankings[f"q{q}"] = rng.sample(docs, rng.randint(1, len(docs)))
+    # trec_eval orders a run by score (ties by doc id, descending): give distinct scores in our order
+    run = {q: {d: float(len(r) - i) for i, d in enumerate(r)} for q, r in rankings.items()}
+    cut = {q: {d: s for d, s in scores.items() if s > len(rankings[q]) - 10} for q, scores in run.items()}
+    trec = pytrec_eval.RelevanceEvaluator(qrels, {"success.1,5,10", "recall.1,5,10", "ndcg_cut.10"}).evaluate(run)
+    trec_rr = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(cut)
+    compared = 0
+    for q, ranking in rankings.items():
+        judged = qrels[q]
+        if not any(r > 0 for r in judged.values()):
+            continue
+        compared += 1
+        for k in (1, 5, 10):
+            assert recall_at_k(ranking, judged, k) == trec[q][f"success_{k}"], (q, k)
+            assert fraction_recall_at_k(ranking, judged, k) == pytest.approx(trec[q][f"recall_{k}"]), (q, k)
+        assert ndcg_at_k(ranking, judged, 10) == pytest.approx(trec[q]["ndcg_cut_10"], abs=1e-9), q
+        assert mrr_at_k(ranking, judged, 10) == pytest.approx(trec_rr[q]["recip_rank"], abs=1e-9), q
+    assert compared > 200
+
+
 # --------------------------------------------------------------------------- BEIR
 
 
