@@ -199,26 +199,27 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    model = load_model(args.model, args.device)
     query = Query(text=args.query, image=args.image)
-    top_k = args.top_k
-    if args.window_step is not None:
-        try:
-            check_window_step(model, args.window_step)
-        except ValueError as exc:
-            raise ValueError(f"--window-step {args.window_step}: {exc}") from exc
-    elif top_k > model.config.max_candidates:
-        print(f"retrv-r1: note: --top-k {top_k} capped at {model.config.max_candidates}, "
-              "the most candidates this model ranks at once (--window-step ranks more)", file=sys.stderr)
-        top_k = model.config.max_candidates
     from .store import first_stage_query
 
     with open_store(args) as store:
-        first = first_stage_query(query, store.supports_images)  # text-only store: search by the text
-        candidates = store.search(first, top_k=top_k, with_content_tokens=model.content_signature)
-        if not candidates and not store.client.collection_exists(args.collection):
+        # a typo in --collection or --store fails here, before seconds of model loading
+        if not store.client.collection_exists(args.collection):
             raise ValueError(f"no collection {args.collection!r} in {store.url or store.path}: "
                              f"index a corpus into it first (retrv-r1 index PATH --collection {args.collection})")
+        model = load_model(args.model, args.device)
+        top_k = args.top_k
+        if args.window_step is not None:
+            try:
+                check_window_step(model, args.window_step)
+            except ValueError as exc:
+                raise ValueError(f"--window-step {args.window_step}: {exc}") from exc
+        elif top_k > model.config.max_candidates:
+            print(f"retrv-r1: note: --top-k {top_k} capped at {model.config.max_candidates}, "
+                  "the most candidates this model ranks at once (--window-step ranks more)", file=sys.stderr)
+            top_k = model.config.max_candidates
+        first = first_stage_query(query, store.supports_images)  # text-only store: search by the text
+        candidates = store.search(first, top_k=top_k, with_content_tokens=model.content_signature)
     if not candidates:
         if args.json:
             print(json.dumps({"ranking": [], "reasoning": "", "fallback": None,

@@ -69,11 +69,12 @@ def test_counts_below_their_minimum_are_usage_errors(args, option, tmp_path, cap
     assert not (tmp_path / "q").exists()
 
 
-def test_search_of_a_collection_that_does_not_exist_names_it(corpus, checkpoint, tmp_path, capsys):
+def test_search_of_a_collection_that_does_not_exist_names_it(corpus, tmp_path, capsys):
     store = str(tmp_path / "q")
     assert main(["index", str(corpus), "--store", store, "--quiet"]) == 0
     capsys.readouterr()
-    rc, out, err = run(["search", "plants", "--store", store, "--collection", "typo", "--model", checkpoint,
+    # checked before the model is loaded: the missing model directory is not what fails
+    rc, out, err = run(["search", "plants", "--store", store, "--collection", "typo", "--model", str(tmp_path / "no-model"),
                         "--reasoning-budget", "0"], capsys)
     assert rc == 2 and out == ""
     line = one_error_line(err)
