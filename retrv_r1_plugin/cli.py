@@ -138,9 +138,16 @@ def load_model(name: str | None, device: str | None = None):
 
 
 def open_store(args: argparse.Namespace):
-    from .store import QdrantCandidateStore
+    from .store import QdrantCandidateStore, SentenceTransformerImageTextEmbedder, TextEmbedder
 
-    kwargs = {"collection_name": args.collection}
+    kwargs: dict = {"collection_name": args.collection}
+    for option, folder, kind in (("--embedder", args.embedder, TextEmbedder),
+                                 ("--image-embedder", args.image_embedder, SentenceTransformerImageTextEmbedder)):
+        if folder is not None:
+            if not os.path.isdir(folder):
+                raise FileNotFoundError(f"{option} {folder}: no such folder (give a sentence-transformers model "
+                                        "folder; nothing is downloaded)")
+            kwargs["embedder"] = kind(folder)
     if args.url:
         kwargs.update(url=args.url, api_key=args.api_key or os.environ.get("QDRANT_API_KEY"))
     elif args.store:
@@ -189,8 +196,14 @@ def cmd_index(args: argparse.Namespace) -> int:
                 f"--model {args.model}: caching content tokens needs a checkpoint with a trained ICM, "
                 "and this one has none (it reads candidates in full tokens); index without --model"
             )
+    from .store import ImageEmbedderRequiredError
+
     with open_store(args) as store:
-        ids = store.add(candidates, batch_size=args.batch_size, show_progress=not args.quiet)
+        try:
+            ids = store.add(candidates, batch_size=args.batch_size, show_progress=not args.quiet)
+        except ImageEmbedderRequiredError as exc:
+            raise ImageEmbedderRequiredError(f"{exc} (here: a caption file x.txt next to x.jpg, or "
+                                             "--image-embedder FOLDER)") from exc
         if model is not None:
             tokens = model.encode_candidates(candidates)
             store.put_content_tokens(ids, tokens, model.content_signature, contents=candidates)
@@ -292,6 +305,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--url", help="Qdrant server URL (server or cluster mode)")
         p.add_argument("--api-key", help="Qdrant API key (or QDRANT_API_KEY)")
         p.add_argument("--collection", default="retrv_r1")
+        kind = p.add_mutually_exclusive_group()
+        kind.add_argument("--embedder", metavar="FOLDER",
+                          help="first-stage text embedder: a sentence-transformers model folder (default: the "
+                               "bundled all-MiniLM-L6-v2); search with the one the collection was indexed with")
+        kind.add_argument("--image-embedder", metavar="FOLDER",
+                          help="a sentence-transformers folder of a CLIP-like model that embeds images and texts: "
+                               "images are indexed by their pixels, so they need no caption")
 
     def model_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", help=f"checkpoint path or bundled name (default: ${DEFAULT_MODEL_ENV} or {DEFAULT_MODEL})")

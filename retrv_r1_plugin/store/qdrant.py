@@ -39,6 +39,7 @@ import os
 import sys
 import threading
 import uuid
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -285,6 +286,7 @@ class QdrantCandidateStore:
         self._collection_ready = False
         self._dim: int | None = None
         self._local_lock: threading.RLock | None = None
+        self._embedders_warned: set[str] = set()
 
         if location is not None and location != ":memory:":
             if url is not None:
@@ -888,7 +890,26 @@ class QdrantCandidateStore:
             with_payload=self._payload_selector(with_content_tokens),
             with_vectors=False,
         )
+        self._check_embedders(response.points)
         return [self._to_candidate(p, p.score, with_content_tokens) for p in response.points]
+
+    def _check_embedders(self, points: Sequence[Any]) -> None:
+        """Warn (once per embedder name) when hits were indexed by another embedder than the
+        one that embedded the query: a collection built with one 384-d model and searched
+        with another passes the dimension check, and its scores compare unrelated vectors."""
+        ours = embedder_name(self.embedder)
+        for point in points:
+            info = (point.payload or {}).get(INTERNAL_KEY)
+            other = info.get("embedder") if isinstance(info, dict) else None
+            if isinstance(other, str) and other != ours and other not in self._embedders_warned:
+                self._embedders_warned.add(other)
+                warnings.warn(
+                    f"collection {self.collection_name!r} holds points indexed with embedder {other!r}, but "
+                    f"this store embeds queries with {ours!r}: their scores compare vectors of two models. "
+                    "Open the store with the embedder the collection was built with, or re-index those "
+                    "points with add() (it re-embeds points whose embedder changed).",
+                    stacklevel=3,
+                )
 
     def _embed_query(self, q: Query) -> np.ndarray:
         vector = np.zeros(self.dim, dtype=np.float32)
