@@ -334,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("search", help="first-stage search, then rerank with Retrv-R1")
     p.add_argument("query")
     p.add_argument("--image", help="query image (path) for the reranker; the first stage searches by the query "
-                                   "text, so give text too")
+                                   "text (so give text too), or by both with --image-embedder")
     p.add_argument("--top-k", type=positive_int, default=20,
                    help="candidates from the first stage (capped at the model's max_candidates unless --window-step)")
     p.add_argument("--window-step", type=positive_int, default=None,
