@@ -479,6 +479,28 @@ def test_cli_chains_the_three_stages(tmp_path, capsys):
     assert run("rl", "group_size=1") == 2
 
 
+@pytest.mark.parametrize("stage", ["sft", "rl"])
+def test_examples_with_more_candidates_than_labels_are_refused_before_the_first_step(tmp_path, capsys, stage):
+    # tiny_smoke's model has 16 labels; one example of a mixed data file has 17 candidates.
+    # Without the upfront check, rl ran (and checkpointed) until a step drew it, then crashed.
+    examples = make_examples(7, fixed_positive=0)
+    wide = [CandidateRecord(id=f"w{j}", text=f"a {WORDS[j % len(WORDS)]} {j}") for j in range(17)]
+    examples.append(TrainingExample(id="wide", query_text="a cat", candidates=wide, positive=0))
+    data = tmp_path / "ex.jsonl"
+    write_examples(data, examples)
+    if stage == "sft":
+        data = _traces(tmp_path, examples)
+    out = tmp_path / stage
+    smoke = str(ROOT / "training" / "configs" / "tiny_smoke.yaml")
+    argv = [stage, "--config", smoke, "--set", f"data={data}", "--set", f"output_dir={out}", "--set", "steps=4",
+            "--set", "reasoning_budget=4", "--set", "group_size=2"][: 9 if stage == "sft" else None]
+    assert main_train(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{data}: 1 of 8 examples have more candidates than the model's 16 index labels" in err
+    assert "example 'wide' with 17" in err and "--k 16" in err and "Traceback" not in err
+    assert not out.exists()  # refused before anything was written
+
+
 # =========================================================================== position debiasing and the direct mode
 
 

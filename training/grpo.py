@@ -33,7 +33,7 @@ from .examples import TrainingExample, read_examples
 from .params import configure_trainable
 from .rewards import RewardBreakdown, compute_reward, curriculum_lambda
 from .sequences import build_sequence, prepare_example, target_logprobs
-from .trainer import DataOrder, Trainer, load_model, warn_ignored_images
+from .trainer import DataOrder, Trainer, check_candidate_counts, load_model, warn_ignored_images
 
 __all__ = ["Rollout", "sample_rollouts", "group_advantages", "grpo_token_loss", "aggregate_loss", "GRPOTrainer", "train_rl", "rollout_seed"]
 
@@ -174,6 +174,7 @@ class GRPOTrainer(Trainer):
         configure_trainable(self.model, lm=cfg.lm, train_icm=cfg.train_icm, train_token_rows=cfg.train_token_rows, lora=cfg.lora, train_vision=cfg.train_vision)
         self.examples: list[TrainingExample] = read_examples(cfg.data)[: cfg.max_examples]
         warn_ignored_images(self.model, self.examples)
+        check_candidate_counts(self.model, self.examples, cfg.data)
         self.order = DataOrder(len(self.examples), cfg.seed)
         self.ref = None
         if cfg.beta > 0:

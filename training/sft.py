@@ -27,7 +27,7 @@ from .sequences import (
     strip_inspection_requests,
     target_logprobs,
 )
-from .trainer import DataOrder, Trainer, warn_ignored_images
+from .trainer import DataOrder, Trainer, check_candidate_counts, warn_ignored_images
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ class SFTTrainer(Trainer):
         configure_trainable(self.model, lm=cfg.lm, train_icm=cfg.train_icm, train_token_rows=cfg.train_token_rows, lora=cfg.lora, train_vision=cfg.train_vision)
         traces = read_traces(cfg.data)[: cfg.max_examples]
         warn_ignored_images(self.model, [t.example for t in traces])
+        check_candidate_counts(self.model, [t.example for t in traces], cfg.data)
         self.items: list[tuple[CoTTrace, list[int]]] = []
         dropped = stripped = 0
         inspect = cfg.compression == "icm"

@@ -144,6 +144,23 @@ def warn_ignored_images(model: RetrvR1Model, examples: list) -> int:
     return n
 
 
+def check_candidate_counts(model: RetrvR1Model, examples: list, data: str | os.PathLike) -> None:
+    """Refuse, before the first step, examples with more candidates than the model has labels.
+
+    Ranking such an example fails, so without this check a run would stop at the first step
+    that draws one (after hours, with a data file that mixes K). The error names the file,
+    the first such example and what to change."""
+    limit = model.config.max_candidates
+    over = [ex for ex in examples if ex.k > limit]
+    if over:
+        first = over[0]
+        raise ValueError(
+            f"{data}: {len(over)} of {len(examples)} examples have more candidates than the model's {limit} index labels "
+            f"(max_candidates), e.g. example {first.id!r} with {first.k}; rebuild the examples with "
+            f"`data examples --k {limit}` (and their traces with `data cot`), or train a model with more labels"
+        )
+
+
 class DataOrder:
     """A seeded permutation per epoch; the examples of step ``s`` are a function of ``s`` only."""
 
