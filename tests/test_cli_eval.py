@@ -287,3 +287,20 @@ def test_eval_with_an_unknown_model_path_is_a_clear_error_not_a_traceback(beir_d
     code = main(["eval", "--beir", str(beir_dir), "--model", str(tmp_path / "no-such-model"), "--top-k", "3", "--store", str(tmp_path / "q")])
     assert code == 2
     assert "no model directory" in capsys.readouterr().err
+
+
+def test_eval_checks_the_model_and_the_qrels_before_indexing_the_corpus(beir_dir, checkpoint, tmp_path, capsys):
+    # a wrong --model, a --top-k above its labels or a split without judgements used to be found
+    # only after the whole corpus had been embedded into the --store collection
+    store = tmp_path / "q"
+    assert main(["eval", "--beir", str(beir_dir), "--model", str(tmp_path / "no-such-model"), "--store", str(store)]) == 2
+    assert "no model directory" in capsys.readouterr().err and not store.exists()
+    with pytest.raises(SystemExit) as info:
+        main_eval(["--beir", str(beir_dir), "--model", checkpoint, "--top-k", "17", "--store", str(store), "--quiet"])
+    assert info.value.code == 2 and "--top-k 17 exceeds the model's 16 labels" in capsys.readouterr().err
+    assert not store.exists()
+    (beir_dir / "qrels" / "dev.tsv").write_text("query-id\tcorpus-id\tscore\n")  # a header only
+    assert main(["eval", "--beir", str(beir_dir), "--split", "dev", "--store", str(store), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"{beir_dir} (split 'dev'): no queries with relevance judgements" in err and "Traceback" not in err
+    assert not store.exists()

@@ -206,20 +206,11 @@ def main_eval(argv: Sequence[str] | None = None) -> int:
             p.error(f"{', '.join(given)} set how the reranker runs: give --model too (without it only the first stage is evaluated)")
 
     dataset = load_dataset(args)
-    store = None
-    if args.first_stage == "random":
-        from .examples import RandomRetriever
-
-        by_id = {str(c.id): c for c in dataset_candidates(dataset)}
-        retriever = RandomRetriever(by_id, seed=args.seed)
-
-        def search(q: Query, k: int) -> list[Candidate]:
-            return [by_id[i] for i, _ in retriever.search(q, k)]
-    else:
-        store = build_first_stage(dataset, store_path=args.store, show_progress=not args.quiet)
-
-        def search(q: Query, k: int) -> list[Candidate]:
-            return store.search(q, top_k=k)
+    if not any(dataset.qrels.get(q) for q in dataset.queries):  # before indexing the corpus and loading the model
+        where = f"{args.beir} (split {args.split!r})" if args.beir else args.mbeir_queries
+        raise ValueError(f"{where}: no queries with relevance judgements (is the qrels file empty?)")
+    # the model (and the --top-k / --window-step checks) before the first stage: a wrong --model
+    # must not wait for the whole corpus to be embedded and indexed
     model = None
     rank_kwargs: dict[str, Any] = {}
     if args.model:
@@ -238,6 +229,20 @@ def main_eval(argv: Sequence[str] | None = None) -> int:
             p.error(f"--top-k {args.top_k} exceeds the model's {limit} labels (or give --window-step)")
         rank_kwargs = {k: v for k, v in dict(compression=args.compression, reasoning_budget=args.reasoning_budget,
                                              max_inspections=args.max_inspections).items() if v is not None}
+    store = None
+    if args.first_stage == "random":
+        from .examples import RandomRetriever
+
+        by_id = {str(c.id): c for c in dataset_candidates(dataset)}
+        retriever = RandomRetriever(by_id, seed=args.seed)
+
+        def search(q: Query, k: int) -> list[Candidate]:
+            return [by_id[i] for i, _ in retriever.search(q, k)]
+    else:
+        store = build_first_stage(dataset, store_path=args.store, show_progress=not args.quiet)
+
+        def search(q: Query, k: int) -> list[Candidate]:
+            return store.search(q, top_k=k)
     result = evaluate(dataset, search, model, top_k=args.top_k,
                       max_queries=args.max_queries, rank_kwargs=rank_kwargs, show_progress=not args.quiet,
                       window_step=args.window_step)
