@@ -394,18 +394,41 @@ def test_bad_images_name_the_node(vl_model, images, tmp_path):
         reranker.postprocess_nodes(good, query_bundle=QueryBundle("", image_path=str(tmp_path / "nope.png")))
 
 
-def test_image_url_is_fetched_only_when_allowed(vl_model, images, monkeypatch):
-    calls = []
+@pytest.fixture
+def image_server(images):
+    """A real HTTP server on localhost serving the ``images`` folder; ``.requests`` lists the
+    paths asked for (a missing file is a real 404)."""
+    import functools
+    import http.server
+    import threading
 
-    def fake_resolve(self):
-        calls.append(self.image_url)
-        return BytesIO(images["red"].read_bytes())
+    requests_seen: list[str] = []
 
-    monkeypatch.setattr(ImageNode, "resolve_image", fake_resolve)
-    node = NodeWithScore(node=ImageNode(image_url="https://example.invalid/red.png", id_="url-node"))
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):
+            requests_seen.append(self.path)
+            return super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    folder = next(iter(images.values())).parent
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    server.base = f"http://127.0.0.1:{server.server_port}"  # type: ignore[attr-defined]
+    server.requests = requests_seen  # type: ignore[attr-defined]
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_image_url_is_fetched_only_when_allowed(vl_model, images, image_server):
+    url = f"{image_server.base}/red.png"
+    node = NodeWithScore(node=ImageNode(image_url=url, id_="url-node"))
     allowed = RetrvR1Reranker(model=vl_model, reasoning_budget=0, allow_image_urls=True)
     out = allowed.postprocess_nodes([node, *image_nodes(images)], query_str="red")
-    assert calls == ["https://example.invalid/red.png"] and len(out) == 5
+    assert image_server.requests == ["/red.png"] and len(out) == 5
     # the downloaded pixels are what was ranked: the same score as the red image given by path
     by_path = NodeWithScore(node=ImageNode(image_path=str(images["red"]), id_="url-node"))
     same = RetrvR1Reranker(model=vl_model, reasoning_budget=0, top_n=None).postprocess_nodes([by_path, *image_nodes(images)], query_str="red")
@@ -413,7 +436,29 @@ def test_image_url_is_fetched_only_when_allowed(vl_model, images, monkeypatch):
     # without allow_image_urls nothing is downloaded: the node is refused by name
     with pytest.raises(ImageLoadError, match="url-node.*allow_image_urls=True"):
         RetrvR1Reranker(model=vl_model, reasoning_budget=0).postprocess_nodes([node, *image_nodes(images)], query_str="red")
-    assert calls == ["https://example.invalid/red.png"]
+    assert image_server.requests == ["/red.png"]
+
+
+def test_image_url_errors_name_the_url_and_status_and_data_urls_are_read(vl_model, images, image_server):
+    # a 404 page used to be taken for the image: "cannot decode image <335 bytes>", no URL, no status
+    gone = f"{image_server.base}/gone.png"
+    allowed = RetrvR1Reranker(model=vl_model, reasoning_budget=0, allow_image_urls=True)
+    with pytest.raises(ImageLoadError, match=f"gone-node: cannot download {gone}: 404"):
+        allowed.postprocess_nodes([NodeWithScore(node=ImageNode(image_url=gone, id_="gone-node"))], query_str="red")
+    # a URL that answers with something other than an image is named too
+    (images["red"].parent / "page.html").write_text("<html>not an image</html>")
+    page = f"{image_server.base}/page.html"
+    with pytest.raises(ImageLoadError, match=f"page-node: the image_url {page} is not a readable image"):
+        allowed.postprocess_nodes([NodeWithScore(node=ImageNode(image_url=page, id_="page-node"))], query_str="red")
+    # a data: URL holds the image itself: read without allow_image_urls, the same pixels as the file
+    data_url = "data:image/png;base64," + base64.b64encode(images["red"].read_bytes()).decode()
+    inline = NodeWithScore(node=ImageNode(image_url=data_url, id_="same"))
+    by_path = NodeWithScore(node=ImageNode(image_path=str(images["red"]), id_="same"))
+    plain = RetrvR1Reranker(model=vl_model, reasoning_budget=0, top_n=None)
+    got = plain.postprocess_nodes([inline, *image_nodes(images)], query_str="red")
+    want = plain.postprocess_nodes([by_path, *image_nodes(images)], query_str="red")
+    assert [n.node.node_id for n in got] == [n.node.node_id for n in want]
+    assert [n.score for n in got] == pytest.approx([n.score for n in want])
 
 
 def test_image_documents_and_multimodal_nodes_are_read(vl_model, text_model, images):
@@ -439,14 +484,12 @@ def test_image_documents_and_multimodal_nodes_are_read(vl_model, text_model, ima
     assert {n.node.node_id for n in captioned} == {"node", "text"}
 
 
-def test_text_model_reads_image_node_text_only(text_model, images, monkeypatch):
-    fetched = []
-    monkeypatch.setattr(ImageNode, "resolve_image", lambda self: fetched.append(self.image_url))
-    reranker = RetrvR1Reranker(model=text_model, top_n=None, reasoning_budget=0)
+def test_text_model_reads_image_node_text_only(text_model, images, image_server):
+    reranker = RetrvR1Reranker(model=text_model, top_n=None, reasoning_budget=0, allow_image_urls=True)
     captioned = NodeWithScore(node=ImageNode(image_path=str(images["red"]), text="a red square", id_="img"))
-    url_captioned = NodeWithScore(node=ImageNode(image_url="https://example.invalid/x.png", text="a cat", id_="url"))
+    url_captioned = NodeWithScore(node=ImageNode(image_url=f"{image_server.base}/blue.png", text="a cat", id_="url"))
     out = reranker.postprocess_nodes([captioned, url_captioned, *nodes_of(TEXTS[:2])], query_str="red")
-    assert fetched == []  # no URL fetched
+    assert image_server.requests == []  # no URL fetched
     # ranked on their text alone, exactly as the core ranks the captions (no image, no "image ignored" note)
     expected = text_model.rank("red", ["a red square", "a cat", *TEXTS[:2]], reasoning_budget=0)
     by_id = {n.node.node_id: n.score for n in out}

@@ -57,7 +57,8 @@ class RetrvR1Reranker(BaseNodePostprocessor):
     ``data``, ``path``, ``url``) are read from ``image`` (base64), then ``image_path``, then
     ``image_url`` (downloaded only with ``allow_image_urls=True``; otherwise a URL-only node
     raises :class:`~retrv_r1_plugin.types.ImageLoadError`, so an image is never silently
-    dropped), then ``metadata["file_path"]``. An unreadable image raises ``ImageLoadError``
+    dropped; a ``data:`` URL holds the image itself and is always read; an HTTP error status
+    raises ``ImageLoadError`` naming the URL and the status), then ``metadata["file_path"]``. An unreadable image raises ``ImageLoadError``
     naming the node id. An ``ImageNode`` with none of these is ranked by its text. With a
     text-only backbone images are not read: the node's text is ranked, and an image node
     without text raises ``ValueError``.
@@ -95,7 +96,7 @@ class RetrvR1Reranker(BaseNodePostprocessor):
     return_reasoning: bool = Field(default=True, description="Write the model's reasoning trace into metadata['retrv_r1_reasoning'].")
     compression: Optional[Literal["icm", "none"]] = Field(default=None, description="'icm' (compressed candidates plus inspection) or 'none' (full tokens); None uses the model's default.")
     strict: bool = Field(default=False, description="Raise NoAnswerError when the model's output has no clean answer; when False the label probabilities are used and metadata['retrv_r1_fallback'] says why.")
-    allow_image_urls: bool = Field(default=False, description="Download images of ImageNodes that have only an image_url.")
+    allow_image_urls: bool = Field(default=False, description="Download images of ImageNodes that have only an image_url (data: URLs are read without it).")
     metadata_mode: MetadataMode = Field(default=MetadataMode.EMBED, description="Which metadata is included in the node text shown to the model.")
     window_step: Optional[int] = Field(default=None, ge=1, strict=True, description="Rerank all nodes, even more than the model's max_candidates, in sliding windows of max_candidates moving up by this many (RankLLM's step_size; below max_candidates); None reranks the first max_candidates and keeps the rest in their given order.")
 
@@ -204,17 +205,23 @@ class RetrvR1Reranker(BaseNodePostprocessor):
         if path:
             return path
         if url:
-            if not self.allow_image_urls:
+            inline = url.startswith("data:")  # a data: URL holds the image itself: nothing to download
+            shown = url if len(url) <= 100 else url[:97] + "..."
+            if not inline and not self.allow_image_urls:
                 raise ImageLoadError(
-                    f"node {node.node_id} has only an image_url ({url}); pass "
+                    f"node {node.node_id} has only an image_url ({shown}); pass "
                     "allow_image_urls=True to let the reranker download it, or set image_path/image"
                 )
+            # resolve_binary, not ImageNode.resolve_image: the latter takes an HTTP error page
+            # (404, 403) for the image, which then fails to decode without naming the URL or status
             try:
-                if isinstance(node, ImageNode):
-                    return node.resolve_image().getvalue()  # type: ignore[union-attr]
-                return resolve_binary(url=url).getvalue()
-            except Exception as exc:  # network errors of any client library
-                raise ImageLoadError(f"node {node.node_id}: cannot download {url}: {exc}") from exc
+                data = resolve_binary(url=url).getvalue()
+            except Exception as exc:  # HTTP status and network errors of any client library
+                raise ImageLoadError(f"node {node.node_id}: cannot {'read' if inline else 'download'} {shown}: {exc}") from exc
+            try:
+                return load_image(data)
+            except ImageLoadError as exc:
+                raise ImageLoadError(f"node {node.node_id}: the image_url {shown} is not a readable image ({exc})") from exc
         path = node.metadata.get("file_path")
         return path if isinstance(path, str) and path else None
 
