@@ -530,6 +530,25 @@ def test_data_examples_cli_refuses_mbeir_queries_without_a_pool(tmp_path, capsys
     assert "--mbeir-pool" in capsys.readouterr().err
 
 
+def test_data_examples_cli_refuses_to_write_an_empty_examples_file(tmp_path, capsys):
+    # an empty qrels split (or a corpus with nothing to use as a negative) used to give
+    # {"examples": 0} with exit 0 and overwrite --out with an empty file
+    from training.cli import main_data
+
+    out = tmp_path / "examples.jsonl"
+    out.write_text("earlier examples\n")
+    corpus = {"d1": Doc(text="red apple"), "d2": Doc(text="blue sky")}
+    write_beir(tmp_path / "empty", corpus, {"q1": QueryRecord(text="apple")}, {"train": {}})
+    args = ["examples", "--split", "train", "--first-stage", "random", "--k", "4", "--out", str(out)]
+    assert main_data(args + ["--beir", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'empty'} (split 'train'): no queries with relevance judgements" in err and "Traceback" not in err
+    write_beir(tmp_path / "one", {"d1": Doc(text="red apple")}, {"q1": QueryRecord(text="apple")}, {"train": {"q1": {"d1": 1}}})
+    assert main_data(args + ["--beir", str(tmp_path / "one")]) == 2
+    assert f"{tmp_path / 'one'} (split 'train'): no examples built, so {out} was not written" in capsys.readouterr().err
+    assert out.read_text() == "earlier examples\n"
+
+
 def test_cot_cache_resumes_an_interrupted_run_without_repeating_calls(tmp_path):
     examples = [_example(positive=i % 4, eid=f"e{i}") for i in range(5)]
     cache = tmp_path / "cache.jsonl"

@@ -78,6 +78,13 @@ def _rpm(text: str) -> float:
     return value
 
 
+def _source(args: argparse.Namespace) -> str:
+    """What ``data examples`` reads, for its error messages."""
+    if args.beir:
+        return f"{args.beir} (split {args.split!r})"
+    return args.mbeir_queries or f"{args.qrels} over collection {args.collection!r}"
+
+
 def main_data(argv: Sequence[str]) -> int:
     """Build training examples (``examples``) or CoT traces (``cot``)."""
     parser = argparse.ArgumentParser(prog="python -m training.cli data")
@@ -128,6 +135,9 @@ def main_data(argv: Sequence[str]) -> int:
                 raise ValueError("--mbeir-queries and --mbeir-pool go together")
             if args.beir or args.mbeir_queries:
                 ds = load_beir(args.beir, split=args.split) if args.beir else load_mbeir(args.mbeir_queries, args.mbeir_pool)
+                if not any(ds.qrels.values()):  # before embedding the corpus
+                    raise ValueError(f"{_source(args)}: no queries with relevance judgements (is the qrels file empty?); "
+                                     f"{args.out} was not written")
                 if args.first_stage == "random":
                     retriever = RandomRetriever(ds.corpus, seed=args.seed)
                 else:
@@ -143,6 +153,10 @@ def main_data(argv: Sequence[str]) -> int:
                 examples = examples_from_store(store, queries, args.qrels, k=args.k, seed=args.seed, max_queries=args.max_queries)
             else:
                 raise ValueError("give --beir, --mbeir-queries/--mbeir-pool, or --qdrant-path/--qdrant-url")
+            if not examples:  # an empty file would only fail later, in `data cot` or a training stage
+                raise ValueError(f"{_source(args)}: no examples built, so {args.out} was not written: no query has a relevant "
+                                 "document in the qrels (is the qrels file empty, or are its ids not those of the "
+                                 "queries and corpus?), or the first stage found no negative for it")
             n = write_examples(args.out, examples)
             inserted = sum(e.inserted_positive for e in examples)
             print(json.dumps({"examples": n, "inserted_positive": inserted, "out": args.out}))
