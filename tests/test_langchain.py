@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import functools
 import importlib
 import math
@@ -488,6 +489,19 @@ def test_document_candidate_round_trip(images):
     with QdrantCandidateStore(minilm(), location=":memory:", collection_name="pil") as store:
         store.add([Candidate("t", image=pil, id="c")], show_progress=False)
         assert doc.metadata["image_b64"] == candidate_to_document(store.get(["c"])[0]).metadata["image_b64"]
+
+
+def test_line_wrapped_base64_images_are_read(images):
+    # MIME-style base64 (base64.encodebytes: a line break every 76 characters) was refused as
+    # "not valid base64"; other characters outside the alphabet still are
+    raw = images["red"].read_bytes()
+    wrapped = Document(page_content="t", id="wrapped", metadata={"image_b64": base64.encodebytes(raw).decode()})
+    assert "\n" in wrapped.metadata["image_b64"]
+    assert document_to_candidate(wrapped, load_images=False).image == raw
+    assert document_to_candidate(wrapped).image.size == (56, 56)
+    bad = Document(page_content="t", id="bad-b64", metadata={"image_b64": "%%% not base64"})
+    with pytest.raises(ImageLoadError, match="bad-b64.*not valid base64"):
+        document_to_candidate(bad)
 
 
 def test_missing_extra_names_the_pip_command(monkeypatch):

@@ -375,6 +375,20 @@ def test_image_query_with_empty_query_str(vl_model, images):
     assert [n.score for n in out] == pytest.approx([expected.scores[i] for i in expected.order])
 
 
+def test_line_wrapped_base64_image_is_read(vl_model, images):
+    # ImageNode.resolve_image reads MIME-style base64 (a line break every 76 characters); the
+    # reranker refused it as "not valid base64"
+    wrapped = base64.encodebytes(images["green"].read_bytes()).decode()
+    assert "\n" in wrapped
+    reranker = RetrvR1Reranker(model=vl_model, top_n=None, reasoning_budget=0)
+    nodes = image_nodes(images)
+    nodes[1] = NodeWithScore(node=ImageNode(image=wrapped, id_="by_base64"), score=0.4)
+    got = reranker.postprocess_nodes(nodes, query_str="green")
+    want = reranker.postprocess_nodes(image_nodes(images), query_str="green")
+    assert [n.node.node_id for n in got] == [n.node.node_id for n in want]
+    assert [n.score for n in got] == pytest.approx([n.score for n in want])
+
+
 def test_bad_images_name_the_node(vl_model, images, tmp_path):
     reranker = RetrvR1Reranker(model=vl_model, reasoning_budget=0)
     good = image_nodes(images)

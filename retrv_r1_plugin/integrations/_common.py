@@ -11,6 +11,7 @@ every reranked score, as ``training/evaluate.py`` does with ``ids[top_k:]``. Wit
 
 from __future__ import annotations
 
+import base64
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -57,6 +58,17 @@ class Reranked:
             out[INSPECTED_KEY] = False
             out[FALLBACK_KEY] = NOT_RERANKED
         return out
+
+
+def decode_base64(value: str | bytes) -> bytes:
+    """The bytes of base64 ``value``, line breaks and other whitespace allowed (MIME-style
+    ``base64.encodebytes`` output, as LlamaIndex's own ``ImageNode.resolve_image`` reads it);
+    any other character outside the base64 alphabet raises ``binascii.Error``."""
+    if isinstance(value, str):
+        value = "".join(value.split())
+    elif isinstance(value, (bytes, bytearray)):
+        value = b"".join(bytes(value).split())
+    return base64.b64decode(value, validate=True)
 
 
 def to_rank(model: RetrvR1Model, items: Sequence[T], window_step: int | None = None) -> list[T]:
@@ -131,4 +143,4 @@ def rerank(
     return Reranked(result=result, order=order, scores=scores, reranked=len(head))
 
 
-__all__ = ["NOT_RERANKED", "Reranked", "check_window_step", "reload_source", "rerank", "to_rank"]
+__all__ = ["NOT_RERANKED", "Reranked", "check_window_step", "decode_base64", "reload_source", "rerank", "to_rank"]

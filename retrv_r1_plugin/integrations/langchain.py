@@ -48,7 +48,7 @@ from PIL import Image  # noqa: E402
 from ..model import RetrvR1Model  # noqa: E402
 from ..types import Candidate, ImageInput, ImageLoadError, Query, encode_png, load_image  # noqa: E402
 from . import RETRIEVAL_SCORE_KEY, load_model  # noqa: E402
-from ._common import check_window_step, reload_source, rerank, to_rank  # noqa: E402
+from ._common import check_window_step, decode_base64, reload_source, rerank, to_rank  # noqa: E402
 
 __all__ = ["RetrvR1Compressor", "RetrvR1Retriever", "candidate_to_document", "document_to_candidate"]
 
@@ -93,7 +93,7 @@ def document_to_candidate(document: Document, load_images: bool = True) -> Candi
     image: ImageInput | None = meta.get(IMAGE_PATH_KEY) or None
     if image is None and meta.get(IMAGE_B64_KEY):
         try:
-            image = base64.b64decode(meta[IMAGE_B64_KEY], validate=True)
+            image = decode_base64(meta[IMAGE_B64_KEY])
         except (binascii.Error, ValueError, TypeError) as exc:
             raise ImageLoadError(f"document {name}: metadata['image_b64'] is not valid base64 ({exc})") from exc
     if image is not None and load_images:

@@ -16,7 +16,6 @@ sentence-transformers model (by default the bundled all-MiniLM-L6-v2), handy for
 
 from __future__ import annotations
 
-import base64
 import binascii
 import logging
 import os
@@ -38,7 +37,7 @@ from llama_index.core.utils import resolve_binary  # noqa: E402
 from ..model import RetrvR1Model  # noqa: E402
 from ..types import Candidate, ImageInput, ImageLoadError, Query, load_image  # noqa: E402
 from . import RETRIEVAL_SCORE_KEY, load_model, model_name  # noqa: E402
-from ._common import Reranked, check_window_step, reload_source, rerank, to_rank  # noqa: E402
+from ._common import Reranked, check_window_step, decode_base64, reload_source, rerank, to_rank  # noqa: E402
 
 logger = logging.getLogger(__name__)
 dispatcher = get_dispatcher(__name__)
@@ -199,7 +198,7 @@ class RetrvR1Reranker(BaseNodePostprocessor):
         b64, path, url = self._image_fields(node) or (None, None, None)
         if b64:
             try:
-                return base64.b64decode(b64, validate=True)
+                return decode_base64(b64)
             except (binascii.Error, ValueError) as exc:
                 raise ImageLoadError(f"node {node.node_id}: field 'image' is not valid base64 ({exc})") from exc
         if path:
