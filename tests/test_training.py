@@ -501,6 +501,29 @@ def test_examples_with_more_candidates_than_labels_are_refused_before_the_first_
     assert not out.exists()  # refused before anything was written
 
 
+def test_a_data_file_of_the_other_kind_is_named_as_such(tmp_path, capsys):
+    # examples given to sft, traces given to align/rl: the error used to be "not a valid trace:
+    # 'example'" or "TrainingExample.__init__() got an unexpected keyword argument 'example'"
+    examples = make_examples(4)
+    write_examples(tmp_path / "ex.jsonl", examples)
+    traces = _traces(tmp_path, examples)
+    smoke = str(ROOT / "training" / "configs" / "tiny_smoke.yaml")
+    for stage, data, says in (("sft", tmp_path / "ex.jsonl", "this is a training example (from `data examples`), not a CoT trace"),
+                              ("align", traces, "this is a CoT trace (from `data cot`), not a training example"),
+                              ("rl", traces, "this is a CoT trace (from `data cot`), not a training example")):
+        assert main_train([stage, "--config", smoke, "--set", f"data={data}", "--set", f"output_dir={tmp_path / stage}"]) == 2
+        err = capsys.readouterr().err
+        assert f"{data}:1: {says}" in err and "Traceback" not in err
+    from training.cot import read_traces
+    from training.data.formats import DataFormatError
+
+    row = json.loads(traces.read_text().splitlines()[0])
+    del row["reasoning"]
+    (tmp_path / "broken.jsonl").write_text(json.dumps(row) + "\n")
+    with pytest.raises(DataFormatError, match=r"broken.jsonl:1: not a valid trace: missing field 'reasoning'"):
+        read_traces(tmp_path / "broken.jsonl")
+
+
 # =========================================================================== position debiasing and the direct mode
 
 

@@ -170,9 +170,16 @@ def read_traces(path: str | os.PathLike) -> list[CoTTrace]:
     """Read traces written by :func:`write_traces`; a broken one names its file and line."""
     traces = []
     for line_no, obj in read_jsonl(path):
+        if "example" not in obj and "candidates" in obj and "query_text" in obj:
+            raise DataFormatError(
+                f"{path}:{line_no}: this is a training example (from `data examples`), not a CoT trace: sft trains on "
+                f"traces, made by `python -m training.cli data cot --examples {path} --out TRACES.jsonl`"
+            )
         try:
             traces.append(CoTTrace.from_dict(obj))
-        except (KeyError, TypeError, ValueError) as exc:
+        except KeyError as exc:
+            raise DataFormatError(f"{path}:{line_no}: not a valid trace: missing field {exc}") from exc
+        except (TypeError, ValueError) as exc:
             raise DataFormatError(f"{path}:{line_no}: not a valid trace: {exc}") from exc
     return traces
 

@@ -157,6 +157,11 @@ def read_examples(path: str | os.PathLike) -> list[TrainingExample]:
     """Read examples written by :func:`write_examples`."""
     out = []
     for lineno, obj in read_jsonl(path):
+        if "example" in obj and "reasoning" in obj and "candidates" not in obj:
+            raise ValueError(
+                f"{path}:{lineno}: this is a CoT trace (from `data cot`), not a training example: align, rl and "
+                "`data cot --examples` read the examples written by `data examples`"
+            )
         try:
             out.append(TrainingExample.from_dict(obj))
         except (TypeError, ValueError) as exc:
