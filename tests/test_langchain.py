@@ -375,6 +375,35 @@ def test_window_step_reranks_every_document():
 
 
 
+def test_retriever_returns_k_documents_when_k_is_above_the_default_first_stage(caplog):
+    # invoke(q, k=6) over a 4-label model returned 4 documents (the default first_stage_k was
+    # min(20, max_candidates)) although the store holds 8; and window_step without first_stage_k
+    # never used the windows. Now k documents come back, as from the compressor: the first
+    # max_candidates reranked, the others after them in first-stage order, flagged
+    model = small_boosted_model()
+    first_stage = [c.id for c in text_store().search(QUESTION, top_k=8)]
+    for source in ({"store": text_store()}, {"base_retriever": vector_store().as_retriever(search_kwargs={"k": 8})}):
+        retriever = RetrvR1Retriever(model=model, k=2, reasoning_budget=0, **source)
+        assert len(retriever.invoke(QUESTION)) == 2
+        with caplog.at_level("WARNING", logger="retrv_r1_plugin.integrations"):
+            docs = retriever.invoke(QUESTION, k=6)
+        assert len(docs) == 6 and "RetrvR1Retriever got 6 items" in caplog.text
+        assert all(d.metadata["retrv_r1_fallback"] == "not_reranked" for d in docs[4:])
+        assert all(d.metadata["retrv_r1_fallback"] != "not_reranked" for d in docs[:4])
+        if "store" in source:
+            assert docs[0].id == first_stage[WINNER] and [d.id for d in docs[4:]] == first_stage[4:6]
+            from_store = docs
+        caplog.clear()
+    compressed = RetrvR1Compressor(model=model, top_n=6, reasoning_budget=0).compress_documents(
+        [Document(page_content=c.text, id=c.id) for c in text_store().search(QUESTION, top_k=6)], QUESTION)
+    assert [d.id for d in from_store] == [d.id for d in compressed]
+    # with window_step (and no first_stage_k) the default first stage exceeds max_candidates
+    windowed = RetrvR1Retriever(model=model, store=text_store(), k=8, window_step=2, reasoning_budget=0).invoke(QUESTION)
+    assert len(windowed) == 8 and all(d.metadata["retrv_r1_fallback"] != "not_reranked" for d in windowed)
+    # an explicit first_stage_k is still what is reranked
+    assert len(RetrvR1Retriever(model=model, store=text_store(), k=6, first_stage_k=3, reasoning_budget=0).invoke(QUESTION)) == 3
+
+
 def test_retriever_keeps_window_step_while_first_stage_k_needs_it():
     # first_stage_k above max_candidates is valid only with window_step: dropping window_step later
     # is refused like RetrvR1Retriever(first_stage_k=8) is, and leaves the old value

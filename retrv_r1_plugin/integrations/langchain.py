@@ -248,7 +248,7 @@ class RetrvR1Retriever(_RetrvR1Options, BaseRetriever):
     store: Optional[Any] = Field(default=None, description="First-stage candidate store: QdrantCandidateStore, an object with search(query, top_k), or such a callable.")
     base_retriever: Optional[BaseRetriever] = Field(default=None, description="A LangChain retriever giving the first-stage documents (instead of store).")
     k: int = Field(default=4, ge=1, description="Number of documents returned (>= 1).")
-    first_stage_k: Optional[int] = Field(default=None, description="How many first-stage candidates to rerank (default: min(20, the model's max_candidates); above max_candidates only with window_step).")
+    first_stage_k: Optional[int] = Field(default=None, description="How many first-stage candidates to rerank (above max_candidates only with window_step). Default: k if larger, else 20, capped at max_candidates without window_step; a k above max_candidates without window_step returns the candidates past max_candidates after the reranked ones, in first-stage order, flagged 'not_reranked'.")
 
     @model_validator(mode="after")
     def _check_sources(self) -> RetrvR1Retriever:
@@ -285,7 +285,14 @@ class RetrvR1Retriever(_RetrvR1Options, BaseRetriever):
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         n = first_stage_k if first_stage_k is not None else self.first_stage_k
-        n = min(20, self.model.config.max_candidates) if n is None else self._check_first_stage_k(n)
+        if n is None:
+            # 20, or k when more are asked for (invoke(q, k=25) returns 25 documents when the
+            # store holds them); without window_step capped at max_candidates unless k is above
+            # it, in which case the documents past max_candidates follow unreranked, as the
+            # compressor's do
+            n = max(k, 20 if self.window_step is not None else min(20, self.model.config.max_candidates))
+        else:
+            n = self._check_first_stage_k(n)
         return k, n
 
     def _search_store(self, query: Query, n: int) -> tuple[list[Document], list[Candidate]]:
@@ -297,9 +304,10 @@ class RetrvR1Retriever(_RetrvR1Options, BaseRetriever):
         kwargs: dict[str, Any] = {}
         if isinstance(self.store, QdrantCandidateStore):  # reuse cached content tokens
             kwargs["with_content_tokens"] = self.model.content_signature
-        candidates = list(search(first, top_k=n, **kwargs))[:n]
+        found = list(search(first, top_k=n, **kwargs))[:n]
+        documents = [candidate_to_document(c) for c in found]
+        candidates = to_rank(self.model, found, self.window_step)  # images past max_candidates are not read
         vision = self.model.backbone.is_vision
-        documents = [candidate_to_document(c) for c in candidates]
         for i, (c, d) in enumerate(zip(candidates, documents)):
             if c.image is not None and vision:
                 try:  # on a copy: the store's (or a callable's own) Candidate keeps its image source
@@ -327,7 +335,7 @@ class RetrvR1Retriever(_RetrvR1Options, BaseRetriever):
         q = self._query(query, image)
         if self.base_retriever is not None:
             docs = self.base_retriever.invoke(self._first_stage_text(q), config={"callbacks": run_manager.get_child()})[:n]
-            candidates = self._candidates(docs)
+            candidates = self._candidates(to_rank(self.model, docs, self.window_step))
         else:
             docs, candidates = self._search_store(q, n)
         return self._rank_documents(q, docs, candidates, k)
@@ -346,7 +354,7 @@ class RetrvR1Retriever(_RetrvR1Options, BaseRetriever):
         q = await run_in_executor(None, self._query, query, image)  # decoding an image file blocks
         if self.base_retriever is not None:
             docs = (await self.base_retriever.ainvoke(self._first_stage_text(q), config={"callbacks": run_manager.get_child()}))[:n]
-            candidates = await run_in_executor(None, self._candidates, docs)
+            candidates = await run_in_executor(None, self._candidates, to_rank(self.model, docs, self.window_step))
         else:
             docs, candidates = await run_in_executor(None, self._search_store, q, n)
         return await run_in_executor(None, self._rank_documents, q, docs, candidates, k)
