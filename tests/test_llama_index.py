@@ -189,6 +189,22 @@ def test_fields_and_serialisation(text_model):
         assert RetrvR1Reranker.model_fields[name].description
 
 
+def test_model_and_device_cannot_be_reassigned(tmp_path, text_model):
+    # assigning them changed nothing but what to_dict/pickle name: the reranker kept ranking with
+    # the model it was built with, and a from_dict/pickled copy would load the other one
+    make_text_model(seed=4).save_pretrained(tmp_path / "ckpt")
+    reranker = RetrvR1Reranker(model=text_model, top_n=2, reasoning_budget=0)
+    before = reranker.to_dict()
+    for field, value in (("model", str(tmp_path / "ckpt")), ("device", "meta")):
+        with pytest.raises(ValueError, match=f"{field}\n.*frozen"):
+            setattr(reranker, field, value)
+    assert reranker.to_dict() == before and reranker.retrv_r1_model is text_model and str(text_model.device) == "cpu"
+    reranker.top_n = 3  # the other settings are still assignable
+    assert len(reranker.postprocess_nodes(nodes_of(TEXTS), query_str="q")) == 3
+    rebuilt = RetrvR1Reranker.from_dict({**before, "model": str(tmp_path / "ckpt")})  # a new reranker is the way
+    assert rebuilt.model == str(tmp_path / "ckpt") and rebuilt.retrv_r1_model is not text_model
+
+
 def test_loads_a_checkpoint_path(tmp_path):
     model = make_text_model(seed=3)
     model.save_pretrained(tmp_path / "ckpt")

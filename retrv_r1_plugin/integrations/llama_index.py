@@ -86,9 +86,11 @@ class RetrvR1Reranker(BaseNodePostprocessor):
 
     model_config = ConfigDict(validate_assignment=True)  # reranker.top_n = 0 is refused like top_n=0
 
-    model: str = Field(description="Checkpoint path or bundled name of the Retrv-R1 model (or a description of the loaded model given).")
+    # model and device are frozen: the model is loaded in __init__, so assigning another path or
+    # device afterwards would change nothing but what to_dict/pickle name (build a new reranker)
+    model: str = Field(frozen=True, description="Checkpoint path or bundled name of the Retrv-R1 model (or a description of the loaded model given); set at construction.")
     top_n: Optional[int] = Field(default=5, ge=1, description="Number of nodes to return, best first (>= 1); None returns all.")
-    device: Optional[str] = Field(default=None, description="Torch device the model runs on (default: cuda/mps when available, else cpu).")
+    device: Optional[str] = Field(default=None, frozen=True, description="Torch device the model runs on (default: cuda/mps when available, else cpu); set at construction.")
     keep_retrieval_score: bool = Field(default=False, description="Copy each node's first-stage score into metadata['retrieval_score'].")
     reasoning_budget: Optional[int] = Field(default=None, description="Tokens the model may reason before answering (0: score directly); None uses the model's default.")
     max_inspections: Optional[int] = Field(default=None, description="How many candidates the model may inspect in full tokens; None uses the model's default.")
