@@ -23,7 +23,7 @@ says so). For a larger corpus put a first stage in front, as in ``examples/quick
 In the chat: a line is a text query; ``/image PATH [text]`` is an image (+ text) query
 (``PATH`` may also name a bundled image, e.g. ``digit-3-0.png`` or ``cat.jpg``); ``/quit``
 ends. With a text-only model, images are reranked by their captions, and image-only
-queries cannot be answered.
+queries cannot be answered (``--corpus digits``, whose images have no captions, is refused).
 
 Default model: the bundled ``retrv-r1-qwen2.5-vl-digits`` (SmolLM2-135M with a grafted
 vision tower, trained by ``scripts/train_default_digits.sh``; it knows handwritten digits,
@@ -196,6 +196,12 @@ def main() -> int:
     if not vision:
         print("  text-only model: images are reranked by their captions; image-only queries are not supported")
     nodes = build_nodes(args.corpus)
+    if not vision and any(not n.get_content().strip() for n in nodes):
+        # every turn would fail on the first image without text: say so once, before the chat
+        print(f"error: the {args.corpus!r} corpus has images without text, which the text-only model "
+              f"{description!r} cannot rank; use a Qwen-VL model (default {DEFAULT_MODEL}) or --corpus sample",
+              file=sys.stderr)
+        return 2
     if len(nodes) > model.config.max_candidates:
         nodes = nodes[: model.config.max_candidates]
         print(f"  (only the first {len(nodes)} nodes fit the model's index labels)")

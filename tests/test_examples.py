@@ -89,6 +89,18 @@ def test_multimodal_chatbot_digits_corpus_has_image_only_nodes(checkpoints):
     assert len(re.findall(rf"^       [123]\. {SCORE} \[image\] digit-\d-\d\.png$", out, flags=re.MULTILINE)) == 6
 
 
+def test_multimodal_chatbot_refuses_the_digits_corpus_with_a_text_model(checkpoints):
+    # it used to start the chat and fail every turn on the first caption-less digit image
+    proc = subprocess.run(
+        [sys.executable, "examples/multimodal_chatbot.py", "--model", str(checkpoints["text"]), "--corpus", "digits"],
+        input="a handwritten digit seven\n", cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "'digits' corpus has images without text" in proc.stderr and "Qwen-VL" in proc.stderr
+    assert "Traceback" not in proc.stderr and "you>" not in proc.stdout and "bot>" not in proc.stdout
+
+
 def test_multimodal_chatbot_text_model_from_stdin(checkpoints):
     out = run_script(
         "examples/multimodal_chatbot.py", "--model", checkpoints["text"], "--reasoning-budget", "2",
