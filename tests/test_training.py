@@ -524,6 +524,39 @@ def test_a_data_file_of_the_other_kind_is_named_as_such(tmp_path, capsys):
         read_traces(tmp_path / "broken.jsonl")
 
 
+def test_a_training_run_folder_given_as_the_model_names_the_model_inside(tmp_path, capsys):
+    # init_from / eval --model pointing at a stage's output_dir or at one of its checkpoints used to
+    # fail with transformers' "Unrecognized model ... Should have a `model_type` key"
+    from training.evaluate import main_eval
+
+    examples = make_examples(4, fixed_positive=0)
+    write_examples(tmp_path / "ex.jsonl", examples)
+    smoke = str(ROOT / "training" / "configs" / "tiny_smoke.yaml")
+    align = tmp_path / "align"
+    assert main_train(["align", "--config", smoke, "--set", f"data={tmp_path / 'ex.jsonl'}", "--set", f"output_dir={align}"]) == 0
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    import shutil
+
+    shutil.copytree(align / "checkpoint-000002", unfinished / "checkpoint-000002")
+    traces = _traces(tmp_path, examples)
+    capsys.readouterr()
+    for source, says in ((align, f"is a training run's output_dir, not a model: its model is {align / 'final'}"),
+                         (align / "checkpoint-000004", f"is a training checkpoint (what --resume reads), not a model: its model is {align / 'checkpoint-000004' / 'model'}"),
+                         (unfinished, f"is the output_dir of a training run that has not finished (no final/): use {unfinished / 'checkpoint-000002' / 'model'}, or finish the run with --resume")):
+        assert main_train(["sft", "--config", smoke, "--set", f"data={traces}", "--set", f"output_dir={tmp_path / 'sft'}", "--set", f"init_from={source}"]) == 2
+        err = capsys.readouterr().err
+        assert f"init_from '{source}' {says}" in err and "model_type" not in err
+    beir = tmp_path / "beir"
+    (beir / "qrels").mkdir(parents=True)
+    (beir / "corpus.jsonl").write_text('{"_id": "d1", "text": "a cat"}\n{"_id": "d2", "text": "a dog"}\n')
+    (beir / "queries.jsonl").write_text('{"_id": "q1", "text": "cat"}\n')
+    (beir / "qrels" / "test.tsv").write_text("q1\td1\t1\n")
+    with pytest.raises(ValueError, match=r"--model '.*align' is a training run's output_dir, not a model: its model is .*final"):
+        main_eval(["--beir", str(beir), "--model", str(align), "--top-k", "2", "--quiet"])
+    assert main_eval(["--beir", str(beir), "--model", str(align / "checkpoint-000004" / "model"), "--top-k", "2", "--quiet"]) == 0
+
+
 # =========================================================================== position debiasing and the direct mode
 
 

@@ -216,6 +216,9 @@ def main_eval(argv: Sequence[str] | None = None) -> int:
     if args.model:
         from retrv_r1_plugin.model import RetrvR1Model
 
+        from .trainer import check_model_dir
+
+        check_model_dir(args.model, "--model")
         model = RetrvR1Model.from_pretrained(args.model, gguf_file=args.gguf_file)
         limit = model.config.max_candidates
         if args.window_step is not None:

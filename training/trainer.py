@@ -79,9 +79,34 @@ def _dtype(name: str | None) -> torch.dtype | None:
     return table[name]
 
 
+def check_model_dir(source: str, what: str = "init_from") -> None:
+    """Refuse, naming the model inside, a training run's folder given where a model goes.
+
+    A stage's ``output_dir`` holds its model in ``final/`` and a ``checkpoint-N`` holds one in
+    ``model/``; loading the folder itself failed with transformers' "Unrecognized model ...
+    Should have a `model_type` key in its config.json"."""
+    from retrv_r1_plugin.config import CONFIG_NAME
+
+    p = Path(source)
+    if not p.is_dir() or (p / CONFIG_NAME).is_file() or (p / "config.json").is_file():
+        return
+    if (p / STATE_FILE).is_file():
+        inside = f"its model is {p / MODEL_DIR}" if (p / MODEL_DIR / CONFIG_NAME).is_file() else \
+            "it holds no model (save_model_in_checkpoints: false); use the run's final/"
+        raise ValueError(f"{what} {source!r} is a training checkpoint (what --resume reads), not a model: {inside}")
+    if (p / FINAL_DIR / CONFIG_NAME).is_file():
+        raise ValueError(f"{what} {source!r} is a training run's output_dir, not a model: its model is {p / FINAL_DIR}")
+    ckpt = latest_checkpoint(p)
+    if ckpt is not None:
+        inside = f"{ckpt / MODEL_DIR}, or " if (ckpt / MODEL_DIR / CONFIG_NAME).is_file() else ""
+        raise ValueError(f"{what} {source!r} is the output_dir of a training run that has not finished (no final/): "
+                         f"use {inside}finish the run with --resume")
+
+
 def load_model(cfg: RunConfig, device: torch.device | str | None = None) -> RetrvR1Model:
     """Load ``cfg.init_from`` (checkpoint, backbone, ``pkg:...`` or ``tiny:<kind>[:seed[:layers]]``)."""
     source = cfg.init_from
+    check_model_dir(source)
     overrides = dict(cfg.model_overrides)
     torch.manual_seed(cfg.seed)  # a fresh ICM (plain backbone) starts the same on every run
     if source.startswith("tiny:"):
