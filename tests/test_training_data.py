@@ -109,6 +109,22 @@ def test_examples_keep_first_stage_order_exclude_other_positives_and_insert_miss
     assert again["q2"].positive == q2.positive
 
 
+def test_titled_docs_train_on_the_text_that_eval_and_retrv_r1_index_rank(tmp_path):
+    # examples wrote "title. text" while `retrv-r1 index` and `retrv-r1 eval` show the model
+    # "title: text": a model fine-tuned on a titled corpus was served another format
+    from retrv_r1_plugin.cli import read_corpus
+    from training.evaluate import dataset_candidates
+
+    corpus = {"d1": Doc(text="Brewed under pressure.", title="Espresso – café"), "d2": Doc(text="A blue sky."),
+              "d3": Doc(text="", title="Only a title")}
+    root = write_beir(tmp_path / "beir", corpus, {"q1": QueryRecord(text="coffee")}, {"train": {"q1": {"d1": 1}}})
+    ex = examples_from_beir(root, lambda q, k: ["d2", "d3", "d1"][:k], split="train", k=3)[0]
+    trained = {c.id: c.text for c in ex.candidates}
+    assert trained["d1"] == "Espresso – café: Brewed under pressure." and trained["d3"] == "Only a title"
+    assert trained == {c.id: c.text for c in read_corpus(root / "corpus.jsonl")}
+    assert trained == {c.id: c.text for c in dataset_candidates(load_beir(root, "train"))}
+
+
 def test_examples_match_integer_ids_in_a_qrels_mapping_to_the_string_ids_of_the_first_stage():
     from training.examples import build_examples
 

@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 from retrv_r1_plugin.evaluation.metrics import evaluate_rankings
 from retrv_r1_plugin.types import Candidate, Query
 
-from .data.formats import RetrievalDataset, load_beir, load_mbeir
+from .data.formats import RetrievalDataset, doc_text, load_beir, load_mbeir
 
 METRIC_KEYS = ("R@1", "R@5", "R@10", "nDCG@10", "MRR@10")
 
@@ -62,8 +62,7 @@ def dataset_candidates(dataset: RetrievalDataset) -> list[Candidate]:
     """The corpus as store candidates (doc id kept as ``Candidate.id``)."""
     out = []
     for doc_id, doc in dataset.corpus.items():
-        text = f"{doc.title}: {doc.text}" if doc.title and doc.text else (doc.text or doc.title)
-        out.append(Candidate(text=text, image=doc.image_path, id=doc_id))
+        out.append(Candidate(text=doc_text(doc), image=doc.image_path, id=doc_id))
     return out
 
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from retrv_r1_plugin.types import Candidate, Query
 
-from .data.formats import Doc, QueryRecord, RetrievalDataset, load_beir, load_mbeir, load_qrels_tsv, read_jsonl, write_jsonl
+from .data.formats import Doc, QueryRecord, RetrievalDataset, doc_text, load_beir, load_mbeir, load_qrels_tsv, read_jsonl, write_jsonl
 
 SearchFn = Callable[[Query, int], Sequence[Any]]
 
@@ -204,8 +204,7 @@ def _doc_record(doc_id: str, doc: Doc | Candidate | CandidateRecord, score: Opti
     if isinstance(doc, Candidate):
         image = doc.image if isinstance(doc.image, str) else None
         return CandidateRecord(id=doc_id, text=doc.text, image=image, score=score)
-    text = doc.text if not doc.title else f"{doc.title}. {doc.text}" if doc.text else doc.title
-    return CandidateRecord(id=doc_id, text=text, image=doc.image_path, score=score)
+    return CandidateRecord(id=doc_id, text=doc_text(doc), image=doc.image_path, score=score)
 
 
 def build_examples(

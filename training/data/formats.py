@@ -47,6 +47,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 __all__ = [
     "DataFormatError",
     "Doc",
+    "doc_text",
     "QueryRecord",
     "RetrievalDataset",
     "read_jsonl",
@@ -92,6 +93,15 @@ class Doc:
     def __post_init__(self) -> None:
         if self.modality is None:
             self.modality = _modality(self.text, self.image_path)
+
+
+def doc_text(doc: Doc) -> str:
+    """The text a document is ranked by: ``"title: text"`` (just one of them when the other is
+    empty), as ``retrv-r1 index`` writes a BEIR corpus into the store, so training examples and
+    evaluation show the model the text it will rank in use."""
+    if doc.title and doc.text:
+        return f"{doc.title}: {doc.text}"
+    return doc.text or doc.title
 
 
 @dataclass
