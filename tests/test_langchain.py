@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import functools
 import importlib
+import json
 import math
 import sys
 from typing import Any
@@ -588,6 +589,25 @@ def test_a_callable_stores_candidates_are_not_modified(images):
 def corpus_store(query: Query, top_k: int) -> list[Candidate]:
     """A picklable callable store over CORPUS."""
     return [Candidate(text, id=cid) for cid, text in CORPUS[:top_k]]
+
+
+def test_compressor_json_round_trip(tmp_path):
+    # model_dump_json() raised PydanticSerializationError on the RetrvR1Model
+    make_text_model(seed=4).save_pretrained(tmp_path / "ckpt")
+    compressor = RetrvR1Compressor(model=str(tmp_path / "ckpt"), device="cpu", top_n=2, reasoning_budget=0, window_step=3)
+    data = json.loads(compressor.model_dump_json())
+    assert data["model"] == str(tmp_path / "ckpt") and data["top_n"] == 2 and data["window_step"] == 3
+    copy = RetrvR1Compressor.model_validate_json(compressor.model_dump_json())
+    assert copy.model is not compressor.model and copy.model.name_or_path == str(tmp_path / "ckpt")
+    docs = [Document(page_content=t, id=cid) for cid, t in CORPUS[:4]]
+    got, want = copy.compress_documents(docs, QUESTION), compressor.compress_documents(docs, QUESTION)
+    assert [(d.id, d.metadata["relevance_score"]) for d in got] == [(d.id, d.metadata["relevance_score"]) for d in want]
+    assert compressor.model_dump()["model"] is compressor.model  # python mode keeps the loaded model
+    # a model built in memory is described; loading the description fails naming it
+    described = json.loads(RetrvR1Compressor(model=tiny_text_model()).model_dump_json())["model"]
+    assert described.startswith("RetrvR1Model(")
+    with pytest.raises(Exception, match="no model directory"):
+        RetrvR1Compressor.model_validate({"model": described})
 
 
 def test_pickled_retriever_and_compressor_load_the_model_again(tmp_path):

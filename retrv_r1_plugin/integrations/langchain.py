@@ -42,12 +42,12 @@ from langchain_core.callbacks import (  # noqa: E402
 from langchain_core.documents import BaseDocumentCompressor, Document  # noqa: E402
 from langchain_core.retrievers import BaseRetriever  # noqa: E402
 from langchain_core.runnables import run_in_executor  # noqa: E402
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator  # noqa: E402
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_serializer, field_validator, model_validator  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from ..model import RetrvR1Model  # noqa: E402
 from ..types import Candidate, ImageInput, ImageLoadError, Query, encode_png, load_image  # noqa: E402
-from . import RETRIEVAL_SCORE_KEY, load_model  # noqa: E402
+from . import RETRIEVAL_SCORE_KEY, load_model, model_name  # noqa: E402
 from ._common import check_window_step, decode_base64, reload_source, rerank, to_rank  # noqa: E402
 
 __all__ = ["RetrvR1Compressor", "RetrvR1Retriever", "candidate_to_document", "document_to_candidate"]
@@ -134,6 +134,13 @@ class _RetrvR1Options(BaseModel):
     def _valid_window_step(cls, value: Optional[int], info: ValidationInfo) -> Optional[int]:
         model = info.data.get("model")
         return check_window_step(model, value) if isinstance(model, RetrvR1Model) else value
+
+    @field_serializer("model", when_used="json")
+    def _model_source(self, model: RetrvR1Model) -> str:
+        # In JSON the model is where it loads from (its checkpoint path or bundled name), so
+        # model_validate_json(model_dump_json()) loads it again, like LlamaIndex's from_json;
+        # a model built in memory is described, and loading that description fails by name.
+        return model_name(model, None)
 
     def __getstate__(self) -> dict[str, Any]:
         # A RetrvR1Model cannot be pickled (it holds a lock): a pickled retriever/compressor
