@@ -557,6 +557,21 @@ def test_a_training_run_folder_given_as_the_model_names_the_model_inside(tmp_pat
     assert main_eval(["--beir", str(beir), "--model", str(align / "checkpoint-000004" / "model"), "--top-k", "2", "--quiet"]) == 0
 
 
+def test_progress_false_keeps_transformers_load_and_save_bars_out_of_the_log(tmp_path, capsys):
+    # tiny_smoke sets progress: false, yet each checkpoint printed a "Writing model shards" bar
+    # and loading a checkpoint a "Loading weights" one
+    from transformers.utils import logging as hf_logging
+
+    write_examples(tmp_path / "ex.jsonl", make_examples(4, fixed_positive=0))
+    smoke = str(ROOT / "training" / "configs" / "tiny_smoke.yaml")
+    assert main_train(["align", "--config", smoke, "--set", f"data={tmp_path / 'ex.jsonl'}", "--set", f"output_dir={tmp_path / 'a'}"]) == 0
+    assert main_train(["align", "--config", smoke, "--set", f"data={tmp_path / 'ex.jsonl'}", "--set", f"output_dir={tmp_path / 'b'}",
+                       "--set", f"init_from={tmp_path / 'a' / 'final'}"]) == 0
+    err = capsys.readouterr().err
+    assert "Writing model shards" not in err and "Loading weights" not in err and "it/s]" not in err
+    assert hf_logging.is_progress_bar_enabled()  # restored for the rest of the process
+
+
 # =========================================================================== position debiasing and the direct mode
 
 

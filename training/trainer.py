@@ -70,6 +70,22 @@ KILL_DURING_SAVE_ENV = "RETRV_R1_TEST_KILL_DURING_SAVE"
 _GRAD_BUCKET = 1 << 24  # elements per all_reduce of flattened gradients
 
 
+@contextmanager
+def hub_progress(enabled: bool) -> Iterator[None]:
+    """transformers' own progress bars ("Loading weights", "Writing model shards") only when
+    ``enabled``: with ``progress: false`` a run's log gets none at each load and checkpoint."""
+    from transformers.utils import logging as hf_logging
+
+    turn_off = not enabled and hf_logging.is_progress_bar_enabled()
+    if turn_off:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if turn_off:
+            hf_logging.enable_progress_bar()
+
+
 def _dtype(name: str | None) -> torch.dtype | None:
     if name is None:
         return None
@@ -335,12 +351,13 @@ class Trainer:
         self.world_size = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
         self.is_main = self.accelerator.is_main_process
-        self.model = model if model is not None else load_model(cfg)
-        self.model.to(self.device)
-        self.model.eval()
-        self._record_generation_defaults()
-        torch.manual_seed(cfg.seed)
-        self.setup()
+        with hub_progress(cfg.progress):
+            self.model = model if model is not None else load_model(cfg)
+            self.model.to(self.device)
+            self.model.eval()
+            self._record_generation_defaults()
+            torch.manual_seed(cfg.seed)
+            self.setup()
         self.trainable_names = [n for n, _ in trainable_parameters(self.model)]
         if self.distributed:
             self._sync_trainable()
@@ -518,7 +535,7 @@ class Trainer:
             bar.close()
         final = self.out / FINAL_DIR
         if self.is_main:
-            with atomic_directory(final) as tmp:
+            with atomic_directory(final) as tmp, hub_progress(self.cfg.progress):
                 self.model.save_pretrained(tmp)
             self.plot()
         self.barrier()
@@ -569,7 +586,8 @@ class Trainer:
             if os.environ.get(KILL_DURING_SAVE_ENV, "") == str(self.step):  # test hook
                 os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
             if self.cfg.save_model_in_checkpoints:
-                self.model.save_pretrained(tmp / MODEL_DIR)
+                with hub_progress(self.cfg.progress):
+                    self.model.save_pretrained(tmp / MODEL_DIR)
         self._prune()
         self.plot()
 
