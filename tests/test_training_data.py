@@ -781,6 +781,20 @@ def test_example_configs_load_and_typos_are_refused(tmp_path):
         load_config("rl", bad)
 
 
+def test_a_typo_in_a_set_override_is_named_as_such_with_the_key_it_resembles(tmp_path):
+    # it used to read "<the yaml file>: unknown sft config keys: stpes (known: ...)", blaming the file
+    smoke = ROOT / "training" / "configs" / "tiny_smoke.yaml"
+    with pytest.raises(ValueError) as info:
+        load_config("sft", smoke, ["steps=3", "stpes=3"])
+    assert str(info.value) == "--set stpes=3: unknown sft config key 'stpes' (did you mean 'steps'?)"
+    with pytest.raises(ValueError, match=r"^--set lora\.alpah=3: unknown lora key 'alpah' \(did you mean 'alpha'\?\)"):
+        load_config("sft", smoke, ["lora.alpah=3"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("init_from: tiny:text\nbatchsize: 3\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: unknown rl config keys: batchsize \(did you mean 'batch_size'\?\)"):
+        load_config("rl", bad)
+
+
 #: stage of each shipped config whose name does not say it (``*rl*``, ``*sft*``, ``*align*``)
 _CONFIG_STAGES = {"digits.icm": "sft", "digits.warmup": "sft", "tiny_smoke": "sft"}
 

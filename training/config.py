@@ -290,14 +290,15 @@ def config_from_dict(stage: str, data: Mapping[str, Any]) -> RunConfig:
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
-        raise ValueError(f"unknown {stage} config keys: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        raise ValueError(f"unknown {stage} config keys: {', '.join(unknown)}{_did_you_mean(unknown, known)} (known: {', '.join(sorted(known))})")
     values = dict(data)
     if "lora" in values and not isinstance(values["lora"], LoraSettings):
         if not isinstance(values["lora"], Mapping):
             raise ValueError(f"{stage} config key 'lora' must be a mapping (r, alpha, target_modules), got {values['lora']!r}")
-        bad = sorted(set(values["lora"]) - {f.name for f in fields(LoraSettings)})
+        lora_known = [f.name for f in fields(LoraSettings)]
+        bad = sorted(set(values["lora"]) - set(lora_known))
         if bad:
-            raise ValueError(f"unknown lora keys: {', '.join(bad)}")
+            raise ValueError(f"unknown lora keys: {', '.join(bad)}{_did_you_mean(bad, lora_known)} (known: {', '.join(lora_known)})")
         lora_hints = typing.get_type_hints(LoraSettings)
         values["lora"] = LoraSettings(**{k: _coerce_scalar(stage, f"lora.{k}", v, lora_hints[k]) for k, v in values["lora"].items()})
     hints = typing.get_type_hints(cls)
@@ -306,6 +307,17 @@ def config_from_dict(stage: str, data: Mapping[str, Any]) -> RunConfig:
     cfg = cls(**values)
     cfg.validate()
     return cfg
+
+
+def _did_you_mean(unknown: list[str], known) -> str:
+    """``" (did you mean 'steps'?)"`` for the first unknown key close to a known one, else ``""``."""
+    import difflib
+
+    for key in unknown:
+        close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.75)
+        if close:
+            return f" (did you mean {close[0]!r}?)" if len(unknown) == 1 else f" (did you mean {close[0]!r} for {key!r}?)"
+    return ""
 
 
 def _coerce_scalar(stage: str, key: str, value: Any, hint: Any) -> Any:
@@ -379,6 +391,16 @@ def load_config(stage: str, path: str | Path, overrides: list[str] | None = None
         raise ValueError(f"{where}: invalid YAML ({problem})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a config must be a YAML mapping")
+    if stage in STAGES:  # a typo in --set is not the file's: name the override
+        known = {f.name for f in fields(STAGES[stage])}
+        lora_known = {f.name for f in fields(LoraSettings)}
+        for item in overrides or []:
+            parts = item.partition("=")[0].strip().split(".")
+            if "=" in item and parts[0] not in known:
+                raise ValueError(f"--set {item}: unknown {stage} config key {parts[0]!r}{_did_you_mean(parts[:1], known)}")
+            if "=" in item and parts[0] == "lora" and len(parts) > 1 and parts[1] not in lora_known:
+                raise ValueError(f"--set {item}: unknown lora key {parts[1]!r}{_did_you_mean(parts[1:2], lora_known)} "
+                                 f"(known: {', '.join(sorted(lora_known))})")
     try:
         return config_from_dict(stage, apply_overrides(data, overrides or []))
     except ValueError as exc:
