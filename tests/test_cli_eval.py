@@ -243,10 +243,12 @@ def _caption_folder(root: Path, suffixes) -> Path:
 
 
 def test_caption_choice_follows_txt_md_rst_order(tmp_path):
+    # the caption is folded into the image; the other text files are documents of their own
     all_three = read_corpus(_caption_folder(tmp_path / "a", [".rst", ".md", ".txt"]))
-    assert [(c.id, c.text) for c in all_three] == [("x.png", "caption from .txt")]
+    assert [(c.id, c.text) for c in all_three] == [
+        ("x.md", "caption from .md"), ("x.png", "caption from .txt"), ("x.rst", "caption from .rst")]
     md_rst = read_corpus(_caption_folder(tmp_path / "b", [".rst", ".md"]))
-    assert [(c.id, c.text) for c in md_rst] == [("x.png", "caption from .md")]
+    assert [(c.id, c.text) for c in md_rst] == [("x.png", "caption from .md"), ("x.rst", "caption from .rst")]
 
 
 def test_caption_choice_does_not_depend_on_the_hash_seed(tmp_path):
@@ -254,7 +256,7 @@ def test_caption_choice_does_not_depend_on_the_hash_seed(tmp_path):
 
     folder = _caption_folder(tmp_path / "c", [".rst", ".md", ".txt"])
     code = ("import sys; from retrv_r1_plugin.cli import read_corpus; "
-            "print(read_corpus(sys.argv[1])[0].text)")
+            "print([c.text for c in read_corpus(sys.argv[1]) if c.id == 'x.png'][0])")
     for seed in ("0", "1", "2"):
         env = dict(os.environ, PYTHONHASHSEED=seed)
         out = subprocess.run([sys.executable, "-c", code, str(folder)], env=env, capture_output=True,
