@@ -50,10 +50,11 @@ def read_jsonl(path: PathLike, what: str = "JSON-lines file") -> Iterator[tuple[
             for lineno, line in enumerate(fh, 1):
                 if not line.strip():
                     continue
-                try:
-                    obj = json.loads(line)
+                try:  # without the newline: a line cut short is reported where it ends, not at column 1
+                    obj = json.loads(line.rstrip("\r\n"))
                 except json.JSONDecodeError as exc:
-                    raise DataFormatError(f"{p}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+                    what = exc.msg.removesuffix(" at")  # "Unterminated string starting at" + our "at column"
+                    raise DataFormatError(f"{p}:{lineno}: invalid JSON ({what} at column {exc.colno})") from None
                 if not isinstance(obj, dict):
                     raise DataFormatError(f"{p}:{lineno}: expected a JSON object, got {type(obj).__name__}")
                 yield lineno, obj

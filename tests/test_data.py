@@ -191,6 +191,13 @@ def test_beir_malformed_lines_name_file_and_line(tmp_path: Path) -> None:
     corpus.write_text("\n".join(lines[:2] + ["{not json"] + lines[2:]) + "\n")
     with pytest.raises(DataFormatError, match=r"corpus\.jsonl:3: invalid JSON"):
         load_beir(out, "test")
+    # a line cut short is reported where it ends (not at column 1 of the newline after it)
+    corpus.write_text("\n".join(lines[:1] + ['{"_id": "cut", "text": "hal']) + "\n")
+    with pytest.raises(DataFormatError, match=r"corpus\.jsonl:2: invalid JSON \(Unterminated string starting at column 24\)"):
+        load_beir(out, "test")
+    corpus.write_text("\n".join(lines[:1] + ['{"_id": "cut", ']) + "\n")
+    with pytest.raises(DataFormatError, match=r"corpus\.jsonl:2: invalid JSON \(.* at column 16\)"):
+        load_beir(out, "test")
     corpus.write_text("\n".join(lines[:1] + ['{"title": "t", "text": "no id"}']) + "\n")
     with pytest.raises(DataFormatError, match=r"corpus\.jsonl:2: missing field '_id'"):
         load_beir(out, "test")
