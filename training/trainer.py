@@ -608,7 +608,7 @@ class Trainer:
         """Restore weights, optimizer, scheduler, RNG, step and history from ``path``."""
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)  # our own file
         if state.get("stage") != self.stage:
-            raise ValueError(f"{path} is a {state.get('stage')!r} checkpoint, not {self.stage!r}")
+            raise ValueError(f"{path} is a checkpoint of stage {state.get('stage')!r}, not {self.stage!r}")
         if list(state["trainable"]) != self.trainable_names:
             raise ValueError(f"{path}: its trainable parameters differ from this run's (was the config changed?)")
         # the examples of step s are a function of (data, seed, batch_size): with any of them
