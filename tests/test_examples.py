@@ -113,6 +113,20 @@ def test_multimodal_chatbot_text_model_from_stdin(checkpoints):
     assert "never read" not in out
 
 
+def test_store_scale_benchmark_small(tmp_path):
+    path = tmp_path / "scale.json"
+    out = run_script(
+        "benchmarks/store_scale.py", "--sizes", "60,120", "--queries", "3", "--top-k", "100", "--minilm-sample", "0",
+        "--json", path, tmpdir=tmp_path,
+    )
+    assert "| passages | store | add (passages/s)" in out
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["n"], r["where"]) for r in rows] == [(60, "memory"), (60, "disk"), (120, "memory"), (120, "disk")]
+    for row in rows:
+        assert row["add_s"] > 0 and row["search_p50_ms"] > 0 and row["search_p95_ms"] >= row["search_p50_ms"]
+    assert all(row["disk_mb"] > 0 and row["reopen_s"] > 0 for row in rows if row["where"] == "disk")
+
+
 def test_content_cache_benchmark_tiny(tmp_path):
     path = tmp_path / "cache.json"
     out = run_script(
