@@ -8,6 +8,7 @@ import json
 import logging
 import numbers
 import os
+import shutil
 import threading
 from pathlib import Path
 from typing import Any, Sequence
@@ -207,6 +208,23 @@ class RetrvR1Model(nn.Module):
         if save_backbone is None:
             save_backbone = self.backbone_modified or not self.config.backbone_source
         lora = lm_has_lora(self.lm)
+        if (out / CONFIG_NAME).is_file():
+            # Overwriting a checkpoint: what this save does not write must not outlive it, or
+            # loading would mix the two (an old backbone/ is loaded before backbone_source, an old
+            # icm.safetensors revives a dropped ICM, an old adapter/ is injected again).
+            stale = [BACKBONE_DIR] if not save_backbone else [TOKEN_ROWS]
+            if not self.icm_available:
+                stale.append(ICM_WEIGHTS)
+            if save_backbone or self.config.vision_graft is None:
+                stale.append(VISION_WEIGHTS)
+            if not lora:
+                stale.append(ADAPTER_DIR)
+            if self.backbone.image_processor is None:
+                stale.append("preprocessor_config.json")
+            if not getattr(self.backbone.tokenizer, "chat_template", None):
+                stale += ["chat_template.jinja", "chat_template.json"]
+            for name in stale:
+                _remove(out / name)
         if save_backbone:
             bdir = out / BACKBONE_DIR
             # With LoRA, backbone/ holds the base weights and adapter/ the adapters (loaded back on top).
@@ -661,6 +679,14 @@ def _count(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
         raise ValueError(f"{name} must be a non-negative int, got {value!r}")
     return int(value)
+
+
+def _remove(path: Path) -> None:
+    """Delete a file or folder of an earlier checkpoint, if it is there."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 def _read_weights(file: Path) -> dict[str, torch.Tensor]:

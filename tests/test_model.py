@@ -128,6 +128,31 @@ def test_checkpoint_without_icm_reads_full_tokens_and_refuses_compression(tmp_pa
         RetrvR1Model.from_pretrained(out, compression="icm")
 
 
+def test_saving_over_another_checkpoint_leaves_none_of_its_files(tmp_path):
+    """A checkpoint saved into a folder that holds another one is loaded as saved: the old
+    backbone/ (loaded before backbone_source) and icm.safetensors (a dropped ICM) are gone."""
+    out = tmp_path / "ckpt"
+    make_text_model(seed=7).save_pretrained(out)  # built from config: backbone/ and an ICM
+    assert (out / "backbone").is_dir() and (out / "icm.safetensors").is_file()
+    model = make_text_model(seed=3)
+    model.backbone.model.save_pretrained(tmp_path / "base")
+    model.backbone.tokenizer.save_pretrained(tmp_path / "base")
+    model.config.backbone_source = str(tmp_path / "base")
+    model.backbone_modified = False
+    model.drop_icm()
+    before = model.rank("q", TEXTS, reasoning_budget=0)
+    model.save_pretrained(out)
+    assert not (out / "backbone").exists() and not (out / "icm.safetensors").exists()
+    loaded = RetrvR1Model.from_pretrained(out)
+    assert not loaded.icm_available and loaded.config.compression == "none"
+    assert loaded.rank("q", TEXTS, reasoning_budget=0).scores == pytest.approx(before.scores, abs=1e-6)
+    # and the other way round: a checkpoint with its backbone over one that referenced it
+    again = make_text_model(seed=7)
+    again.save_pretrained(out)
+    assert not (out / "token_embeddings.safetensors").exists()
+    assert RetrvR1Model.from_pretrained(out).rank("q", TEXTS, reasoning_budget=0).scores == again.rank("q", TEXTS, reasoning_budget=0).scores
+
+
 def test_checkpoint_saved_with_fewer_candidates_keeps_all_its_labels(tmp_path):
     """Loading with a lower max_candidates and saving again loses no index label: the
     checkpoint can still be loaded with the original number."""
