@@ -878,3 +878,33 @@ def test_odd_payloads_of_other_tools_and_an_empty_id_do_not_break_search() -> No
         assert hits[""].text == "empty id" and store.get([""])[0].text == "empty id"
         store.add([hits[""]], show_progress=False)  # re-adding the result: the same point
         assert store.count() == 5
+
+
+def test_ids_langchain_qdrant_returns_find_its_points() -> None:
+    """``QdrantVectorStore.add_texts`` returns 32-hex-digit UUIDs (Qdrant stores them
+    hyphenated): get/delete/put_content_tokens/add must take those ids as they are."""
+    LangchainQdrant = pytest.importorskip("langchain_qdrant").QdrantVectorStore
+    Embeddings = pytest.importorskip("langchain_core.embeddings").Embeddings
+
+    class Seeded(Embeddings):
+        def embed_documents(self, texts: list[str]) -> list[list[float]]:
+            return SeededEmbedder().embed_texts(texts).tolist()
+
+        def embed_query(self, text: str) -> list[float]:
+            return self.embed_documents([text])[0]
+
+    with QdrantCandidateStore(SeededEmbedder(), location=":memory:") as store:
+        store.add([Candidate("ours", id="o")], show_progress=False)
+        lc = LangchainQdrant(client=store.client, collection_name=store.collection_name, embedding=Seeded())
+        lc_ids = lc.add_texts(["kangaroo", "koala"], metadatas=[{"n": 1}, {"n": 2}])
+        assert all(len(i) == 32 and "-" not in i for i in lc_ids)  # the form langchain-qdrant returns
+        got = store.get(lc_ids)
+        assert [c.text for c in got] == ["kangaroo", "koala"]
+        assert [c.id for c in got] == [str(uuid.UUID(i)) for i in lc_ids]  # as search names them
+        assert store.get([lc_ids[0].upper()])[0].text == "kangaroo"
+        store.put_content_tokens(lc_ids[:1], [torch.ones(1, 4)], "sig")
+        store.add([Candidate("kangaroo, edited", id=lc_ids[0], metadata={"n": 1})], show_progress=False)
+        assert store.count() == 3  # updated in place, not a second point
+        assert lc.similarity_search("kangaroo, edited", k=1)[0].page_content == "kangaroo, edited"
+        store.delete(lc_ids)
+        assert store.count() == 1 and store.get(lc_ids) == []

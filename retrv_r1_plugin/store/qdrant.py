@@ -151,16 +151,19 @@ def _foreign_point_id(candidate_id: str) -> str | int | None:
 
     A point written by another tool (langchain-qdrant, llama-index, a plain client) has no
     ``candidate_id`` in its payload, so :meth:`QdrantCandidateStore.search` names it by its
-    point id (a UUID string or an unsigned integer); this finds that point again.
+    point id (a UUID string or an unsigned integer); this finds that point again. A UUID is
+    also taken in its 32-hex-digit form, the one ``langchain_qdrant.QdrantVectorStore.add_texts``
+    returns (Qdrant stores and returns it hyphenated).
     """
     if candidate_id.isascii() and candidate_id.isdigit():
         number = int(candidate_id)
-        return number if number < 2**64 and str(number) == candidate_id else None
+        if number < 2**64:
+            return number if str(number) == candidate_id else None
     try:
         parsed = uuid.UUID(candidate_id)
     except ValueError:
         return None
-    return str(parsed) if str(parsed) == candidate_id.lower() else None
+    return str(parsed) if candidate_id.lower() in (str(parsed), parsed.hex) else None
 
 
 def _stored_candidate_id(record: Any) -> str | None:
