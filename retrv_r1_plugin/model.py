@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import json
@@ -128,7 +129,14 @@ class RetrvR1Model(nn.Module):
         gguf_file: str | None = None,
         **overrides: Any,
     ) -> "RetrvR1Model":
-        """Load a saved Retrv-R1 model, a bundled default by name, or wrap a plain backbone."""
+        """Load a saved Retrv-R1 model, a bundled default by name, or wrap a plain backbone.
+
+        ``overrides`` are :class:`RetrvR1Config` fields. Of transformers' loading options,
+        ``torch_dtype`` is taken as ``dtype`` and a single-device ``device_map`` (``"cpu"``,
+        ``"cuda:0"``, ``0``) as ``device``; the others (``device_map="auto"``,
+        ``trust_remote_code``, ``revision``, ...) are refused by name rather than ignored.
+        """
+        device, dtype = _hf_loading_kwargs(overrides, device, dtype)
         source = str(name_or_path)
         bundled = bundled_checkpoint(source)
         path = Path(bundled) if bundled is not None else Path(resolve_source(source))
@@ -674,6 +682,46 @@ class RetrvR1Model(nn.Module):
 
 
 # ==================================================================== helpers
+#: transformers' ``from_pretrained`` options that a Retrv-R1 load has no use for: refused by name
+#: (as a config field they would only be "unknown") instead of silently dropped.
+_HF_LOADING_OPTIONS = frozenset({
+    "trust_remote_code", "revision", "cache_dir", "token", "use_auth_token", "local_files_only", "force_download",
+    "proxies", "subfolder", "variant", "use_safetensors", "low_cpu_mem_usage", "attn_implementation",
+    "quantization_config", "load_in_8bit", "load_in_4bit", "max_memory", "offload_folder", "offload_state_dict",
+    "code_revision", "tp_plan", "key_mapping",
+})
+_MULTI_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _hf_loading_kwargs(overrides: dict[str, Any], device: Any, dtype: Any) -> tuple[Any, Any]:
+    """Take transformers-style loading keywords out of ``overrides`` (``torch_dtype``, a
+    single-device ``device_map``) as ``(device, dtype)``; refuse the ones not supported, and
+    keywords that are no :class:`RetrvR1Config` field, before anything is loaded."""
+    if "torch_dtype" in overrides:
+        torch_dtype = overrides.pop("torch_dtype")
+        if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+            raise TypeError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; give dtype only")
+        dtype = torch_dtype if dtype is None else dtype
+    if "device_map" in overrides:
+        device_map = overrides.pop("device_map")
+        if isinstance(device_map, bool) or not isinstance(device_map, (str, int, torch.device)) or str(device_map) in _MULTI_DEVICE_MAPS:
+            raise ValueError(f"device_map={device_map!r} is not supported: a Retrv-R1 model runs on one device; "
+                             "pass device= (e.g. device='cuda:0') instead")
+        mapped = torch.device(f"cuda:{device_map}" if isinstance(device_map, int) else device_map)
+        if device is not None and torch.device(device) != mapped:
+            raise TypeError(f"device={device!r} and device_map={device_map!r} disagree; give device only")
+        device = mapped
+    hf = sorted(k for k in overrides if k in _HF_LOADING_OPTIONS)
+    if hf:
+        raise TypeError(f"RetrvR1Model.from_pretrained does not take transformers' loading option(s) "
+                        f"{', '.join(map(repr, hf))}; it takes device=, dtype=, gguf_file= and RetrvR1Config fields")
+    known = {f.name for f in dataclasses.fields(RetrvR1Config)}
+    unknown = [k for k in overrides if k not in known]
+    if unknown:
+        raise TypeError(f"unknown RetrvR1Config field(s) {', '.join(map(repr, unknown))}")
+    return device, dtype
+
+
 def _count(value: Any, name: str) -> int:
     """A per-call count (``reasoning_budget``, ``max_inspections``): a non-negative int."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:

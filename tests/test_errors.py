@@ -110,6 +110,28 @@ def test_damaged_checkpoints_and_bad_overrides_are_named(tmp_path):
         fewer.rank("q", ["a"] * 5)
 
 
+def test_transformers_loading_keywords_are_honoured_or_refused_by_name(tmp_path):
+    """Keywords a Hugging Face user passes by habit: torch_dtype and a one-device device_map
+    are honoured (checkpoint and plain backbone alike), the rest refused naming the keyword,
+    before any weights are read."""
+    model = make_text_model(seed=1)
+    model.save_pretrained(tmp_path / "ckpt")
+    model.lm.save_pretrained(tmp_path / "plain")
+    model.tokenizer.save_pretrained(tmp_path / "plain")
+    for source in (tmp_path / "ckpt", tmp_path / "plain"):
+        loaded = RetrvR1Model.from_pretrained(source, torch_dtype=torch.bfloat16, device_map="cpu")
+        assert loaded.backbone.dtype == torch.bfloat16 and loaded.device == torch.device("cpu")
+        with pytest.raises(TypeError, match="dtype=torch.float16 and torch_dtype=torch.bfloat16 disagree"):
+            RetrvR1Model.from_pretrained(source, dtype=torch.float16, torch_dtype=torch.bfloat16)
+        for device_map in ("auto", {"": 0}):
+            with pytest.raises(ValueError, match=r"device_map=.* is not supported.*pass device="):
+                RetrvR1Model.from_pretrained(source, device_map=device_map)
+        with pytest.raises(TypeError, match="transformers' loading option.*'trust_remote_code'"):
+            RetrvR1Model.from_pretrained(source, trust_remote_code=True)
+        with pytest.raises(TypeError, match="unknown RetrvR1Config field.*'max_candidate'"):
+            RetrvR1Model.from_pretrained(source, max_candidate=4)
+
+
 @pytest.mark.parametrize("damaged", ["icm.safetensors", "token_embeddings.safetensors", "backbone/model.safetensors"])
 def test_corrupt_weight_files_are_named(tmp_path, damaged):
     import shutil
