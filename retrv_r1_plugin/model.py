@@ -332,7 +332,7 @@ class RetrvR1Model(nn.Module):
 
     # ================================================================ encoding
     def _check_candidates(self, candidates: Sequence[Candidate | str]) -> list[Candidate]:
-        cands = [Candidate.coerce(c) for c in candidates]
+        cands = [Candidate.coerce(c) for c in _candidate_list(candidates)]
         if not cands:
             raise EmptyCandidatesError("no candidates to rerank (the first stage returned nothing)")
         if len(cands) > self.config.max_candidates:
@@ -388,7 +388,7 @@ class RetrvR1Model(nn.Module):
         ``Candidate.content_tokens`` so reranking skips recomputing them. A batch that runs
         out of memory is split in halves (down to one candidate) with a logged warning.
         """
-        cands = [Candidate.coerce(c) for c in candidates]
+        cands = [Candidate.coerce(c) for c in _candidate_list(candidates)]
         self._check_readable(cands)  # else an image-only candidate would get the t_con of a blank
         out: list[torch.Tensor] = []
         for start in range(0, len(cands), batch_size):
@@ -561,7 +561,7 @@ class RetrvR1Model(nn.Module):
         ``config.extra["icm_batch_size"]`` or 32); a batch that runs out of memory (ICM or
         vision tower) is retried in halves down to one candidate, with a note.
         """
-        candidates = list(candidates)  # read twice below (prepare and _result): a generator must not run dry
+        candidates = _candidate_list(candidates)  # read twice below (prepare and _result): a generator must not run dry
         budget = self.config.reasoning_budget if reasoning_budget is None else _count(reasoning_budget, "reasoning_budget")
         inspections = self.config.max_inspections if max_inspections is None else _count(max_inspections, "max_inspections")
         mode = compression or self.config.compression
@@ -603,7 +603,7 @@ class RetrvR1Model(nn.Module):
         ``window`` candidates it is exactly :meth:`rank`. ``kwargs`` go to every :meth:`rank`
         call. Scores below the final window are capped so they never rise down ``order``.
         """
-        cands = [Candidate.coerce(c) for c in candidates]  # an empty list reaches rank(), which refuses it
+        cands = [Candidate.coerce(c) for c in _candidate_list(candidates)]  # an empty list reaches rank(), which refuses it
         self._check_readable(cands)  # here, so that an error names the candidate's index in the whole list
         window = self.config.max_candidates if window is None else window
         step = max(1, window // 2) if step is None and isinstance(window, int) else step
@@ -620,7 +620,11 @@ class RetrvR1Model(nn.Module):
         Queries run one by one (``kwargs`` as for :meth:`rank`); inside each, the ICM and
         vision batches are split in halves when they run out of memory.
         """
-        queries, candidates = list(queries), [list(c) for c in candidates]  # generators are read once
+        if isinstance(queries, (str, Query)):
+            raise TypeError(f"queries must be a list of queries, got a single {type(queries).__name__}; "
+                            "use rank() for one query, or wrap it in a list")
+        queries = list(queries)  # generators are read once
+        candidates = [_candidate_list(c, f"candidates[{i}]") for i, c in enumerate(_candidate_list(candidates, "candidates", nested=True))]
         if len(queries) != len(candidates):
             raise ValueError(f"{len(queries)} queries but {len(candidates)} candidate lists")
         return [self.rank(q, c, **kwargs) for q, c in zip(queries, candidates)]
@@ -682,6 +686,19 @@ class RetrvR1Model(nn.Module):
 
 
 # ==================================================================== helpers
+def _candidate_list(candidates: Any, what: str = "candidates", *, nested: bool = False) -> list:
+    """``candidates`` as a list; a lone str (it would be ranked character by character) or
+    Candidate is refused. ``nested``: a list of candidate lists (``rank_batch``)."""
+    item = "list of candidate lists" if nested else "list of Candidate or str"
+    if isinstance(candidates, (str, bytes, Candidate)):
+        shown = repr(candidates) if len(repr(candidates)) <= 60 else repr(candidates)[:57] + "..."
+        raise TypeError(f"{what} must be a {item}, got a single {type(candidates).__name__} {shown}; wrap it in a list")
+    try:
+        return list(candidates)
+    except TypeError:
+        raise TypeError(f"{what} must be a {item}, got {type(candidates).__name__}") from None
+
+
 #: transformers' ``from_pretrained`` options that a Retrv-R1 load has no use for: refused by name
 #: (as a config field they would only be "unknown") instead of silently dropped.
 _HF_LOADING_OPTIONS = frozenset({

@@ -20,6 +20,23 @@ def test_empty_candidate_list(text_model):
         text_model.rank("q", [])
 
 
+def test_a_lone_string_is_not_split_into_one_character_candidates(text_model):
+    """A str is iterable: given where a list belongs, it used to be ranked letter by letter."""
+    calls = [
+        (lambda: text_model.rank("q", "abc"), "candidates must be a list .*got a single str 'abc'"),
+        (lambda: text_model.rank("q", Candidate(text="abc")), "candidates must be a list .*got a single Candidate"),
+        (lambda: text_model.rank_windowed("q", "abc"), "candidates must be a list .*got a single str 'abc'"),
+        (lambda: text_model.encode_candidates("abc"), "candidates must be a list .*got a single str 'abc'"),
+        (lambda: text_model.rank_batch("qr", [["a"], ["b"]]), "queries must be a list of queries, got a single str"),
+        (lambda: text_model.rank_batch(["q", "r"], ["ab", "cd"]), r"candidates\[0\] must be a list .*got a single str 'ab'"),
+    ]
+    for call, message in calls:
+        with pytest.raises(TypeError, match=message):
+            call()
+    results = text_model.rank_batch((q for q in ["q", "r"]), (c for c in [["ab"], ("cd", "e")]), reasoning_budget=0)
+    assert [len(r.scores) for r in results] == [1, 2]
+
+
 def test_too_many_candidates_names_the_limit(text_model):
     with pytest.raises(TooManyCandidatesError, match="17 candidates exceed this model's 16"):
         text_model.rank("q", ["x"] * 17)
