@@ -43,6 +43,18 @@ class SamplingConfig:
             raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
         if isinstance(self.top_p, bool) or not isinstance(self.top_p, numbers.Real) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)
+                                      or not -(2**63) <= self.seed < 2**64):
+            raise ValueError(f"seed must be None or an int in [-2**63, 2**64), got {self.seed!r}")
+
+    def generator(self) -> torch.Generator | None:
+        """The sampling RNG: seeded by ``seed``, else by a draw from torch's global RNG (so
+        unseeded calls differ, as transformers' ``generate`` does, and ``torch.manual_seed``
+        makes them reproducible). ``None`` for greedy decoding."""
+        if not self.do_sample:
+            return None
+        seed = int(self.seed) if self.seed is not None else int(torch.randint(0, 2**63 - 1, ()))
+        return torch.Generator().manual_seed(seed)
 
 
 @dataclass
@@ -195,9 +207,7 @@ class InspectionDecoder:
         An inspection whose splice would leave no room in ``context_limit`` for the rest of
         the budget and the answer is not made: reasoning stops there (a forced answer)."""
         state = {"cache": self.backbone.new_cache(), "next_pos": 0, "chunks": []}
-        generator = None
-        if sampling.do_sample:
-            generator = torch.Generator().manual_seed(sampling.seed if sampling.seed is not None else 0)
+        generator = sampling.generator()
         logits = self._prefill(prompt, state)
         trace = GenerationTrace(chunks=state["chunks"], label_logits=torch.empty(0), answer_logits=torch.empty(0))
         thinking = int(prompt.ids[-1]) == self.special.think_start

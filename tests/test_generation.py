@@ -1,5 +1,6 @@
 """Inspection-aware decoding: KV-cache splices, scripted outputs, the state machine."""
 
+import re
 import warnings
 
 import pytest
@@ -121,6 +122,21 @@ def test_greedy_decoding_is_deterministic_and_sampling_is_seeded(text_model):
     s3 = text_model.rank("q", _candidates(False), reasoning_budget=8, do_sample=True, seed=4)
     assert s1.reasoning == s2.reasoning
     assert s1.reasoning != s3.reasoning
+
+
+def test_unseeded_sampling_draws_from_the_global_rng(text_model):
+    """Without seed=, samples differ from call to call (they were all seed 0's) and follow
+    torch.manual_seed; a seed that is not an int is refused by name."""
+    draws = {text_model.rank("q", _candidates(False), reasoning_budget=8, do_sample=True).reasoning for _ in range(3)}
+    assert len(draws) > 1
+    torch.manual_seed(11)
+    first = text_model.rank("q", _candidates(False), reasoning_budget=8, do_sample=True)
+    torch.manual_seed(11)
+    again = text_model.rank("q", _candidates(False), reasoning_budget=8, do_sample=True)
+    assert first.reasoning == again.reasoning and first.scores == again.scores
+    for seed in ("7", 1.5, True, 2**70):
+        with pytest.raises(ValueError, match=f"seed must be None or an int.*got {re.escape(repr(seed))}"):
+            text_model.rank("q", _candidates(False), reasoning_budget=8, do_sample=True, seed=seed)
 
 
 def test_tiny_top_p_samples_the_top_token(text_model):
