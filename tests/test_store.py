@@ -908,3 +908,43 @@ def test_ids_langchain_qdrant_returns_find_its_points() -> None:
         assert lc.similarity_search("kangaroo, edited", k=1)[0].page_content == "kangaroo, edited"
         store.delete(lc_ids)
         assert store.count() == 1 and store.get(lc_ids) == []
+
+
+def test_points_llama_index_wrote_are_read_with_their_text_image_and_metadata(tmp_path: Path) -> None:
+    """llama-index-vector-stores-qdrant keeps a node as JSON under ``_node_content`` (no
+    page_content/metadata): search must give its text, image and metadata (not an empty
+    candidate), and re-adding the results must leave LlamaIndex able to read its nodes."""
+    LlamaQdrant = pytest.importorskip("llama_index.vector_stores.qdrant").QdrantVectorStore
+    from llama_index.core.schema import ImageNode, TextNode
+    from llama_index.core.vector_stores.types import VectorStoreQuery
+
+    picture = tmp_path / "red.png"
+    Image.new("RGB", (8, 8), (220, 20, 20)).save(picture)
+    embed = SeededEmbedder()
+    with QdrantCandidateStore(embed, location=":memory:") as store:
+        store.add([Candidate("ours", id="o", metadata={"m": 1})], show_progress=False)
+        li = LlamaQdrant(client=store.client, collection_name=store.collection_name)
+        nodes = [TextNode(text="llama text", metadata={"src": "x", "nested": {"a": [1, "é"]}}),
+                 ImageNode(text="a red square", image_path=str(picture), metadata={"k": "v"})]
+        for node in nodes:
+            node.embedding = embed.embed_texts([node.text])[0].tolist()
+        li.add(nodes)
+
+        hits = {h.id: h for h in store.search("llama text", top_k=10)}
+        text_hit, image_hit = hits[nodes[0].node_id], hits[nodes[1].node_id]
+        assert text_hit.text == "llama text" and text_hit.image is None
+        assert {k: v for k, v in text_hit.metadata.items() if k != "retrieval_score"} == {"src": "x", "nested": {"a": [1, "é"]}}
+        assert image_hit.text == "a red square" and image_hit.image == str(picture)
+        assert image_hit.metadata["k"] == "v"
+        assert store.get([nodes[1].node_id])[0].image == str(picture)
+
+        store.add([text_hit, image_hit], show_progress=False)  # updated in place, not duplicated
+        assert store.count() == 3
+        # LlamaIndex reads our (and langchain-qdrant's) points with text_key="page_content"
+        reader = LlamaQdrant(client=store.client, collection_name=store.collection_name, text_key="page_content")
+        result = reader.query(VectorStoreQuery(query_embedding=nodes[0].embedding, similarity_top_k=10))
+        by_id = dict(zip(result.ids, result.nodes))
+        assert by_id[point_id("o")].get_content() == "ours"
+        assert by_id[nodes[0].node_id].get_content() == "llama text"
+        assert isinstance(by_id[nodes[1].node_id], ImageNode) and by_id[nodes[1].node_id].image_path == str(picture)
+        assert store.search("llama text", top_k=1)[0].text == "llama text"

@@ -24,7 +24,9 @@ collection (points whose content, metadata and embedder are unchanged are skippe
 A point written by another tool (langchain-qdrant, a plain client) has no ``candidate_id``:
 search results name it by its point id, and :meth:`~QdrantCandidateStore.get`,
 :meth:`~QdrantCandidateStore.delete`, :meth:`~QdrantCandidateStore.put_content_tokens` and
-:meth:`~QdrantCandidateStore.add` find it by that id (re-adding it updates it in place).
+:meth:`~QdrantCandidateStore.add` find it by that id (re-adding it updates it in place,
+keeping that tool's other payload keys). A point llama-index-vector-stores-qdrant wrote (its
+node as JSON under ``_node_content``) is read as that node's text, image and metadata.
 """
 
 from __future__ import annotations
@@ -717,6 +719,21 @@ class QdrantCandidateStore:
                 tokens = (r.payload or {}).get(TOKENS_KEY)
                 if tokens:
                     keep[str(r.id)].payload[TOKENS_KEY] = tokens
+        # A point another tool wrote (no candidate_id) is updated in place: keep the payload keys
+        # of its own layout (llama-index's ``_node_content``, ``ref_doc_id``, ...) so that tool
+        # still reads it; ours replace the rest.
+        foreign = {str(target[p.candidate_id]): p for p in todo
+                   if p.candidate_id in stored and _stored_candidate_id(stored[p.candidate_id]) is None}
+        if foreign:
+            for r in self._call(
+                self._client.retrieve,
+                self.collection_name,
+                ids=[target[p.candidate_id] for p in foreign.values()],
+                with_payload=models.PayloadSelectorExclude(exclude=[CONTENT_KEY, METADATA_KEY, INTERNAL_KEY, TOKENS_KEY]),
+                with_vectors=False,
+            ):
+                p = foreign[str(r.id)]
+                p.payload = {**(r.payload or {}), **p.payload}
         vectors = self._embed_prepared(todo)
         points = [
             models.PointStruct(id=target[p.candidate_id], vector=self._vector_struct(v), payload=p.payload)
@@ -935,6 +952,13 @@ class QdrantCandidateStore:
     @staticmethod
     def _to_candidate(point: Any, score: float | None, signature: str | None) -> Candidate:
         payload = point.payload or {}
+        if CONTENT_KEY not in payload and METADATA_KEY not in payload:
+            node = _llama_index_node(payload)
+            if node is not None:  # written by llama-index-vector-stores-qdrant
+                text, metadata, image = node
+                if score is not None:
+                    metadata[SCORE_KEY] = float(score)
+                return Candidate(text=text, image=image, id=str(point.id), metadata=metadata)
         # A point written by another tool may hold anything under these keys: one odd point
         # must not break every search of the collection.
         raw_metadata = payload.get(METADATA_KEY)
@@ -967,6 +991,45 @@ class QdrantCandidateStore:
             metadata=metadata,
             content_tokens=tokens,
         )
+
+
+_LLAMA_INDEX_KEYS = ("_node_content", "_node_type", "doc_id", "document_id", "ref_doc_id")
+
+
+def _llama_index_node(payload: dict[str, Any]) -> tuple[str, dict[str, Any], str | bytes | None] | None:
+    """``(text, metadata, image)`` of a point llama-index-vector-stores-qdrant wrote (its node as
+    JSON under ``_node_content``, the metadata also flattened beside it), else None."""
+    raw = payload.get("_node_content")
+    if not isinstance(raw, str):
+        return None
+    try:
+        node = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(node, dict):
+        return None
+    text = node.get("text")
+    resource = node.get("text_resource")
+    if not isinstance(text, str) or not text:
+        text = resource.get("text") if isinstance(resource, dict) else None
+    if not isinstance(text, str) or not text:
+        text = payload.get("text")  # a store written with its text in the payload (text_key)
+    metadata = node.get("metadata")
+    if not isinstance(metadata, dict):
+        metadata = {k: v for k, v in payload.items() if k not in _LLAMA_INDEX_KEYS and k != "text"}
+    metadata = dict(metadata)
+    image: str | bytes | None = None
+    image_b64, image_path, image_url = node.get("image"), node.get("image_path"), node.get("image_url")
+    if isinstance(image_b64, str) and image_b64:
+        try:
+            image = base64.b64decode(image_b64)
+        except ValueError:
+            image = None
+    if image is None and isinstance(image_path, str) and image_path:
+        image = image_path
+    if isinstance(image_url, str) and image_url:
+        metadata.setdefault("image_url", image_url)
+    return (text if isinstance(text, str) else ""), metadata, image
 
 
 def _normalise(vectors: np.ndarray) -> np.ndarray:
