@@ -100,11 +100,58 @@ def load_image(source: ImageInput) -> Image.Image:
         image.load()
         if image.width < 1 or image.height < 1:
             raise ImageLoadError(f"image {_describe(source)} is empty ({image.width}x{image.height})")
-        return image.convert("RGB") if image.mode != "RGB" else image
+        return to_rgb(image)
     except ImageLoadError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageLoadError(f"cannot decode image {_describe(source)}: {exc}") from exc
+
+
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+_ORIENTATION = 0x0112  # EXIF tag
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB, as the Hugging Face image loaders make it:
+
+    * the EXIF orientation of a photo is applied (``ImageOps.exif_transpose``), so a phone
+      picture is not read sideways;
+    * transparent pixels (an alpha channel, or a palette/grey ``transparency`` key) become
+      white, not whatever colour they happen to hide (often black, hiding dark content);
+    * 16-bit and 32-bit grey (``I;16``, ``I``, ``F``) are scaled to 8 bits instead of clipped,
+      which turned a 16-bit PNG almost white.
+    """
+    if image.getexif().get(_ORIENTATION, 1) != 1:
+        from PIL import ImageOps
+
+        image = ImageOps.exif_transpose(image)
+    if image.mode == "La":  # premultiplied: PIL converts it to LA only
+        image = image.convert("LA")
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        image = _grey_to_8bit(image)
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def _grey_to_8bit(image: Image.Image) -> Image.Image:
+    """A 16-bit or 32-bit grey image as mode ``L``: ``I;16`` by its 16-bit range; ``I``/``F``
+    unchanged when within 0..255, by the 16-bit range when within 0..65535 (a 16-bit file read
+    as ``I``), floats within 0..1 by 255, anything else stretched from its minimum to maximum."""
+    import numpy as np
+
+    a = np.asarray(image, dtype=np.float64)
+    a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if image.mode.startswith("I;16") or (lo >= 0 and 255 < hi <= 65535):
+        a = a / 257.0
+    elif image.mode == "F" and lo >= 0 and hi <= 1:
+        a = a * 255.0
+    elif lo < 0 or hi > 255:
+        a = (a - lo) * (255.0 / (hi - lo))
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
 
 
 @dataclass

@@ -76,6 +76,42 @@ def test_vl_model_ranks_images_paths_and_bytes(vl_model, images):
         assert other.scores != pytest.approx(r.scores, abs=1e-6)
 
 
+def test_images_in_other_modes_are_read_as_hugging_face_loaders_read_them(vl_model):
+    """16-bit grey is scaled to 8 bits (it was clipped: almost all white), transparent
+    pixels are white (they showed the colour they hide: a black-on-transparent logo was all
+    black), and a photo's EXIF orientation is applied."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from retrv_r1_plugin.types import load_image
+
+    ramp = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(ramp).save(buf, format="PNG")  # a 16-bit grey PNG, read as I;16
+    grey = np.asarray(load_image(buf.getvalue()))[..., 0]
+    assert grey.min() == 0 and grey.max() >= 250 and len(np.unique(grey)) > 200
+    logo = Image.new("RGBA", (56, 56), (0, 0, 0, 0))
+    logo.paste((0, 0, 0, 255), (14, 14, 42, 42))
+    on_white = Image.new("RGB", (56, 56), "white")
+    on_white.paste((0, 0, 0), (14, 14, 42, 42))
+    assert np.array_equal(np.asarray(load_image(logo)), np.asarray(on_white))
+    keyed = Image.new("P", (8, 8), 0)
+    keyed.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    keyed.info["transparency"] = 0
+    assert load_image(keyed).getpixel((0, 0)) == (255, 255, 255)
+    photo = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = photo.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    buf = io.BytesIO()
+    photo.save(buf, format="JPEG", exif=exif.tobytes())
+    assert load_image(buf.getvalue()).size == (20, 40)
+    # the model reads what load_image makes
+    as_logo = vl_model.rank("q", [Candidate(image=logo), "text"], reasoning_budget=0)
+    assert as_logo.scores == vl_model.rank("q", [Candidate(image=on_white), "text"], reasoning_budget=0).scores
+
+
 @pytest.mark.parametrize("kind", ["text", "vl"])
 def test_save_load_round_trip_gives_identical_scores(tmp_path, kind, images):
     model = make_text_model(seed=2) if kind == "text" else make_vl_model(seed=2)
