@@ -9,6 +9,7 @@ decoded lazily by :func:`load_image`, which turns every decoding problem into an
 from __future__ import annotations
 
 import io
+import numbers
 import os
 import re
 from dataclasses import dataclass, field
@@ -262,5 +263,8 @@ class RankResult:
         return self.order[0]
 
     def top_k(self, k: int) -> list[tuple[int, float]]:
-        """The ``k`` best ``(index, score)`` pairs."""
-        return [(i, self.scores[i]) for i in self.order[:k]]
+        """The ``k`` best ``(index, score)`` pairs (all of them when ``k`` exceeds their number)."""
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
+            # a negative k would slice from the end: all but the worst candidates, silently
+            raise ValueError(f"k must be a non-negative int, got {k!r}")
+        return [(i, self.scores[i]) for i in self.order[: int(k)]]

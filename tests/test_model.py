@@ -332,6 +332,17 @@ def test_reasoning_trace_and_usage_are_reported(text_model):
     assert any("budget of 7" in n for n in r.notes)
 
 
+def test_top_k_refuses_a_negative_k(text_model):
+    """top_k(-1) sliced from the end: every candidate but the worst, as if they were a top."""
+    result = text_model.rank("q", TEXTS, reasoning_budget=0)
+    assert result.top_k(2) == [(i, result.scores[i]) for i in result.order[:2]]
+    assert result.top_k(0) == [] and len(result.top_k(10)) == len(TEXTS)
+    assert result.best == result.order[0]
+    for k in (-1, 1.5, True):
+        with pytest.raises(ValueError, match=f"k must be a non-negative int, got {k!r}"):
+            result.top_k(k)
+
+
 def test_reasoning_text_leaves_out_the_tokens_that_end_reasoning(text_model):
     """``result.reasoning`` is the model's words: not the ``</think><answer>`` that close them."""
     from retrv_r1_plugin.testing import scripted_generation
