@@ -358,11 +358,19 @@ class RetrvR1Model(nn.Module):
                 reuse: list[Encoded] | None = None) -> list[Encoded]:
         return self.builder.encode_candidates(cands, max_text_tokens or self.config.max_candidate_tokens, notes, reuse=reuse)
 
-    def _icm_batch_size(self, given: int | None) -> int:
+    def _icm_batch_size(self, given: int | None, name: str = "icm_batch_size") -> int:
         size = self.config.extra.get("icm_batch_size", DEFAULT_ICM_BATCH_SIZE) if given is None else given
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"icm_batch_size must be a positive int, got {size!r}")
-        return size
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
+            raise ValueError(f"{name} must be a positive int, got {size!r}")
+        return int(size)
+
+    def _compression(self, given: Any) -> str:
+        """The compression of one call: ``given``, else the config's; anything but ``'icm'`` or
+        ``'none'`` is refused (an empty string used to mean the default)."""
+        mode = self.config.compression if given is None else given
+        if mode not in ("icm", "none"):
+            raise ValueError(f"compression must be 'icm' or 'none', got {mode!r}")
+        return mode
 
     def _icm_rows(self, fn, encoded: list[Encoded], batch_size: int, notes: list[str] | None, what: str) -> torch.Tensor:
         """``fn(embeds, mask)`` (an ICM computation, one row per candidate) over ``encoded`` in
@@ -389,6 +397,7 @@ class RetrvR1Model(nn.Module):
         out of memory is split in halves (down to one candidate) with a logged warning.
         """
         cands = [Candidate.coerce(c) for c in _candidate_list(candidates)]
+        batch_size = self._icm_batch_size(batch_size, "batch_size")  # a negative one returned no tokens at all
         self._check_readable(cands)  # else an image-only candidate would get the t_con of a blank
         out: list[torch.Tensor] = []
         for start in range(0, len(cands), batch_size):
@@ -433,7 +442,7 @@ class RetrvR1Model(nn.Module):
         q = Query.coerce(query)
         cands = self._check_candidates(candidates)
         icm_batch_size = self._icm_batch_size(icm_batch_size)
-        mode = compression or self.config.compression
+        mode = self._compression(compression)
         notes: list[str] = []
         encoded = self._encode(cands, notes=notes)
         q_enc = self.builder.encode_query(q, self.config.max_query_tokens)
@@ -564,9 +573,7 @@ class RetrvR1Model(nn.Module):
         candidates = _candidate_list(candidates)  # read twice below (prepare and _result): a generator must not run dry
         budget = self.config.reasoning_budget if reasoning_budget is None else _count(reasoning_budget, "reasoning_budget")
         inspections = self.config.max_inspections if max_inspections is None else _count(max_inspections, "max_inspections")
-        mode = compression or self.config.compression
-        if mode not in ("icm", "none"):
-            raise ValueError(f"compression must be 'icm' or 'none', got {mode!r}")
+        mode = self._compression(compression)
         sampling = SamplingConfig(do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed)  # validates
         with self._lock:
             prompt, encoded, notes = self.prepare(

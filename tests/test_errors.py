@@ -345,11 +345,26 @@ def test_type_errors_are_clear(text_model):
         (dict(do_sample=True, top_p=1.5), "top_p"),
         (dict(top_p=float("nan")), "top_p"),
         (dict(do_sample=True, temperature=-1.0), "temperature must be >= 0, got -1.0"),
+        (dict(compression=""), "compression must be 'icm' or 'none', got ''"),  # was the default
+        (dict(icm_batch_size=0), "icm_batch_size must be a positive int, got 0"),
     ],
 )
 def test_bad_generation_arguments_are_refused(text_model, kwargs, match):
     with pytest.raises(ValueError, match=match):
         text_model.rank("q", TEXTS, **kwargs)
+
+
+def test_batch_sizes_are_checked_and_numpy_ints_are_ints(text_model):
+    """encode_candidates(batch_size=-1) returned no content tokens at all; a numpy int (e.g.
+    from a config array) was refused as icm_batch_size although reasoning_budget took it."""
+    import numpy as np
+
+    for bad in (-1, 0):
+        with pytest.raises(ValueError, match=f"batch_size must be a positive int, got {bad}"):
+            text_model.encode_candidates(TEXTS, batch_size=bad)
+    assert len(text_model.encode_candidates(TEXTS, batch_size=np.int64(2))) == len(TEXTS)
+    assert text_model.rank("q", TEXTS, icm_batch_size=np.int64(2), reasoning_budget=0).scores == \
+        text_model.rank("q", TEXTS, icm_batch_size=2, reasoning_budget=0).scores
 
 
 def test_direct_scoring_has_no_budget_note(text_model):
