@@ -306,3 +306,71 @@ def test_eval_checks_the_model_and_the_qrels_before_indexing_the_corpus(beir_dir
     err = capsys.readouterr().err
     assert f"{beir_dir} (split 'dev'): no queries with relevance judgements" in err and "Traceback" not in err
     assert not store.exists()
+
+
+# ----------------------------------------------------------------------------- M-BEIR journey
+def _write_jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+@pytest.fixture
+def mbeir_dir(tmp_path):
+    """A hand-made M-BEIR set of a chatbot team: captioned photos and text candidates, queries
+    with an image and text (task 7), awkward but valid ids and unicode."""
+    root = tmp_path / "mbeir"
+    (root / "images").mkdir(parents=True)
+    for name, colour in [("apple", (200, 30, 30)), ("leaf", (30, 180, 30)), ("sea", (30, 30, 200)), ("q", (190, 40, 40))]:
+        solid(colour).save(root / "images" / f"{name}.png")
+    _write_jsonl(root / "cand_pool" / "local" / "mbeir_chat_cand_pool.jsonl", [
+        {"txt": "une pomme rouge 🍎", "img_path": "images/apple.png", "modality": "image,text", "did": "9:1", "src_content": None},
+        {"txt": "a green leaf in spring", "img_path": "images/leaf.png", "modality": "image,text", "did": "9:2"},
+        {"txt": "the open sea under a blue sky", "img_path": "images/sea.png", "modality": "image,text", "did": "9:3"},
+        {"txt": "Bananas are yellow fruit.", "img_path": None, "modality": "text", "did": "9 4"},
+    ])
+    _write_jsonl(root / "query" / "test" / "mbeir_chat_test.jsonl", [
+        {"qid": "7:1", "query_txt": "a red fruit like this one", "query_img_path": "images/q.png",
+         "query_modality": "image,text", "pos_cand_list": ["9:1"], "neg_cand_list": ["9:3"], "task_id": 7},
+        {"qid": "7:2", "query_txt": "une feuille verte", "query_img_path": None, "query_modality": "text",
+         "pos_cand_list": ["9:2"], "task_id": 2},
+        {"qid": "7:3", "query_txt": "unjudged", "pos_cand_list": []},
+    ])
+    return root
+
+
+def _mbeir_args(root):
+    return ["--mbeir-queries", str(root / "query" / "test" / "mbeir_chat_test.jsonl"),
+            "--mbeir-pool", str(root / "cand_pool" / "local" / "mbeir_chat_cand_pool.jsonl")]
+
+
+def test_eval_bad_input_names_the_file_and_line_before_any_work(mbeir_dir, beir_dir, tmp_path, capsys):
+    """A missing image is named with the pool/corpus file and line (it was 'candidate 1 (id=...)'
+    from the store, after loading the embedder); a folder as --output or a file as --store is
+    refused before indexing and ranking, and an --output file from before is left as it was."""
+    out = tmp_path / "res.json"
+    out.write_text("earlier results")
+    store = tmp_path / "store"
+    (mbeir_dir / "images" / "sea.png").unlink()
+    assert main(["eval", *_mbeir_args(mbeir_dir), "--quiet", "--output", str(out), "--store", str(store)]) == 2
+    err = capsys.readouterr().err
+    assert "mbeir_chat_cand_pool.jsonl:3: image file not found:" in err and "sea.png" in err
+    assert out.read_text() == "earlier results" and not store.exists()
+    assert main(["eval", *_mbeir_args(mbeir_dir), "--first-stage", "random", "--quiet"]) == 2  # also without Qdrant
+    assert "mbeir_chat_cand_pool.jsonl:3: image file not found:" in capsys.readouterr().err
+
+    corpus = beir_dir / "corpus.jsonl"
+    corpus.write_text(corpus.read_text() + json.dumps({"_id": "img", "text": "x", "image_path": "gone.png"}) + "\n")
+    assert main(["eval", "--beir", str(beir_dir), "--quiet"]) == 2
+    assert f"{corpus}:7: image file not found:" in capsys.readouterr().err
+
+    (mbeir_dir / "images" / "sea.png").write_bytes(b"")  # back, so the next checks reach the options
+    assert main(["eval", *_mbeir_args(mbeir_dir), "--quiet", "--output", str(tmp_path)]) == 2
+    assert f"--output {tmp_path}: is a folder" in capsys.readouterr().err
+    store.write_text("not a store")
+    assert main(["eval", *_mbeir_args(mbeir_dir), "--quiet", "--store", str(store)]) == 2
+    assert f"--store {store}: not a folder" in capsys.readouterr().err and store.read_text() == "not a store"
+
+    _write_jsonl(mbeir_dir / "query" / "test" / "mbeir_chat_test.jsonl", [{"qid": "1", "query_txt": "x", "pos_cand_list": []}])
+    assert main(["eval", *_mbeir_args(mbeir_dir), "--quiet"]) == 2
+    assert "mbeir_chat_test.jsonl: no query has a pos_cand_list naming a candidate of the pool" in capsys.readouterr().err
+

@@ -156,12 +156,14 @@ def format_table(result: EvalResult, label: str = "reranked") -> str:
 
 
 def load_dataset(args: argparse.Namespace) -> RetrievalDataset:
+    """The data set of ``--beir`` or ``--mbeir-queries``/``--mbeir-pool``; an image file that
+    does not exist is named with the file and line that refer to it."""
     if args.beir:
-        ds = load_beir(args.beir, split=args.split)
+        ds = load_beir(args.beir, split=args.split, check_images=True)
         ds.name = ds.name or Path(args.beir).name
         return ds
     if args.mbeir_queries and args.mbeir_pool:
-        ds = load_mbeir(args.mbeir_queries, args.mbeir_pool, image_root=args.image_root)
+        ds = load_mbeir(args.mbeir_queries, args.mbeir_pool, image_root=args.image_root, check_images=True)
         ds.name = ds.name or Path(args.mbeir_queries).stem
         return ds
     raise ValueError("give --beir DIR, or --mbeir-queries FILE with --mbeir-pool FILE")
@@ -203,11 +205,18 @@ def main_eval(argv: Sequence[str] | None = None) -> int:
                  if value is not None]
         if given:
             p.error(f"{', '.join(given)} set how the reranker runs: give --model too (without it only the first stage is evaluated)")
+    # options that name files, checked before minutes of indexing and ranking
+    if args.output and os.path.isdir(args.output):
+        raise ValueError(f"--output {args.output}: is a folder (give the JSON file to write)")
+    if args.store and os.path.exists(args.store) and not os.path.isdir(args.store):
+        raise ValueError(f"--store {args.store}: not a folder (the embedded Qdrant store is a folder)")
 
     dataset = load_dataset(args)
     if not any(dataset.qrels.get(q) for q in dataset.queries):  # before indexing the corpus and loading the model
-        where = f"{args.beir} (split {args.split!r})" if args.beir else args.mbeir_queries
-        raise ValueError(f"{where}: no queries with relevance judgements (is the qrels file empty?)")
+        if args.beir:
+            raise ValueError(f"{args.beir} (split {args.split!r}): no queries with relevance judgements "
+                             "(is the qrels file empty?)")
+        raise ValueError(f"{args.mbeir_queries}: no query has a pos_cand_list naming a candidate of the pool")
     # the model (and the --top-k / --window-step checks) before the first stage: a wrong --model
     # must not wait for the whole corpus to be embedded and indexed
     model = None

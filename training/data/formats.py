@@ -241,8 +241,9 @@ def write_jsonl(path: PathLike, rows: Iterable[Mapping[str, Any]]) -> int:
 # --------------------------------------------------------------------------- BEIR
 
 
-def load_beir_corpus(path: PathLike, image_root: Optional[PathLike] = None) -> dict[str, Doc]:
-    """Read a BEIR ``corpus.jsonl`` (``_id``, ``title``, ``text``)."""
+def load_beir_corpus(path: PathLike, image_root: Optional[PathLike] = None, *, check_images: bool = False) -> dict[str, Doc]:
+    """Read a BEIR ``corpus.jsonl`` (``_id``, ``title``, ``text``); ``check_images`` verifies
+    that every ``image_path`` exists (the error names the line)."""
     p = Path(path)
     root = Path(image_root) if image_root is not None else p.parent
     corpus: dict[str, Doc] = {}
@@ -259,11 +260,13 @@ def load_beir_corpus(path: PathLike, image_root: Optional[PathLike] = None) -> d
             image_path=_resolve(root, _get_text(obj, "image_path", where)),
             metadata=_get_metadata(obj, where),
         )
+        if check_images:
+            _check_image(corpus[doc_id].image_path, where)
     return corpus
 
 
-def load_beir_queries(path: PathLike, image_root: Optional[PathLike] = None) -> dict[str, QueryRecord]:
-    """Read a BEIR ``queries.jsonl`` (``_id``, ``text``)."""
+def load_beir_queries(path: PathLike, image_root: Optional[PathLike] = None, *, check_images: bool = False) -> dict[str, QueryRecord]:
+    """Read a BEIR ``queries.jsonl`` (``_id``, ``text``); ``check_images`` as in :func:`load_beir_corpus`."""
     p = Path(path)
     root = Path(image_root) if image_root is not None else p.parent
     queries: dict[str, QueryRecord] = {}
@@ -279,6 +282,8 @@ def load_beir_queries(path: PathLike, image_root: Optional[PathLike] = None) -> 
             image_path=_resolve(root, _get_text(obj, "image_path", where)),
             metadata=_get_metadata(obj, where),
         )
+        if check_images:
+            _check_image(queries[qid].image_path, where)
     return queries
 
 
@@ -363,18 +368,20 @@ def load_beir(
     *,
     filter_queries: bool = True,
     strict: bool = True,
+    check_images: bool = False,
 ) -> RetrievalDataset:
     """Load a BEIR-layout data set directory for one split.
 
     ``split`` ``"dev"``, ``"validation"`` and ``"val"`` are aliases of each other.
     ``filter_queries`` keeps only the queries judged in this split (as BEIR does).
     ``strict`` raises on qrels naming unknown queries/docs; otherwise those pairs are dropped.
+    ``check_images`` verifies that every referenced image file exists.
     """
     d = Path(data_dir)
     if not d.is_dir():
         raise FileNotFoundError(f"BEIR data set directory not found: {d}")
-    corpus = load_beir_corpus(_require_file(d / "corpus.jsonl", "BEIR corpus"))
-    queries = load_beir_queries(_require_file(d / "queries.jsonl", "BEIR queries"))
+    corpus = load_beir_corpus(_require_file(d / "corpus.jsonl", "BEIR corpus"), check_images=check_images)
+    queries = load_beir_queries(_require_file(d / "queries.jsonl", "BEIR queries"), check_images=check_images)
     qpath = _qrels_path(d, split)
     raw = load_qrels_tsv(qpath)
     qrels: dict[str, dict[str, int]] = {}
