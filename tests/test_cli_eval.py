@@ -374,3 +374,20 @@ def test_eval_bad_input_names_the_file_and_line_before_any_work(mbeir_dir, beir_
     assert main(["eval", *_mbeir_args(mbeir_dir), "--quiet"]) == 2
     assert "mbeir_chat_test.jsonl: no query has a pos_cand_list naming a candidate of the pool" in capsys.readouterr().err
 
+
+
+def test_eval_store_collection_follows_the_corpus(beir_dir, tmp_path, capsys):
+    """Run again on an edited corpus with the same --store: a document removed from the corpus
+    must not stay in the first stage (it was still retrieved and ranked)."""
+    store = tmp_path / "store"
+    assert main(["eval", "--beir", str(beir_dir), "--store", str(store), "--quiet"]) == 0
+    corpus = beir_dir / "corpus.jsonl"
+    lines = corpus.read_text().splitlines()
+    corpus.write_text("\n".join(line for line in lines if '"d1"' not in line) + "\n")  # drop "rockets fly to the moon"
+    out = tmp_path / "res.json"
+    assert main(["eval", "--beir", str(beir_dir), "--store", str(store), "--quiet", "--output", str(out)]) == 0
+    assert "removed 1 document(s) no longer in the corpus" in capsys.readouterr().err
+    from retrv_r1_plugin.store import QdrantCandidateStore
+
+    with QdrantCandidateStore(path=store, collection_name="eval_beir") as s:
+        assert s.count() == 5 and "d1" not in [c.id for c in s.search("rockets fly to the moon", top_k=10)]

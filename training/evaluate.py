@@ -71,14 +71,50 @@ def query_object(dataset: RetrievalDataset, qid: str) -> Query:
     return Query(text=record.text, image=record.image_path)
 
 
-def build_first_stage(dataset: RetrievalDataset, *, store_path: str | None = None, show_progress: bool = True):
-    """An embedded Qdrant collection over the corpus (in memory unless ``store_path``)."""
+def build_first_stage(
+    dataset: RetrievalDataset,
+    *,
+    store_path: str | None = None,
+    show_progress: bool = True,
+):
+    """An embedded Qdrant collection over the corpus (in memory unless ``store_path``).
+
+    In a ``store_path`` the collection (``eval_<data set name>``) mirrors the corpus: points of
+    documents no longer in it (an earlier run on another version of the data set) are deleted,
+    so they cannot turn up in the first stage."""
     from retrv_r1_plugin.store import QdrantCandidateStore
 
     kwargs: dict[str, Any] = {"path": store_path} if store_path else {"location": ":memory:"}
     store = QdrantCandidateStore(collection_name=f"eval_{dataset.name or 'set'}".replace("-", "_"), **kwargs)
-    store.add(dataset_candidates(dataset), show_progress=show_progress)
+    try:
+        candidates = dataset_candidates(dataset)
+        store.add(candidates, show_progress=show_progress)
+        if store_path and store.count() > len(candidates):
+            _prune(store, {str(c.id) for c in candidates})
+    except BaseException:
+        store.close()
+        raise
     return store
+
+
+def _prune(store: Any, keep: set[str]) -> None:
+    """Delete the points of ``store``'s collection whose candidate id is not in ``keep``."""
+    stale: list[str] = []
+    offset = None
+    while True:
+        points, offset = store.client.scroll(store.collection_name, limit=1024, offset=offset,
+                                             with_payload=["metadata.candidate_id"], with_vectors=False)
+        for point in points:
+            meta = (point.payload or {}).get("metadata")
+            cid = meta.get("candidate_id") if isinstance(meta, dict) else None
+            cid = str(point.id) if cid is None else str(cid)
+            if cid not in keep:
+                stale.append(cid)
+        if offset is None:
+            break
+    store.delete(stale)
+    print(f"retrv-r1 eval: note: removed {len(stale)} document(s) no longer in the corpus from collection "
+          f"{store.collection_name!r} in {store.path}", file=sys.stderr)
 
 
 def evaluate(
@@ -186,7 +222,8 @@ def main_eval(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--window-step", type=int,
                    help="rank --top-k candidates in sliding windows of the model's max_candidates, moving up by "
                         "this many (lets --top-k exceed max_candidates; one model call per window)")
-    p.add_argument("--store", help="embedded Qdrant folder for the first stage (default: in memory)")
+    p.add_argument("--store", help="embedded Qdrant folder for the first stage (default: in memory); its collection "
+                                   "eval_<data set name> is kept in step with the corpus")
     p.add_argument("--first-stage", choices=["qdrant", "random"], default="qdrant",
                    help="qdrant: MiniLM vectors in embedded Qdrant (default); random: K documents drawn at random "
                         "(seeded), the chance-level baseline for image pools nothing offline can embed")
@@ -254,9 +291,13 @@ def main_eval(argv: Sequence[str] | None = None) -> int:
 
         def search(q: Query, k: int) -> list[Candidate]:
             return store.search(q, top_k=k)
-    result = evaluate(dataset, search, model, top_k=args.top_k,
-                      max_queries=args.max_queries, rank_kwargs=rank_kwargs, show_progress=not args.quiet,
-                      window_step=args.window_step)
+    try:
+        result = evaluate(dataset, search, model, top_k=args.top_k,
+                          max_queries=args.max_queries, rank_kwargs=rank_kwargs, show_progress=not args.quiet,
+                          window_step=args.window_step)
+    finally:
+        if store is not None:
+            store.close()
     result.extra.update(dataset=dataset.name, split=args.split, model=args.model, retriever="random" if args.first_stage == "random" else "minilm+qdrant", **rank_kwargs)
     if model is not None and args.window_step is not None:  # first stage only: nothing ranked in windows
         result.extra["window_step"] = args.window_step
@@ -264,8 +305,6 @@ def main_eval(argv: Sequence[str] | None = None) -> int:
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         Path(args.output).write_text(json.dumps(result.to_dict(), indent=2))
-    if store is not None:
-        store.close()
     return 0
 
 
