@@ -343,6 +343,48 @@ def _mbeir_args(root):
             "--mbeir-pool", str(root / "cand_pool" / "local" / "mbeir_chat_cand_pool.jsonl")]
 
 
+def test_eval_mbeir_image_and_text_queries_search_by_their_text_on_a_text_store(mbeir_dir, tmp_path, capsys):
+    """The default first stage embeds text: an image+text query is searched by its text (the
+    reranker reads the image), as retrv-r1 search does; it used to fail every such query with
+    'an image query needs an image-text embedder' (and eval had no option to give one)."""
+    out = tmp_path / "res.json"
+    assert main(["eval", *_mbeir_args(mbeir_dir), "--quiet", "--output", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["num_queries"] == 2 and data["retriever"] == "minilm+qdrant"
+    assert data["first_stage"]["R@5"] == 1.0  # 4 candidates: every positive is in the top 5
+    assert "| first stage |" in capsys.readouterr().out
+
+
+def test_eval_mbeir_image_pool_needs_an_image_embedder_and_takes_one(tiny_clip_dir, tmp_path, capsys):
+    """Image-only candidates (the repo's digits builder): with the text-only first stage the
+    error names the pool and the options that fix it, before anything is indexed; with
+    --image-embedder the images are indexed by their pixels."""
+    from training.data.build_images import main as build_images
+
+    root = tmp_path / "img"
+    assert build_images(["--out", str(root), "--only", "digits", "--digits-per-class", "5", "--digits-size", "16"]) == 0
+    capsys.readouterr()
+    args = ["--mbeir-queries", str(root / "query" / "test" / "mbeir_digits-text2image_test.jsonl"),
+            "--mbeir-pool", str(root / "cand_pool" / "local" / "mbeir_digits-text2image_test_cand_pool.jsonl")]
+    store = tmp_path / "store"
+    assert main(["eval", *args, "--quiet", "--store", str(store)]) == 2
+    err = capsys.readouterr().err
+    assert "mbeir_digits-text2image_test_cand_pool.jsonl: 10 documents are images without text" in err
+    assert "--image-embedder FOLDER" in err and "--first-stage random" in err and "Traceback" not in err
+    assert not store.exists()
+    i2t = ["--mbeir-queries", str(root / "query" / "test" / "mbeir_digits-image2text_test.jsonl"),
+           "--mbeir-pool", str(root / "cand_pool" / "local" / "mbeir_digits-image2text_cand_pool.jsonl")]
+    assert main(["eval", *i2t, "--quiet"]) == 2
+    assert "mbeir_digits-image2text_test.jsonl: 10 judged queries are images without text" in capsys.readouterr().err
+
+    out = tmp_path / "res.json"
+    assert main(["eval", *args, "--quiet", "--image-embedder", str(tiny_clip_dir), "--output", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["num_queries"] == 30 and data["first_stage"]["R@10"] == 1.0  # a pool of 10: all are found
+    assert data["retriever"].endswith("+qdrant") and data["retriever"] != "minilm+qdrant"
+    assert main(["eval", *i2t, "--quiet", "--image-embedder", str(tiny_clip_dir)]) == 0
+
+
 def test_eval_bad_input_names_the_file_and_line_before_any_work(mbeir_dir, beir_dir, tmp_path, capsys):
     """A missing image is named with the pool/corpus file and line (it was 'candidate 1 (id=...)'
     from the store, after loading the embedder); a folder as --output or a file as --store is
@@ -373,7 +415,6 @@ def test_eval_bad_input_names_the_file_and_line_before_any_work(mbeir_dir, beir_
     _write_jsonl(mbeir_dir / "query" / "test" / "mbeir_chat_test.jsonl", [{"qid": "1", "query_txt": "x", "pos_cand_list": []}])
     assert main(["eval", *_mbeir_args(mbeir_dir), "--quiet"]) == 2
     assert "mbeir_chat_test.jsonl: no query has a pos_cand_list naming a candidate of the pool" in capsys.readouterr().err
-
 
 
 def test_eval_store_collection_follows_the_corpus(beir_dir, tmp_path, capsys):

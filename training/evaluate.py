@@ -2,6 +2,11 @@
 
     retrv-r1 eval --beir DIR --model MODEL --top-k 20 --output results.json
     retrv-r1 eval --mbeir-queries Q.jsonl --mbeir-pool POOL.jsonl --model MODEL --top-k 10
+    retrv-r1 eval --mbeir-queries Q.jsonl --mbeir-pool POOL.jsonl --image-embedder CLIP_FOLDER
+
+The first stage embeds text (MiniLM, or --embedder FOLDER): an image+text query is searched
+by its text (the reranker still reads the image); images without text need --image-embedder
+(a CLIP-like sentence-transformers folder) or --first-stage random.
 
 Prints a table and writes JSON of the shape::
 
@@ -76,16 +81,19 @@ def build_first_stage(
     *,
     store_path: str | None = None,
     show_progress: bool = True,
+    embedder: Any = None,
 ):
     """An embedded Qdrant collection over the corpus (in memory unless ``store_path``).
 
+    ``embedder``: what :class:`~retrv_r1_plugin.store.QdrantCandidateStore` takes (default: the
+    bundled MiniLM); an image-text one makes image documents and queries searchable by pixels.
     In a ``store_path`` the collection (``eval_<data set name>``) mirrors the corpus: points of
     documents no longer in it (an earlier run on another version of the data set) are deleted,
     so they cannot turn up in the first stage."""
     from retrv_r1_plugin.store import QdrantCandidateStore
 
     kwargs: dict[str, Any] = {"path": store_path} if store_path else {"location": ":memory:"}
-    store = QdrantCandidateStore(collection_name=f"eval_{dataset.name or 'set'}".replace("-", "_"), **kwargs)
+    store = QdrantCandidateStore(embedder, collection_name=f"eval_{dataset.name or 'set'}".replace("-", "_"), **kwargs)
     try:
         candidates = dataset_candidates(dataset)
         store.add(candidates, show_progress=show_progress)
@@ -205,6 +213,25 @@ def load_dataset(args: argparse.Namespace) -> RetrievalDataset:
     raise ValueError("give --beir DIR, or --mbeir-queries FILE with --mbeir-pool FILE")
 
 
+def check_text_first_stage(dataset: RetrievalDataset, args: argparse.Namespace) -> None:
+    """Refuse, naming one and the options that fix it, an image without text among the documents
+    or the judged queries when the first stage embeds text only (it searches an image+text
+    query by its text; the reranker still reads the image)."""
+    fixes = "give --image-embedder FOLDER (a CLIP-like sentence-transformers folder) or --first-stage random"
+    pool = args.beir and str(Path(args.beir) / "corpus.jsonl") or args.mbeir_pool
+    queries = args.beir and str(Path(args.beir) / "queries.jsonl") or args.mbeir_queries
+    images = [d for d, doc in dataset.corpus.items() if doc.image_path and not doc_text(doc).strip()]
+    if images:
+        what = "document is an image" if len(images) == 1 else "documents are images"
+        raise ValueError(f"{pool}: {len(images)} {what} without text (e.g. {images[0]!r}), and the "
+                         f"first stage embeds text only; {fixes}")
+    images = [q for q, rec in dataset.queries.items() if dataset.qrels.get(q) and rec.image_path and not rec.text.strip()]
+    if images:
+        what = "judged query is an image" if len(images) == 1 else "judged queries are images"
+        raise ValueError(f"{queries}: {len(images)} {what} without text (e.g. {images[0]!r}), "
+                         f"and the first stage embeds text only; {fixes}")
+
+
 def main_eval(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="retrv-r1 eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--beir", help="BEIR-layout folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv)")
@@ -224,6 +251,13 @@ def main_eval(argv: Sequence[str] | None = None) -> int:
                         "this many (lets --top-k exceed max_candidates; one model call per window)")
     p.add_argument("--store", help="embedded Qdrant folder for the first stage (default: in memory); its collection "
                                    "eval_<data set name> is kept in step with the corpus")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--embedder", metavar="FOLDER",
+                      help="first-stage text embedder: a sentence-transformers model folder (default: the bundled "
+                           "all-MiniLM-L6-v2)")
+    kind.add_argument("--image-embedder", metavar="FOLDER",
+                      help="a sentence-transformers folder of a CLIP-like model: image documents and queries are "
+                           "searched by their pixels (needed for images without text, unless --first-stage random)")
     p.add_argument("--first-stage", choices=["qdrant", "random"], default="qdrant",
                    help="qdrant: MiniLM vectors in embedded Qdrant (default); random: K documents drawn at random "
                         "(seeded), the chance-level baseline for image pools nothing offline can embed")
@@ -242,11 +276,19 @@ def main_eval(argv: Sequence[str] | None = None) -> int:
                  if value is not None]
         if given:
             p.error(f"{', '.join(given)} set how the reranker runs: give --model too (without it only the first stage is evaluated)")
+    if args.first_stage == "random":
+        given = [flag for flag in ("--store", "--embedder", "--image-embedder") if getattr(args, flag[2:].replace("-", "_"))]
+        if given:
+            p.error(f"{', '.join(given)} set the Qdrant first stage, which --first-stage random replaces")
     # options that name files, checked before minutes of indexing and ranking
     if args.output and os.path.isdir(args.output):
         raise ValueError(f"--output {args.output}: is a folder (give the JSON file to write)")
     if args.store and os.path.exists(args.store) and not os.path.isdir(args.store):
         raise ValueError(f"--store {args.store}: not a folder (the embedded Qdrant store is a folder)")
+    for option, folder in (("--embedder", args.embedder), ("--image-embedder", args.image_embedder)):
+        if folder is not None and not os.path.isdir(folder):
+            raise FileNotFoundError(f"{option} {folder}: no such folder (give a sentence-transformers model folder; "
+                                    "nothing is downloaded)")
 
     dataset = load_dataset(args)
     if not any(dataset.qrels.get(q) for q in dataset.queries):  # before indexing the corpus and loading the model
@@ -254,6 +296,8 @@ def main_eval(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"{args.beir} (split {args.split!r}): no queries with relevance judgements "
                              "(is the qrels file empty?)")
         raise ValueError(f"{args.mbeir_queries}: no query has a pos_cand_list naming a candidate of the pool")
+    if args.first_stage == "qdrant" and args.image_embedder is None:
+        check_text_first_stage(dataset, args)
     # the model (and the --top-k / --window-step checks) before the first stage: a wrong --model
     # must not wait for the whole corpus to be embedded and indexed
     model = None
@@ -287,10 +331,15 @@ def main_eval(argv: Sequence[str] | None = None) -> int:
         def search(q: Query, k: int) -> list[Candidate]:
             return [by_id[i] for i, _ in retriever.search(q, k)]
     else:
-        store = build_first_stage(dataset, store_path=args.store, show_progress=not args.quiet)
+        from retrv_r1_plugin.store import SentenceTransformerImageTextEmbedder, TextEmbedder, first_stage_query
+
+        embedder = (SentenceTransformerImageTextEmbedder(args.image_embedder) if args.image_embedder
+                    else TextEmbedder(args.embedder) if args.embedder else None)
+        store = build_first_stage(dataset, store_path=args.store, show_progress=not args.quiet, embedder=embedder)
 
         def search(q: Query, k: int) -> list[Candidate]:
-            return store.search(q, top_k=k)
+            # a text-only store searches an image+text query by its text (the model reads the image)
+            return store.search(first_stage_query(q, store.supports_images), top_k=k)
     try:
         result = evaluate(dataset, search, model, top_k=args.top_k,
                           max_queries=args.max_queries, rank_kwargs=rank_kwargs, show_progress=not args.quiet,
@@ -298,7 +347,11 @@ def main_eval(argv: Sequence[str] | None = None) -> int:
     finally:
         if store is not None:
             store.close()
-    result.extra.update(dataset=dataset.name, split=args.split, model=args.model, retriever="random" if args.first_stage == "random" else "minilm+qdrant", **rank_kwargs)
+    from retrv_r1_plugin.store.embedders import embedder_name
+
+    retriever = "random" if args.first_stage == "random" else (
+        "minilm+qdrant" if not (args.embedder or args.image_embedder) else f"{embedder_name(store.embedder)}+qdrant")
+    result.extra.update(dataset=dataset.name, split=args.split, model=args.model, retriever=retriever, **rank_kwargs)
     if model is not None and args.window_step is not None:  # first stage only: nothing ranked in windows
         result.extra["window_step"] = args.window_step
     print(format_table(result))
