@@ -136,8 +136,19 @@ def graft_vision_tower(donor: Backbone, vision: VisionGraftConfig | dict | None 
         tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
     donor_config = donor.model.config
     config = graft_config(donor_config, tokenizer, vision)
-    torch.manual_seed(vision.seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).to(donor.dtype)
+    # The tower's init is seeded by vision.seed, on a forked RNG: the caller's global RNG state
+    # (a torch.manual_seed of theirs) is left as it was, and does not change the init either.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(vision.seed)
+        model = _grafted_model(Qwen2_5_VLForConditionalGeneration, config, donor)
+    model.eval()
+    processor = build_image_processor(config, max_pixels=max_pixels) if max_pixels else build_image_processor(config)
+    return Backbone(model, tokenizer, processor)
+
+
+def _grafted_model(model_class, config, donor: Backbone):
+    """The Qwen2.5-VL model with ``donor``'s LM weights, its vision tower drawn from the RNG."""
+    model = model_class(config).to(donor.dtype)
     lm = model.model.language_model
     state = donor.model.model.state_dict()
     old_rows = state["embed_tokens.weight"]
@@ -155,9 +166,7 @@ def graft_vision_tower(donor: Backbone, vision: VisionGraftConfig | dict | None 
             model.lm_head.weight.copy_(_extend_rows(donor.model.get_output_embeddings().weight.detach(), config.text_config.vocab_size))
     model.tie_weights()
     _match_text_embedding_scale(model, donor.embedding_rms())
-    model.eval()
-    processor = build_image_processor(config, max_pixels=max_pixels) if max_pixels else build_image_processor(config)
-    return Backbone(model, tokenizer, processor)
+    return model
 
 
 def _match_text_embedding_scale(model, embedding_rms: float) -> None:

@@ -70,6 +70,21 @@ def test_image_tokens_start_at_the_scale_of_text_embeddings():
     assert 0.5 < ratio < 2.0, ratio
 
 
+def test_graft_leaves_the_callers_rng_alone():
+    """Grafting (and so loading a grafted checkpoint) reseeded torch's global RNG to the
+    tower's seed: a caller's torch.manual_seed was silently undone."""
+    donors = [tiny_llama(), tiny_llama()]  # (tiny_llama seeds the RNG itself)
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    first = graft_vision_tower(donors[0], SMALL_TOWER)
+    assert torch.equal(torch.rand(4), expected)
+    torch.manual_seed(999)  # and the tower's init depends on its seed only
+    second = graft_vision_tower(donors[1], SMALL_TOWER)
+    for (name, a), (_, b) in zip(first.model.model.visual.state_dict().items(), second.model.model.visual.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
 def test_graft_refuses_a_vision_donor():
     with pytest.raises(ValueError, match="already a vision model"):
         graft_vision_tower(build_tiny_vl_backbone())
