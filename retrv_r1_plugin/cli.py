@@ -100,6 +100,8 @@ def _read_jsonl(path: Path) -> Iterable[Candidate]:
         image = field("image_path", str, "a path string") or field("image", str, "a path string")
         if image and not os.path.isabs(image):
             image = str(path.parent / image)
+        if image and not os.path.isfile(image):  # named here with the line (the store knows only an index)
+            raise DataFormatError(f"{where}: image file not found: {image}")
         if not text and not image:
             raise DataFormatError(f"{where}: a line needs 'text' or 'image_path'")
         meta = dict(field("metadata", dict, "a JSON object") or {})

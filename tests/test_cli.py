@@ -174,6 +174,7 @@ def test_an_image_caption_is_found_whatever_the_case_of_the_suffixes(tmp_path):
     ('{"id": "a", "text": "x", "image": {"b": 1}}', "'image' must be a path string, got dict"),
     ('{"_id": "a", "title": ["t"], "text": "x"}', "'title' must be a string, got list"),
     ('{"_id": {"n": 1}, "text": "x"}', "'_id' must be a string or an integer, got dict"),
+    ('{"id": "a", "text": "x", "image_path": "gone.png"}', "image file not found: "),  # was "candidate 1: ..."
 ])
 def test_a_jsonl_field_of_the_wrong_type_is_an_error_naming_the_line(line, field, tmp_path, capsys):
     corpus = tmp_path / "c.jsonl"
