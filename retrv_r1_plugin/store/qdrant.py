@@ -43,7 +43,7 @@ import threading
 import uuid
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -247,6 +247,11 @@ class QdrantCandidateStore:
             normalised sum of image and caption embeddings (otherwise by the image alone).
         skip_unchanged: in :meth:`add`, skip points already stored with the same content,
             metadata and embedder (makes resuming an interrupted indexing job cheap).
+        max_request_bytes: a write (:meth:`add`, :meth:`put_content_tokens`) is split into
+            requests of at most about this many payload bytes as well as at most
+            ``batch_size`` points: a Qdrant server refuses requests above its
+            ``service.max_request_size_mb`` (32 MB by default), which a batch of inline images
+            or large content tokens can pass. A single larger point goes alone.
         **client_kwargs: passed to ``QdrantClient`` (e.g. ``prefer_grpc=True``).
     """
 
@@ -269,6 +274,7 @@ class QdrantCandidateStore:
         inline_images: bool = False,
         fuse_captions: bool = True,
         skip_unchanged: bool = True,
+        max_request_bytes: int = 16 * 2**20,
         **client_kwargs: Any,
     ) -> None:
         if embedder is None:
@@ -284,6 +290,9 @@ class QdrantCandidateStore:
         self.inline_images = inline_images
         self.fuse_captions = fuse_captions
         self.skip_unchanged = skip_unchanged
+        if not isinstance(max_request_bytes, int) or max_request_bytes < 1:
+            raise ValueError(f"max_request_bytes must be a positive int, got {max_request_bytes!r}")
+        self.max_request_bytes = max_request_bytes
         self.timeout = timeout
         self.retries = max(0, int(retries))
         self.backoff = backoff
@@ -677,9 +686,10 @@ class QdrantCandidateStore:
 
         from tqdm.auto import tqdm
 
+        # a vector travels as JSON numbers (~20 bytes each) next to its payload
+        vector_bytes = 20 * self.dim
         with tqdm(total=len(unique), desc="Indexing", unit="cand", disable=not show_progress) as bar:
-            for start in range(0, len(unique), batch_size):
-                batch = unique[start : start + batch_size]
+            for batch in _batches(unique, batch_size, self.max_request_bytes, lambda p: _payload_bytes(p.payload) + vector_bytes):
                 self._write_batch(batch)
                 bar.update(len(batch))
         return ids
@@ -826,8 +836,8 @@ class QdrantCandidateStore:
             )
             return models.SetPayloadOperation(set_payload=models.SetPayload(payload={TOKENS_KEY: entry}, filter=unchanged))
 
-        for start in range(0, len(writes), batch_size):
-            operations = [operation(pid, entry, fps) for _, pid, entry, fps in writes[start : start + batch_size]]
+        for batch in _batches(writes, batch_size, self.max_request_bytes, lambda w: len(w[2]["data"]) + 512):
+            operations = [operation(pid, entry, fps) for _, pid, entry, fps in batch]
             self._call(self._client.batch_update_points, self.collection_name, update_operations=operations, wait=True)
         return [cid for cid, *_ in writes]
 
@@ -1030,6 +1040,27 @@ def _llama_index_node(payload: dict[str, Any]) -> tuple[str, dict[str, Any], str
     if isinstance(image_url, str) and image_url:
         metadata.setdefault("image_url", image_url)
     return (text if isinstance(text, str) else ""), metadata, image
+
+
+def _batches(items: Sequence[T], max_count: int, max_bytes: int, size: Callable[[T], int]) -> Iterator[list[T]]:
+    """Consecutive runs of ``items`` with at most ``max_count`` items and, unless one item is
+    larger by itself (it goes alone), at most ``max_bytes`` by ``size``."""
+    batch: list[T] = []
+    total = 0
+    for item in items:
+        n = size(item)
+        if batch and (len(batch) >= max_count or total + n > max_bytes):
+            yield batch
+            batch, total = [], 0
+        batch.append(item)
+        total += n
+    if batch:
+        yield batch
+
+
+def _payload_bytes(payload: dict[str, Any]) -> int:
+    """About how many bytes ``payload`` takes in a request (its JSON, tokens included)."""
+    return len(json.dumps(payload, ensure_ascii=False, default=str).encode("utf-8"))
 
 
 def _normalise(vectors: np.ndarray) -> np.ndarray:
