@@ -19,6 +19,7 @@ from typing import Iterable
 
 from ._optional import MissingExtraError
 from .jsonl import DataFormatError, read_jsonl
+from .progress import hub_progress
 from .types import Candidate, Query, RankResult, RetrvR1Error
 from .windows import check_window_step
 
@@ -361,16 +362,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        if argv and argv[0] == "train":
-            return cmd_train(argv[1:])
-        if argv and argv[0] == "eval":
-            return cmd_eval(argv[1:])
-        args = build_parser().parse_args(argv)
-        return args.func(args)
-    except (RetrvR1Error, OSError, ValueError, MissingExtraError) as exc:  # OSError: e.g. --store names a file
-        print(f"retrv-r1: error: {exc}", file=sys.stderr)
-        return 2
+    with hub_progress(enabled="--quiet" not in argv[1:]):  # index / eval --quiet: no "Loading weights" bars
+        try:
+            if argv and argv[0] == "train":
+                return cmd_train(argv[1:])
+            if argv and argv[0] == "eval":
+                return cmd_eval(argv[1:])
+            args = build_parser().parse_args(argv)
+            return args.func(args)
+        except (RetrvR1Error, OSError, ValueError, MissingExtraError) as exc:  # OSError: e.g. --store names a file
+            print(f"retrv-r1: error: {exc}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

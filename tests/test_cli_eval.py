@@ -53,8 +53,13 @@ def test_read_corpus_jsonl_errors_name_the_line(tmp_path):
 
 def test_index_then_search_prints_ranked_results(corpus_dir, tmp_path, checkpoint, capsys):
     store = str(tmp_path / "qdrant")
+    from transformers.utils import logging as hf_logging
+
     assert main(["index", str(corpus_dir), "--store", store, "--quiet", "--model", checkpoint]) == 0
-    assert "indexed 3 candidates" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "indexed 3 candidates" in out
+    assert "Loading weights" not in err and "it/s]" not in err  # --quiet: no transformers bars either
+    assert hf_logging.is_progress_bar_enabled()  # restored for the rest of the process
     assert main(["index", str(corpus_dir), "--store", store, "--quiet"]) == 0  # idempotent
     assert "(3 in total)" in capsys.readouterr().out
     assert main(["search", "how do plants make sugar?", "--store", store, "--model", checkpoint,

@@ -49,6 +49,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from retrv_r1_plugin.model import RetrvR1Model
+from retrv_r1_plugin.progress import hub_progress
 
 from .config import RunConfig, _PolicyConfig
 from .params import load_trainable_state, param_groups, prepare_gradients, trainable_parameters, trainable_state
@@ -68,22 +69,6 @@ CURVES_FILE = "curves.png"
 KILL_DURING_SAVE_ENV = "RETRV_R1_TEST_KILL_DURING_SAVE"
 """Test hook: the step whose checkpoint write is interrupted by SIGKILL (see the module docstring)."""
 _GRAD_BUCKET = 1 << 24  # elements per all_reduce of flattened gradients
-
-
-@contextmanager
-def hub_progress(enabled: bool) -> Iterator[None]:
-    """transformers' own progress bars ("Loading weights", "Writing model shards") only when
-    ``enabled``: with ``progress: false`` a run's log gets none at each load and checkpoint."""
-    from transformers.utils import logging as hf_logging
-
-    turn_off = not enabled and hf_logging.is_progress_bar_enabled()
-    if turn_off:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if turn_off:
-            hf_logging.enable_progress_bar()
 
 
 def _dtype(name: str | None) -> torch.dtype | None:
