@@ -949,3 +949,113 @@ def test_examples_jsonl_with_null_text_is_read_and_wrong_types_name_the_file_and
         path.write_text("\n" + json.dumps(bad) + "\n")
         with pytest.raises(ValueError, match=rf"ex\.jsonl:2: .*{message}"):
             read_examples(path)
+
+
+class _RawServer:
+    """A one-route HTTP server in a thread: ``respond(handler)`` answers every POST; the
+    Authorization header of each request is recorded in ``auth``."""
+
+    def __init__(self, respond) -> None:
+        self.auth: list[str | None] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _serve(self):
+                outer.auth.append(self.headers.get("Authorization"))
+                n = int(self.headers.get("Content-Length") or 0)
+                if n:
+                    self.rfile.read(n)
+                respond(self)
+
+            do_POST = do_GET = _serve
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_openai_teacher_follows_no_redirect_so_the_api_key_stays_with_its_endpoint():
+    def ok(h):
+        data = json.dumps({"choices": [{"message": {"content": "</think><answer><cand_2></answer>"}}]}).encode()
+        h.send_response(200)
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data)
+
+    other = _RawServer(ok)
+    with other as elsewhere:
+        def redirect(h):
+            h.send_response(302)
+            h.send_header("Location", f"{elsewhere}/steal")
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+
+        with _RawServer(redirect) as url:
+            teacher = OpenAITeacher(url + "/v1", "fake", api_key="sk-secret-123", backoff=0.001, max_retries=2)
+            with pytest.raises(TeacherError, match="redirect.*not followed") as info:
+                teacher.generate(_example())
+        assert "/steal" in str(info.value) and "sk-secret-123" not in str(info.value)
+        assert teacher.calls == 1 and other.auth == []  # the other host never saw the key (nor a request)
+
+
+def test_openai_teacher_caps_the_reply_size_and_takes_only_http_urls():
+    def huge(h):
+        h.send_response(200)
+        h.send_header("Content-Length", str(5000))
+        h.end_headers()
+        h.wfile.write(b"x" * 5000)
+
+    with _RawServer(huge) as url:
+        teacher = OpenAITeacher(url + "/v1", "fake", backoff=0.001, max_retries=3, max_response_bytes=1000)
+        with pytest.raises(TeacherError, match="larger than max_response_bytes=1000"):
+            teacher.generate(_example())
+        assert teacher.calls == 1  # not retried
+    for bad in ("file:///etc", "ftp://host/v1", "localhost:8000/v1"):
+        with pytest.raises(ValueError, match="http:// or https://"):
+            OpenAITeacher(bad, "fake")
+
+
+def test_openai_teacher_sends_only_real_image_files(tmp_path):
+    import os
+
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "ok.png")
+    (tmp_path / "secret.png").write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    sent: list[dict] = []
+
+    def capture(h):
+        h.send_response(200)
+        data = json.dumps({"choices": [{"message": {"content": "</think><answer><cand_2></answer>"}}]}).encode()
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data)
+
+    with _RawServer(capture) as url:
+        teacher = OpenAITeacher(url + "/v1", "fake", send_images=True, backoff=0.001, max_retries=1, max_image_bytes=10_000)
+        ex = _example()
+        ex.candidates[0].image = str(tmp_path / "ok.png")
+        teacher.generate(ex)  # a real image is sent
+        for bad, why in ((tmp_path / "secret.png", "not a readable image"), (fifo, "not a regular file"),
+                         (Path("/dev/zero"), "not a regular file")):
+            ex = _example(eid="bad")
+            ex.candidates[1].image = str(bad)
+            with pytest.raises(ValueError, match=why) as info:
+                teacher.generate(ex)
+            assert "'bad'" in str(info.value) and str(bad) in str(info.value)
+        big = tmp_path / "big.png"
+        Image.effect_noise((200, 200), 50).save(big)
+        ex.candidates[1].image = str(big)
+        with pytest.raises(ValueError, match="10000-byte limit"):
+            teacher.generate(ex)
+    assert teacher.calls == 1  # nothing but the real image ever went out

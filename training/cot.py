@@ -414,6 +414,46 @@ def _retry_after(headers: Any) -> float | None:
         return None
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Follow no redirect: urllib would re-send the ``Authorization`` header (the API key) to
+    whatever host a ``Location`` names, also from https to plain http."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: D401 - urllib's hook
+        return None  # urllib then raises the 3xx as an HTTPError
+
+
+_LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def _teacher_image_bytes(path: str, example_id: str, label: str, limit: int) -> bytes:
+    """The bytes of an example's image file, sent to the teacher only when it is a regular
+    file of at most ``limit`` bytes that decodes as an image: an ``image_path`` of a data set
+    (absolute, or with ``..``) must never ship a key file, ``/etc/shadow`` or ``/dev/zero`` to
+    the endpoint. Raises :class:`~retrv_r1_plugin.types.ImageLoadError` naming the example."""
+    import stat as stat_module
+
+    from retrv_r1_plugin.types import ImageLoadError, load_image
+
+    where = f"example {example_id!r}, image of {label} ({path})"
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        raise ImageLoadError(f"{where}: {exc.strerror or exc}") from exc
+    if not stat_module.S_ISREG(info.st_mode):
+        raise ImageLoadError(f"{where}: not a regular file; not sent to the teacher")
+    if info.st_size > limit:
+        raise ImageLoadError(f"{where}: {info.st_size} bytes, above the {limit}-byte limit for images sent to the teacher")
+    with open(path, "rb") as fh:
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise ImageLoadError(f"{where}: above the {limit}-byte limit for images sent to the teacher")
+    try:
+        load_image(data)
+    except ImageLoadError as exc:
+        raise ImageLoadError(f"{where}: not a readable image, so not sent to the teacher ({exc})") from exc
+    return data
+
+
 class OpenAITeacher:
     """An OpenAI-compatible chat endpoint (``POST {base_url}/chat/completions``) as teacher.
 
@@ -422,6 +462,12 @@ class OpenAITeacher:
     ``max_retries`` attempts, waiting at least what a ``Retry-After`` header asks (at most
     ``max_retry_after`` seconds); other HTTP errors (e.g. 400, 401) fail at once. ``api_key``
     defaults to ``$OPENAI_API_KEY`` (may be empty for local servers).
+
+    Only ``http(s)://`` base URLs are taken; TLS certificates are verified (Python's default
+    context). Redirects are not followed (the key would go wherever they point): a 3xx fails
+    at once, naming its ``Location``. A reply above ``max_response_bytes`` fails at once. With
+    ``send_images``, an image is sent only if it is a regular file of at most
+    ``max_image_bytes`` that decodes as an image.
     """
 
     def __init__(
@@ -439,7 +485,14 @@ class OpenAITeacher:
         max_retry_after: float = 600.0,
         requests_per_minute: float | None = None,
         send_images: bool = False,
+        max_response_bytes: int = 16 * 2**20,
+        max_image_bytes: int = 20 * 2**20,
     ) -> None:
+        import urllib.parse
+
+        parsed = urllib.parse.urlsplit(base_url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise ValueError(f"base_url must be an http:// or https:// URL, got {base_url!r}")
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
         self.name = f"openai:{model}"
@@ -449,7 +502,11 @@ class OpenAITeacher:
         self.max_retry_after = max_retry_after
         self.limiter = RateLimiter(requests_per_minute)
         self.send_images = send_images
+        self.max_response_bytes, self.max_image_bytes = max_response_bytes, max_image_bytes
         self.calls = 0
+        self._opener = urllib.request.build_opener(_NoRedirect)
+        if self.api_key and parsed.scheme == "http" and (parsed.hostname or "") not in _LOOPBACK_HOSTS:
+            logger.warning("the teacher's API key goes unencrypted to %s (plain http); use https", parsed.netloc)
 
     def cache_identity(self, example: TrainingExample) -> dict[str, Any]:
         """The endpoint, the model, the sampling settings and the prompt (part of the cache key)."""
@@ -466,7 +523,7 @@ class OpenAITeacher:
             for label, path in [("query", example.query_image)] + [(f"<cand_{i + 1}>", c.image) for i, c in enumerate(example.candidates)]:
                 if path:
                     mime = mimetypes.guess_type(path)[0] or "image/png"
-                    data = base64.b64encode(Path(path).read_bytes()).decode()
+                    data = base64.b64encode(_teacher_image_bytes(path, example.id, label, self.max_image_bytes)).decode()
                     parts.append({"type": "text", "text": f"Image of {label}:"})
                     parts.append({"type": "image_url", "image_url": {"url": f"data:{mime};base64,{data}"}})
             messages[1] = {"role": "user", "content": parts}
@@ -484,14 +541,20 @@ class OpenAITeacher:
             headers["Authorization"] = f"Bearer {self.api_key}"
         req = urllib.request.Request(self.url, data=json.dumps(payload).encode(), headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                body = resp.read().decode("utf-8")
+            with self._opener.open(req, timeout=self.timeout) as resp:
+                raw = resp.read(self.max_response_bytes + 1)
         except urllib.error.HTTPError as exc:
             if exc.code in (408, 429) or exc.code >= 500:
                 raise _Retryable(f"HTTP {exc.code} from {self.url}", _retry_after(exc.headers)) from exc
-            raise self._error(f"HTTP {exc.code} from {self.url}: {exc.read()[:200]!r}") from exc
+            if 300 <= exc.code < 400:
+                raise self._error(f"HTTP {exc.code} from {self.url}: a redirect to {exc.headers.get('Location')!r}, "
+                                  "not followed (the API key is never sent elsewhere); give the final URL as base_url") from exc
+            raise self._error(f"HTTP {exc.code} from {self.url}: {exc.read(200)!r}") from exc
         except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as exc:
             raise _Retryable(f"cannot reach {self.url}: {exc}") from exc
+        if len(raw) > self.max_response_bytes:
+            raise self._error(f"reply from {self.url} is larger than max_response_bytes={self.max_response_bytes}")
+        body = raw.decode("utf-8", errors="replace")
         try:
             content = json.loads(body)["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError) as exc:
