@@ -222,3 +222,50 @@ def test_resume_restores_cuda_rng_on_a_machine_with_fewer_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: [set_rng_state(s, i) for i, s in enumerate(states)])
     trainer_module._set_rng_state(saved)
     assert set_states == [(0, 0)]
+
+
+class _Payload:
+    """A pickle that runs code when loaded (here: creates ``marker``)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_trainer_state_is_loaded_without_running_code_from_it(tmp_path):
+    """``--resume`` reads trainer_state.pt with weights_only=True: a checkpoint folder from
+    elsewhere cannot run code through its pickle; a real state (optimizer, NumPy RNG, ...) loads."""
+    from training.trainer import _rng_state, load_trainer_state
+
+    marker = tmp_path / "pwned"
+    torch.save({"stage": "sft", "step": 1, "evil": _Payload(marker)}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="bad.pt: not a trainer state"):
+        load_trainer_state(tmp_path / "bad.pt")
+    assert not marker.exists()
+    param = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([param], lr=0.1)
+    param.grad = torch.ones(3)
+    opt.step()
+    state = {"stage": "sft", "step": 2, "optimizer": opt.state_dict(), "rng": _rng_state(),
+             "history": [{"step": 1, "loss": 0.5}], "config": {"lora": {"r": 4}, "targets": ["q_proj"], "seed": None}}
+    torch.save(state, tmp_path / "good.pt")
+    loaded = load_trainer_state(tmp_path / "good.pt")
+    assert loaded["history"] == state["history"] and loaded["config"] == state["config"]
+    assert (loaded["rng"]["numpy"][1] == state["rng"]["numpy"][1]).all()
+    assert torch.equal(loaded["optimizer"]["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+
+
+def test_pruning_removes_only_the_loops_own_checkpoint_folders(tmp_path):
+    from types import SimpleNamespace
+
+    from training.trainer import Trainer
+
+    for step in (1, 2, 3):
+        (tmp_path / f"checkpoint-{step:06d}").mkdir()
+    (tmp_path / "checkpoint-notes.txt").write_text("mine")
+    (tmp_path / "checkpoint-best").mkdir()
+    fake = SimpleNamespace(out=tmp_path, cfg=SimpleNamespace(keep_last=1))
+    Trainer._prune(fake)  # type: ignore[arg-type]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-000003", "checkpoint-best", "checkpoint-notes.txt"]

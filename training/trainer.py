@@ -291,6 +291,35 @@ def recover_output_dir(output_dir: str | os.PathLike) -> list[str]:
     return done
 
 
+def _numpy_safe_globals() -> list[Any]:
+    """What a trainer state's NumPy RNG state (``np.random.get_state()``: a uint32 array) needs
+    besides tensors and plain containers under ``torch.load(weights_only=True)``."""
+    core = getattr(np, "_core", None) or np.core
+    reconstruct = core.multiarray._reconstruct
+    found: list[Any] = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), reconstruct,
+                        (reconstruct, "numpy.core.multiarray._reconstruct")]  # a state saved under NumPy 1
+    return found
+
+
+def load_trainer_state(file: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's ``trainer_state.pt``, read with ``torch.load(weights_only=True)``:
+    tensors, numbers, strings, containers and NumPy's RNG state only, so a checkpoint folder
+    from elsewhere cannot run code on ``--resume`` (a pickle can). A file holding anything
+    else is a ``ValueError`` naming it."""
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{file}: not a trainer state this code wrote (refused by safe loading, which runs no "
+                         f"code from the file: {first})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{file}: not a trainer state (a {type(state).__name__}, not a mapping)")
+    return state
+
+
 def _rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -579,7 +608,11 @@ class Trainer:
     def _prune(self) -> None:
         if self.cfg.keep_last <= 0:
             return
-        ckpts = sorted(self.out.glob(f"{CHECKPOINT_PREFIX}*"), key=lambda p: p.name)
+        # only the checkpoint-<step> folders this loop writes: never a user's checkpoint-notes.txt
+        # or checkpoint-best/ that happens to sit in output_dir
+        ckpts = sorted((p for p in self.out.glob(f"{CHECKPOINT_PREFIX}*")
+                        if p.name[len(CHECKPOINT_PREFIX):].isdigit() and p.is_dir() and not p.is_symlink()),
+                       key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
         for old in ckpts[: -self.cfg.keep_last]:
             # out of sight first: a kill during the deletion never leaves a half-deleted checkpoint
             trash = old.parent / f".trash-{old.name}-{os.getpid()}"
@@ -591,7 +624,7 @@ class Trainer:
 
     def load_checkpoint(self, path: Path) -> None:
         """Restore weights, optimizer, scheduler, RNG, step and history from ``path``."""
-        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)  # our own file
+        state = load_trainer_state(path / STATE_FILE)
         if state.get("stage") != self.stage:
             raise ValueError(f"{path} is a checkpoint of stage {state.get('stage')!r}, not {self.stage!r}")
         if list(state["trainable"]) != self.trainable_names:
