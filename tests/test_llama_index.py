@@ -720,3 +720,70 @@ def test_pickling_reloads_the_model_from_its_checkpoint(tmp_path, text_model, ca
         assert [n.score for n in got] == pytest.approx([n.score for n in want])
     with pytest.raises(TypeError, match="built in memory.*save_pretrained"):
         pickle.dumps(RetrvR1Reranker(model=text_model))
+
+
+@pytest.fixture
+def redirect_server(image_server):
+    """``/to?url=U`` answers 302 to ``U``; ``/endless`` streams bytes with no Content-Length."""
+    import http.server
+    import threading
+    from urllib.parse import parse_qs, urlsplit
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            parts = urlsplit(self.path)
+            if parts.path == "/to":
+                self.send_response(302)
+                self.send_header("Location", parse_qs(parts.query)["url"][0])
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            else:  # HTTP/1.0, body delimited by closing the connection: no length to check up front
+                self.send_response(200)
+                self.end_headers()
+                try:
+                    for _ in range(100):
+                        self.wfile.write(b"\0" * 10_000)
+                except OSError:
+                    pass
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    server.base = f"http://127.0.0.1:{server.server_port}"  # type: ignore[attr-defined]
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_image_url_downloads_are_capped_and_never_reach_metadata_addresses(vl_model, images, image_server, redirect_server):
+    from retrv_r1_plugin.integrations.llama_index import fetch_image_url
+
+    allowed = RetrvR1Reranker(model=vl_model, reasoning_budget=0, allow_image_urls=True, max_image_url_bytes=1000)
+
+    def fetch(url: str, node_id: str = "n") -> None:
+        allowed.postprocess_nodes([NodeWithScore(node=ImageNode(image_url=url, id_=node_id))], query_str="red")
+
+    (images["red"].parent / "big.png").write_bytes(b"\0" * 5000)
+    with pytest.raises(ImageLoadError, match="big-node: cannot download .*5000 bytes, above the limit of 1000"):
+        fetch(f"{image_server.base}/big.png", "big-node")
+    with pytest.raises(ImageLoadError, match="more than 1000 bytes"):  # no Content-Length: counted as it arrives
+        fetch(f"{redirect_server.base}/endless")
+    for url in ("http://169.254.169.254/latest/meta-data/", f"{redirect_server.base}/to?url=http://169.254.169.254/x",
+                "http://[fe80::1]/x", "http://0.0.0.0/x"):
+        with pytest.raises(ImageLoadError, match="link-local, unspecified or multicast"):
+            fetch(url)
+    for url in ("file:///etc/passwd", f"{redirect_server.base}/to?url=file:///etc/passwd", "ftp://host/x.png"):
+        with pytest.raises(ImageLoadError, match="only http:// and https://"):
+            fetch(url)
+    with pytest.raises(ImageLoadError, match="more than 5 redirects"):
+        fetch(f"{redirect_server.base}/to?url={redirect_server.base}/to%3Furl%3D{redirect_server.base}/to%253Furl%253D"
+              f"{redirect_server.base}/to%25253Furl%25253D{redirect_server.base}/to%2525253Furl%2525253D"
+              f"{redirect_server.base}/to%252525253Furl%252525253D{redirect_server.base}/big.png")
+    # a redirect to an ordinary address is followed; the bytes are the file's
+    red = images["red"].read_bytes()
+    assert fetch_image_url(f"{redirect_server.base}/to?url={image_server.base}/red.png") == red
+    with pytest.raises(TimeoutError):
+        fetch_image_url(f"{redirect_server.base}/endless", timeout=1e-9)

@@ -42,6 +42,78 @@ from ._common import Reranked, check_window_step, decode_base64, reload_source, 
 logger = logging.getLogger(__name__)
 dispatcher = get_dispatcher(__name__)
 
+#: Default cap on the bytes of one downloaded ``image_url`` (``max_image_url_bytes``).
+MAX_IMAGE_URL_BYTES = 32 * 2**20
+_MAX_REDIRECTS = 5
+_USER_AGENT = "retrv-r1-plugin (LlamaIndex RetrvR1Reranker)"
+
+
+def _check_url_host(url: str) -> None:
+    """Refuse a URL that is not http(s), or whose host resolves to a link-local (the cloud
+    metadata service at 169.254.169.254, fe80::/10), unspecified or multicast address."""
+    import ipaddress
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"only http:// and https:// image URLs are downloaded, not {url[:100]!r}")
+    try:
+        infos = socket.getaddrinfo(parts.hostname, parts.port or (443 if parts.scheme.lower() == "https" else 80),
+                                   proto=socket.IPPROTO_TCP)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ValueError(f"cannot resolve {parts.hostname!r}: {exc}") from exc
+    for info in infos:
+        address = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
+        mapped = getattr(address, "ipv4_mapped", None) or address
+        if mapped.is_link_local or mapped.is_unspecified or mapped.is_multicast:
+            raise ValueError(f"refused: {parts.hostname!r} resolves to {address}, a link-local, unspecified or "
+                             "multicast address (e.g. a cloud metadata service), never an image host")
+
+
+def fetch_image_url(url: str, *, max_bytes: int = MAX_IMAGE_URL_BYTES, timeout: float = 30.0) -> bytes:
+    """The bytes an http(s) ``url`` serves, for an ``ImageNode.image_url``.
+
+    At most ``max_bytes`` (a larger ``Content-Length`` or body is refused), within ``timeout``
+    seconds in all, following at most 5 redirects, each checked like the URL itself: only
+    http(s), never to a link-local (cloud metadata), unspecified or multicast address. An HTTP
+    error status raises ``requests.HTTPError`` (``"404 Client Error: ..."``); the other
+    refusals raise ``ValueError`` or ``TimeoutError``.
+    """
+    import time
+    from urllib.parse import urljoin
+
+    import requests
+
+    deadline = time.monotonic() + timeout
+    current = url
+    with requests.Session() as session:
+        for _ in range(_MAX_REDIRECTS + 1):
+            _check_url_host(current)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"took longer than {timeout:g} s")
+            with session.get(current, headers={"User-Agent": _USER_AGENT}, timeout=(left, left),
+                             stream=True, allow_redirects=False) as response:
+                if response.is_redirect:
+                    current = urljoin(current, response.headers["Location"])
+                    continue
+                response.raise_for_status()
+                declared = response.headers.get("Content-Length", "")
+                if declared.isdigit() and int(declared) > max_bytes:
+                    raise ValueError(f"{declared} bytes, above the limit of {max_bytes} (max_image_url_bytes)")
+                chunks: list[bytes] = []
+                total = 0
+                for chunk in response.iter_content(64 * 1024):
+                    total += len(chunk)
+                    if total > max_bytes:
+                        raise ValueError(f"more than {max_bytes} bytes, the limit (max_image_url_bytes)")
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"took longer than {timeout:g} s")
+                    chunks.append(chunk)
+                return b"".join(chunks)
+    raise ValueError(f"more than {_MAX_REDIRECTS} redirects")
+
 __all__ = ["LocalSentenceTransformerEmbedding", "RetrvR1Reranker"]
 
 
@@ -97,7 +169,9 @@ class RetrvR1Reranker(BaseNodePostprocessor):
     return_reasoning: bool = Field(default=True, description="Write the model's reasoning trace into metadata['retrv_r1_reasoning'].")
     compression: Optional[Literal["icm", "none"]] = Field(default=None, description="'icm' (compressed candidates plus inspection) or 'none' (full tokens); None uses the model's default.")
     strict: bool = Field(default=False, description="Raise NoAnswerError when the model's output has no clean answer; when False the label probabilities are used and metadata['retrv_r1_fallback'] says why.")
-    allow_image_urls: bool = Field(default=False, description="Download images of ImageNodes that have only an image_url (data: URLs are read without it).")
+    allow_image_urls: bool = Field(default=False, description="Download images of ImageNodes that have only an image_url (data: URLs are read without it). Only http(s), never from a link-local (cloud metadata), unspecified or multicast address, at most max_image_url_bytes within image_url_timeout seconds.")
+    max_image_url_bytes: int = Field(default=MAX_IMAGE_URL_BYTES, ge=1, description="Largest image_url download, in bytes (a larger one raises ImageLoadError).")
+    image_url_timeout: float = Field(default=30.0, gt=0, description="Seconds one image_url download may take in all, redirects included.")
     metadata_mode: MetadataMode = Field(default=MetadataMode.EMBED, description="Which metadata is included in the node text shown to the model.")
     window_step: Optional[int] = Field(default=None, ge=1, strict=True, description="Rerank all nodes, even more than the model's max_candidates, in sliding windows of max_candidates moving up by this many (RankLLM's step_size; below max_candidates); None reranks the first max_candidates and keeps the rest in their given order.")
 
@@ -119,6 +193,8 @@ class RetrvR1Reranker(BaseNodePostprocessor):
         metadata_mode: MetadataMode = MetadataMode.EMBED,
         window_step: Optional[int] = None,
         callback_manager: Optional[CallbackManager] = None,
+        max_image_url_bytes: int = MAX_IMAGE_URL_BYTES,
+        image_url_timeout: float = 30.0,
         **kwargs: Any,
     ) -> None:
         if top_n is not None and top_n < 1:
@@ -138,6 +214,8 @@ class RetrvR1Reranker(BaseNodePostprocessor):
             compression=compression,
             strict=strict,
             allow_image_urls=allow_image_urls,
+            max_image_url_bytes=max_image_url_bytes,
+            image_url_timeout=image_url_timeout,
             metadata_mode=metadata_mode,
             window_step=window_step,
             **kwargs,
@@ -216,7 +294,10 @@ class RetrvR1Reranker(BaseNodePostprocessor):
             # resolve_binary, not ImageNode.resolve_image: the latter takes an HTTP error page
             # (404, 403) for the image, which then fails to decode without naming the URL or status
             try:
-                data = resolve_binary(url=url).getvalue()
+                if inline:
+                    data = resolve_binary(url=url).getvalue()
+                else:
+                    data = fetch_image_url(url, max_bytes=self.max_image_url_bytes, timeout=self.image_url_timeout)
             except Exception as exc:  # HTTP status and network errors of any client library
                 raise ImageLoadError(f"node {node.node_id}: cannot {'read' if inline else 'download'} {shown}: {exc}") from exc
             try:
