@@ -151,6 +151,8 @@ def open_store(args: argparse.Namespace):
                 raise FileNotFoundError(f"{option} {folder}: no such folder (give a sentence-transformers model "
                                         "folder; nothing is downloaded)")
             kwargs["embedder"] = kind(folder)
+    if getattr(args, "image_root", None):
+        kwargs["image_roots"] = args.image_root
     if args.url:
         kwargs.update(url=args.url, api_key=args.api_key or os.environ.get("QDRANT_API_KEY"))
     elif args.store:
@@ -344,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rank all --top-k candidates in sliding windows of the model's max_candidates, moving up "
                         "by this many (one model call per window)")
     p.add_argument("--top-n", type=positive_int, default=5, help="results to print")
+    p.add_argument("--image-root", action="append", metavar="DIR",
+                   help="read a hit's image only if its path lies in DIR (repeatable); for collections others "
+                        "write to, so a point cannot make the reranker read any image file (default: any path)")
     store_args(p)
     model_args(p)
     p.set_defaults(func=cmd_search)

@@ -1,6 +1,7 @@
 """The retrv-r1 CLI on bad input: one ``retrv-r1: error: ...`` line naming the problem, exit 2."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -207,3 +208,15 @@ def test_index_photos_without_captions_needs_and_takes_an_image_embedder(tiny_cl
         red = s.search(Query(image=str(folder / "red.png")), top_k=1)
         assert s.count() == 3 and red[0].id == "red.png" and red[0].metadata["retrieval_score"] == pytest.approx(1.0, abs=1e-4)
 
+
+
+def test_search_image_root_limits_the_images_read_from_the_store(tmp_path):
+    from retrv_r1_plugin.cli import build_parser, open_store
+
+    args = build_parser().parse_args(["search", "q", "--store", str(tmp_path / "db"), "--image-root", str(tmp_path / "a"),
+                                      "--image-root", str(tmp_path / "b")])
+    with open_store(args) as store:
+        assert store.image_roots == [os.path.realpath(tmp_path / "a"), os.path.realpath(tmp_path / "b")]
+    args = build_parser().parse_args(["search", "q", "--store", str(tmp_path / "db")])
+    with open_store(args) as store:
+        assert store.image_roots is None

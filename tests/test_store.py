@@ -981,3 +981,49 @@ def test_points_llama_index_wrote_are_read_with_their_text_image_and_metadata(tm
         assert by_id[nodes[0].node_id].get_content() == "llama text"
         assert isinstance(by_id[nodes[1].node_id], ImageNode) and by_id[nodes[1].node_id].image_path == str(picture)
         assert store.search("llama text", top_k=1)[0].text == "llama text"
+
+
+def test_foreign_payloads_cannot_point_the_reranker_at_any_local_file(tmp_path: Path) -> None:
+    """A point another writer put into a shared collection names the image the reranker reads.
+    With image_roots, a path outside them (also through a symlink or "..") comes back without
+    its image; a FIFO or device never comes back; bad base64 and a malformed token cache entry
+    do not break the search."""
+    inside = tmp_path / "images"
+    inside.mkdir()
+    Image.new("RGB", (8, 8), "red").save(inside / "ok.png")
+    outside = tmp_path / "private.png"
+    Image.new("RGB", (8, 8), "blue").save(outside)
+    (inside / "link.png").symlink_to(outside)
+    fifo = inside / "fifo.png"
+    os.mkfifo(fifo)
+    vector = [float(x) for x in SeededEmbedder().embed_texts(["odd"])[0]]
+    good_tokens = {"signature": "sig", "dtype": "float32", "orig_dtype": "float32", "shape": [2],
+                   "data": __import__("base64").b64encode(np.ones(2, "<f4").tobytes()).decode()}
+    payloads = {
+        1: {"metadata": {"image_path": str(inside / "ok.png")}, "retrv_r1_content_tokens": good_tokens},
+        2: {"metadata": {"image_path": str(outside)}},
+        3: {"metadata": {"image_path": str(inside / "link.png")}},
+        4: {"metadata": {"image_path": str(inside / ".." / "private.png")}},
+        5: {"metadata": {"image_path": str(fifo)}},
+        6: {"metadata": {"image_path": "/dev/zero"}},
+        7: {"metadata": {"image_b64": "%%% not base64 %%%"}},
+        8: {"metadata": {}, "retrv_r1_content_tokens": {**good_tokens, "shape": [10**12]}},
+        9: {"metadata": {}, "retrv_r1_content_tokens": {**good_tokens, "dtype": "object"}},
+        10: {"_node_content": '{"text": "n", "image_path": "%s"}' % outside},
+    }
+    with QdrantCandidateStore(SeededEmbedder(), location=":memory:", image_roots=[inside]) as store:
+        store.add([Candidate("seed", id="seed")], show_progress=False)
+        store.client.upsert(store.collection_name, points=[
+            models.PointStruct(id=i, vector=vector, payload={"page_content": "odd", **p}) for i, p in payloads.items()])
+        with pytest.warns(UserWarning, match="returned without its image"):
+            hits = {h.id: h for h in store.search("odd", top_k=20, with_content_tokens="sig")}
+        assert hits["1"].image == str(inside / "ok.png") and torch.equal(hits["1"].content_tokens, torch.ones(2))
+        assert all(hits[i].image is None for i in ("2", "3", "4", "5", "6", "7", "10"))
+        assert hits["8"].content_tokens is None and hits["9"].content_tokens is None
+    with QdrantCandidateStore(SeededEmbedder(), location=":memory:") as store:  # no roots: any regular file, as before
+        store.add([Candidate("seed", id="seed")], show_progress=False)
+        store.client.upsert(store.collection_name, points=[
+            models.PointStruct(id=i, vector=vector, payload={"page_content": "odd", **payloads[i]}) for i in (2, 5, 6)])
+        with pytest.warns(UserWarning, match="not a regular file"):
+            hits = {h.id: h for h in store.search("odd", top_k=20)}
+        assert hits["2"].image == str(outside) and hits["5"].image is None and hits["6"].image is None

@@ -38,6 +38,7 @@ import json
 import logging
 import math
 import os
+import stat
 import sys
 import threading
 import uuid
@@ -247,6 +248,14 @@ class QdrantCandidateStore:
             normalised sum of image and caption embeddings (otherwise by the image alone).
         skip_unchanged: in :meth:`add`, skip points already stored with the same content,
             metadata and embedder (makes resuming an interrupted indexing job cheap).
+        image_roots: folders that an ``image_path`` read back from a point (by :meth:`search`
+            or :meth:`get`) must lie in, after resolving symlinks and ``..``. A path outside them
+            comes back as no image (a warning names the point), so a point that someone else
+            wrote into a shared collection cannot make the reranker read any image file this
+            process can read. ``None`` (default): any path is returned, as before. Whatever
+            the roots, a path that exists but is not a regular file (a FIFO, a device such as
+            ``/dev/zero``, a folder) is never returned, nor is ``image_b64`` that is not valid
+            base64 or a malformed content-token cache entry (recomputed instead).
         max_request_bytes: a write (:meth:`add`, :meth:`put_content_tokens`) is split into
             requests of at most about this many payload bytes as well as at most
             ``batch_size`` points: a Qdrant server refuses requests above its
@@ -275,6 +284,7 @@ class QdrantCandidateStore:
         fuse_captions: bool = True,
         skip_unchanged: bool = True,
         max_request_bytes: int = 16 * 2**20,
+        image_roots: Sequence[str | os.PathLike] | None = None,
         **client_kwargs: Any,
     ) -> None:
         if embedder is None:
@@ -293,6 +303,11 @@ class QdrantCandidateStore:
         if not isinstance(max_request_bytes, int) or max_request_bytes < 1:
             raise ValueError(f"max_request_bytes must be a positive int, got {max_request_bytes!r}")
         self.max_request_bytes = max_request_bytes
+        if isinstance(image_roots, (str, os.PathLike)):
+            image_roots = [image_roots]
+        self.image_roots: list[str] | None = (
+            None if image_roots is None else [os.path.realpath(os.fspath(r)) for r in image_roots]
+        )
         self.timeout = timeout
         self.retries = max(0, int(retries))
         self.backoff = backoff
@@ -573,9 +588,9 @@ class QdrantCandidateStore:
                 ours["image_b64"] = base64.b64encode(image).decode("ascii")
             else:
                 assert isinstance(image, str)
-                stat = os.stat(image)
+                info = os.stat(image)
                 key_parts += [b"image-path", image.encode("utf-8")]
-                finger_parts += [b"image-path", f"{image}|{stat.st_size}|{stat.st_mtime_ns}".encode()]
+                finger_parts += [b"image-path", f"{image}|{info.st_size}|{info.st_mtime_ns}".encode()]
                 ours["image_path"] = image
                 if self.inline_images:
                     with open(image, "rb") as fh:
@@ -959,13 +974,34 @@ class QdrantCandidateStore:
             return True
         return models.PayloadSelectorExclude(exclude=[TOKENS_KEY])
 
-    @staticmethod
-    def _to_candidate(point: Any, score: float | None, signature: str | None) -> Candidate:
+    def _stored_image_path(self, point: Any, path: str) -> str | None:
+        """``path`` (an ``image_path`` read from ``point``) if it may be read: a regular file
+        (or missing: loading it names it later) within :attr:`image_roots` when they are set."""
+        try:
+            info = os.stat(path)
+        except (OSError, ValueError):
+            info = None
+        reason = None
+        if info is not None and not stat.S_ISREG(info.st_mode):
+            reason = "not a regular file"
+        elif self.image_roots is not None:
+            real = os.path.realpath(path)
+            if not any(real == root or real.startswith(root.rstrip(os.sep) + os.sep) for root in self.image_roots):
+                reason = f"outside image_roots {self.image_roots}"
+        if reason is None:
+            return path
+        warnings.warn(f"point {point.id} of collection {self.collection_name!r}: its image_path {path!r} is {reason}; "
+                      "returned without its image", stacklevel=4)
+        return None
+
+    def _to_candidate(self, point: Any, score: float | None, signature: str | None) -> Candidate:
         payload = point.payload or {}
         if CONTENT_KEY not in payload and METADATA_KEY not in payload:
             node = _llama_index_node(payload)
             if node is not None:  # written by llama-index-vector-stores-qdrant
                 text, metadata, image = node
+                if isinstance(image, str):
+                    image = self._stored_image_path(point, image)
                 if score is not None:
                     metadata[SCORE_KEY] = float(score)
                 return Candidate(text=text, image=image, id=str(point.id), metadata=metadata)
@@ -984,15 +1020,22 @@ class QdrantCandidateStore:
         image_path = metadata.pop("image_path", None)
         image: str | bytes | None = None
         if isinstance(image_b64, str) and image_b64:
-            image = base64.b64decode(image_b64)
+            try:
+                image = base64.b64decode(image_b64, validate=True)
+            except ValueError:  # binascii.Error: a foreign point's garbage must not break the search
+                warnings.warn(f"point {point.id} of collection {self.collection_name!r}: its image_b64 is not valid "
+                              "base64; returned without its image", stacklevel=3)
         elif isinstance(image_path, (str, os.PathLike)) and os.fspath(image_path):
-            image = os.fspath(image_path)
+            image = self._stored_image_path(point, os.fspath(image_path))
         if score is not None:
             metadata[SCORE_KEY] = float(score)
         tokens = None
         entry = payload.get(TOKENS_KEY)
         if signature and isinstance(entry, dict) and entry.get("signature") == signature:
-            tokens = _decode_tokens(entry)
+            try:
+                tokens = _decode_tokens(entry)
+            except (ValueError, TypeError, KeyError) as exc:
+                logger.warning("point %s: malformed cached content tokens (%s), recomputed", point.id, exc)
         text = payload.get(CONTENT_KEY)
         return Candidate(
             text=text if isinstance(text, str) else ("" if text is None else str(text)),
@@ -1101,8 +1144,17 @@ def _decode_tokens(entry: dict[str, Any]) -> Any:
     """The torch tensor of a cache entry (in its original dtype)."""
     import torch
 
+    if entry.get("dtype") not in ("float16", "float32"):
+        raise ValueError(f"dtype {entry.get('dtype')!r} is not float16 or float32")
+    shape = entry.get("shape")
+    if (not isinstance(shape, list) or len(shape) not in (1, 2)
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)):
+        raise ValueError(f"shape {shape!r} is not (hidden,) or (n, hidden)")
     storage = np.dtype(entry["dtype"]).newbyteorder("<")
-    array = np.frombuffer(base64.b64decode(entry["data"]), dtype=storage).reshape(entry["shape"])
+    data = entry.get("data")
+    if not isinstance(data, str) or len(data) * 3 // 4 > 2 * math.prod(shape) * storage.itemsize:
+        raise ValueError("data is not a base64 string of the shape's size")
+    array = np.frombuffer(base64.b64decode(data, validate=True), dtype=storage).reshape(shape)
     tensor = torch.from_numpy(array.astype(array.dtype.newbyteorder("="), copy=True))
     target = getattr(torch, str(entry.get("orig_dtype", entry["dtype"])), None)
     return tensor.to(target) if isinstance(target, torch.dtype) else tensor
