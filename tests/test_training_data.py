@@ -1059,3 +1059,38 @@ def test_openai_teacher_sends_only_real_image_files(tmp_path):
         with pytest.raises(ValueError, match="10000-byte limit"):
             teacher.generate(ex)
     assert teacher.calls == 1  # nothing but the real image ever went out
+
+
+def test_jsonl_writes_never_follow_a_planted_symlink_nor_leave_half_a_file(tmp_path):
+    import os
+
+    from training.data.formats import atomic_write_text, write_jsonl
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    out = tmp_path / "out.jsonl"
+    (tmp_path / "out.jsonl.tmp").symlink_to(victim)  # the old fixed temporary name
+    assert write_jsonl(out, [{"a": 1}]) == 1
+    assert victim.read_text() == "keep me" and out.read_text() == '{"a": 1}\n'
+    assert (os.stat(out).st_mode & 0o777) == (0o666 & ~_current_umask())
+
+    def rows():
+        yield {"a": 2}
+        raise RuntimeError("disk gone")
+
+    with pytest.raises(RuntimeError):
+        write_jsonl(out, rows())
+    assert out.read_text() == '{"a": 1}\n'  # the old file, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "out.jsonl.tmp", "victim.txt"]
+    link = tmp_path / "result.json"
+    link.symlink_to(victim)  # --output naming a symlink replaces the link, never writes through it
+    atomic_write_text(link, "{}")
+    assert victim.read_text() == "keep me" and not link.is_symlink() and link.read_text() == "{}"
+
+
+def _current_umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -357,7 +357,9 @@ def main_eval(argv: Sequence[str] | None = None) -> int:
     print(format_table(result))
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        Path(args.output).write_text(json.dumps(result.to_dict(), indent=2))
+        from .data.formats import atomic_write_text
+
+        atomic_write_text(args.output, json.dumps(result.to_dict(), indent=2))
     return 0
 
 

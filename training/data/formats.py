@@ -211,13 +211,48 @@ def _check_id(value: str, what: str) -> str:
 
 def _write_lines(path: Path, lines: Iterator[str]) -> None:
     """Write lines to ``path`` through a temporary file (no half-written file on error)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
+    def write(fh) -> None:
         for line in lines:
             fh.write(line)
             fh.write("\n")
-    os.replace(tmp, path)
+
+    atomic_write(path, write)
+
+
+def atomic_write(path: PathLike, write: Any) -> None:
+    """Call ``write(fh)`` on a new temporary file next to ``path`` (created exclusively, so a
+    planted symlink is never followed), sync it, then rename it over ``path``: a kill or an
+    error leaves the old ``path`` (or none), never half a file, and no temporary file. A
+    symlink at ``path`` is replaced, not written through."""
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with open(fd, "w", encoding="utf-8", newline="\n") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def atomic_write_text(path: PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` as :func:`atomic_write` does."""
+    atomic_write(path, lambda fh: fh.write(text))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _dump(obj: Mapping[str, Any]) -> str:
