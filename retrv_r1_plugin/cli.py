@@ -308,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     def store_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--store", help="embedded Qdrant folder (default: the user data directory)")
         p.add_argument("--url", help="Qdrant server URL (server or cluster mode)")
-        p.add_argument("--api-key", help="Qdrant API key (or QDRANT_API_KEY)")
+        p.add_argument("--api-key", help="Qdrant API key; prefer $QDRANT_API_KEY, since other users can read a command line")
         p.add_argument("--collection", default="retrv_r1")
         kind = p.add_mutually_exclusive_group()
         kind.add_argument("--embedder", metavar="FOLDER",
