@@ -1094,3 +1094,26 @@ def _current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the umask from /proc (Linux)")
+def test_atomic_write_takes_the_umask_without_changing_it(tmp_path, monkeypatch):
+    """Setting the umask to read it is process-wide for a moment (a file another thread
+    creates then gets loose permissions): the mode must come from the real umask, untouched."""
+    import os
+    import stat
+
+    from training.data.formats import atomic_write_text
+
+    old = os.umask(0o027)
+    try:
+        def no_umask(mask):
+            raise AssertionError("os.umask was called")
+
+        monkeypatch.setattr(os, "umask", no_umask)
+        atomic_write_text(tmp_path / "out.json", "{}")
+    finally:
+        monkeypatch.undo()
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "out.json").stat().st_mode) == 0o640
+

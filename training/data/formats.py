@@ -250,6 +250,16 @@ def atomic_write_text(path: PathLike, text: str) -> None:
 
 
 def _umask() -> int:
+    """The process umask. Read from /proc where it is there (Linux 4.7+): setting and
+    restoring it with ``os.umask`` is process-wide for a moment, so a file another thread
+    creates then would get loose permissions."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask
