@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import numbers
 import os
+import stat
 import re
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -86,6 +87,8 @@ def load_image(source: ImageInput) -> Image.Image:
             path = os.fspath(source)
             if not os.path.exists(path):
                 raise ImageLoadError(f"image file not found: {path}")
+            if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block forever, a device never end
+                raise ImageLoadError(f"image path is not a regular file: {path}")
             image = Image.open(path)
         else:
             raise ImageLoadError(

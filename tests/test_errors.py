@@ -1,6 +1,7 @@
 """Bad input gives clear errors or flagged fallbacks, never a crash deep in torch."""
 
 import io
+import os
 
 import pytest
 import torch
@@ -57,6 +58,15 @@ def test_missing_and_corrupt_images_name_the_source(vl_model, tmp_path):
     text_file.write_text("not an image")
     with pytest.raises(ImageLoadError, match="notes.txt"):
         vl_model.rank(Query(text="q", image=text_file), ["a"])
+    # a FIFO (or a device) would block or never end: refused before it is opened
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    with pytest.raises(ImageLoadError, match="not a regular file.*pipe.png"):
+        vl_model.rank("q", [Candidate(image=fifo), "b"])
+    with pytest.raises(ImageLoadError, match="not a regular file.*/dev/zero"):
+        vl_model.rank("q", [Candidate(image="/dev/zero"), "b"])
+    with pytest.raises(ImageLoadError, match="not a regular file"):
+        vl_model.rank("q", [Candidate(image=tmp_path), "b"])
 
 
 def test_undecodable_images_name_the_candidate_or_the_query(vl_model):
