@@ -258,6 +258,32 @@ class RetrvR1Model(nn.Module):
             _save_lora(self.lm, out / ADAPTER_DIR)
         return out
 
+    def merge_lora(self) -> int:
+        """Fold the LoRA adapters into the backbone's weights, for serving.
+
+        Each adapted layer then runs one matrix multiply instead of three: one decode step of
+        the bundled checkpoints took 9-14% less time on CPU. Scores change only by float
+        rounding (below 1e-6 on our probes), so a near tie can in principle flip a greedy
+        token. The backbone then differs from ``backbone_source``, so :meth:`save_pretrained`
+        writes it in full; training can still add new adapters on top. Returns how many
+        layers were merged (0 when the model has no adapters).
+        """
+        from peft.tuners.lora import LoraLayer
+
+        with self._lock:
+            layers = [(name, m) for name, m in self.lm.named_modules() if isinstance(m, LoraLayer)]
+            for name, module in layers:
+                module.merge(safe_merge=True)  # refuses NaN/inf results instead of writing them
+                parent_name, _, child = name.rpartition(".")
+                setattr(self.lm.get_submodule(parent_name) if parent_name else self.lm, child, module.get_base_layer())
+            if layers:
+                for attr in ("peft_config", "_hf_peft_config_loaded"):
+                    if attr in vars(self.lm):  # set on the instance by peft (a class default stays)
+                        delattr(self.lm, attr)
+                self.backbone_modified = True
+                self.invalidate_signature()  # cached content tokens and the prefix KV came from the old layers
+            return len(layers)
+
     def drop_icm(self) -> None:
         """Mark the ICM as absent, for a model that reads candidates in full tokens and whose
         ICM was never trained: checkpoints it saves carry no ICM weights, the default

@@ -408,3 +408,33 @@ def test_query_after_candidates_repeats_the_query_before_the_answer(tmp_path, im
     loaded = RetrvR1Model.from_pretrained(tmp_path / "m")
     assert loaded.config.query_after_candidates
     assert loaded.rank("find the cat", ["a cat", "a dog"], reasoning_budget=0).scores == model.rank("find the cat", ["a cat", "a dog"], reasoning_budget=0).scores
+
+
+def test_merge_lora_folds_adapters_into_the_weights_and_saves_the_merged_backbone(tmp_path):
+    import peft
+
+    from retrv_r1_plugin.model import lm_has_lora
+
+    model = make_text_model(seed=3)
+    peft.inject_adapter_in_model(peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), model.lm)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.lm.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)  # non-zero adapters: merging must really move the weights
+    model.invalidate_signature()
+    cands = ["apples are red", "the sky is blue", "grass is green", "coal is black"]
+    before = model.rank("what colour is the sky?", cands, reasoning_budget=6)
+    model.eval()
+    adapted = sum(1 for n, _ in model.lm.named_modules() if n.endswith(("q_proj", "v_proj")))
+    assert model.merge_lora() == adapted and not lm_has_lora(model.lm)
+    assert not any(".lora_" in n for n, _ in model.lm.named_parameters())
+    after = model.rank("what colour is the sky?", cands, reasoning_budget=6)
+    assert after.reasoning == before.reasoning
+    assert max(abs(a - b) for a, b in zip(before.scores, after.scores)) < 1e-5
+    assert model.merge_lora() == 0  # nothing left to merge
+    model.save_pretrained(tmp_path / "merged")
+    assert (tmp_path / "merged" / "backbone").is_dir() and not (tmp_path / "merged" / "adapter").exists()
+    reloaded = RetrvR1Model.from_pretrained(tmp_path / "merged")
+    again = reloaded.rank("what colour is the sky?", cands, reasoning_budget=6)
+    assert again.scores == after.scores and not lm_has_lora(reloaded.lm)
