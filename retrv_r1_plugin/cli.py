@@ -140,24 +140,51 @@ def load_model(name: str | None, device: str | None = None):
         raise ModelLoadError(f"${DEFAULT_MODEL_ENV}={env}: {exc}") from exc
 
 
-def open_store(args: argparse.Namespace):
-    from .store import QdrantCandidateStore, SentenceTransformerImageTextEmbedder, TextEmbedder
+def add_embedder_args(p: argparse.ArgumentParser, image_note: str = "") -> None:
+    """``--embedder`` / ``--image-embedder FOLDER`` (one or the other), for index, search and eval."""
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--embedder", metavar="FOLDER",
+                      help="first-stage text embedder: a sentence-transformers model folder (default: the bundled "
+                           "all-MiniLM-L6-v2); index and search with the same one")
+    kind.add_argument("--image-embedder", metavar="FOLDER",
+                      help="a sentence-transformers folder of a CLIP-like model that embeds images and texts: images "
+                           "are indexed and searched by their pixels, so they need no caption" + image_note)
 
-    kwargs: dict = {"collection_name": args.collection}
+
+def embedder_from_args(args: argparse.Namespace):
+    """The store embedder ``--embedder`` / ``--image-embedder`` name (``None``: the store's default).
+    A folder that does not exist is refused by name; the model itself loads on first use."""
+    from .store import SentenceTransformerImageTextEmbedder, TextEmbedder
+
     for option, folder, kind in (("--embedder", args.embedder, TextEmbedder),
                                  ("--image-embedder", args.image_embedder, SentenceTransformerImageTextEmbedder)):
         if folder is not None:
             if not os.path.isdir(folder):
                 raise FileNotFoundError(f"{option} {folder}: no such folder (give a sentence-transformers model "
                                         "folder; nothing is downloaded)")
-            kwargs["embedder"] = kind(folder)
+            return kind(folder)
+    return None
+
+
+def check_store_folder(store: str) -> None:
+    """Refuse a ``--store`` that names an existing file (the embedded Qdrant store is a folder)."""
+    if os.path.exists(store) and not os.path.isdir(store):
+        raise ValueError(f"--store {store}: not a folder (the embedded Qdrant store is a folder)")
+
+
+def open_store(args: argparse.Namespace):
+    from .store import QdrantCandidateStore
+
+    kwargs: dict = {"collection_name": args.collection}
+    embedder = embedder_from_args(args)
+    if embedder is not None:
+        kwargs["embedder"] = embedder
     if getattr(args, "image_root", None):
         kwargs["image_roots"] = args.image_root
     if args.url:
         kwargs.update(url=args.url, api_key=args.api_key or os.environ.get("QDRANT_API_KEY"))
     elif args.store:
-        if os.path.exists(args.store) and not os.path.isdir(args.store):
-            raise ValueError(f"--store {args.store}: not a folder (the embedded Qdrant store is a folder)")
+        check_store_folder(args.store)
         kwargs["path"] = args.store
     return QdrantCandidateStore(**kwargs)
 
@@ -310,13 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--url", help="Qdrant server URL (server or cluster mode)")
         p.add_argument("--api-key", help="Qdrant API key; prefer $QDRANT_API_KEY, since other users can read a command line")
         p.add_argument("--collection", default="retrv_r1")
-        kind = p.add_mutually_exclusive_group()
-        kind.add_argument("--embedder", metavar="FOLDER",
-                          help="first-stage text embedder: a sentence-transformers model folder (default: the "
-                               "bundled all-MiniLM-L6-v2); search with the one the collection was indexed with")
-        kind.add_argument("--image-embedder", metavar="FOLDER",
-                          help="a sentence-transformers folder of a CLIP-like model that embeds images and texts: "
-                               "images are indexed by their pixels, so they need no caption")
+        add_embedder_args(p)
 
     def model_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", help=f"checkpoint path or bundled name (default: ${DEFAULT_MODEL_ENV} or {DEFAULT_MODEL})")

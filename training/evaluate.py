@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from retrv_r1_plugin.cli import add_embedder_args, check_store_folder, embedder_from_args
 from retrv_r1_plugin.evaluation.metrics import evaluate_rankings
 from retrv_r1_plugin.types import Candidate, Query
 
@@ -251,13 +252,7 @@ def main_eval(argv: Sequence[str] | None = None) -> int:
                         "this many (lets --top-k exceed max_candidates; one model call per window)")
     p.add_argument("--store", help="embedded Qdrant folder for the first stage (default: in memory); its collection "
                                    "eval_<data set name> is kept in step with the corpus")
-    kind = p.add_mutually_exclusive_group()
-    kind.add_argument("--embedder", metavar="FOLDER",
-                      help="first-stage text embedder: a sentence-transformers model folder (default: the bundled "
-                           "all-MiniLM-L6-v2)")
-    kind.add_argument("--image-embedder", metavar="FOLDER",
-                      help="a sentence-transformers folder of a CLIP-like model: image documents and queries are "
-                           "searched by their pixels (needed for images without text, unless --first-stage random)")
+    add_embedder_args(p, image_note=" (needed for images without text, unless --first-stage random)")
     p.add_argument("--first-stage", choices=["qdrant", "random"], default="qdrant",
                    help="qdrant: MiniLM vectors in embedded Qdrant (default); random: K documents drawn at random "
                         "(seeded), the chance-level baseline for image pools nothing offline can embed")
@@ -283,12 +278,9 @@ def main_eval(argv: Sequence[str] | None = None) -> int:
     # options that name files, checked before minutes of indexing and ranking
     if args.output and os.path.isdir(args.output):
         raise ValueError(f"--output {args.output}: is a folder (give the JSON file to write)")
-    if args.store and os.path.exists(args.store) and not os.path.isdir(args.store):
-        raise ValueError(f"--store {args.store}: not a folder (the embedded Qdrant store is a folder)")
-    for option, folder in (("--embedder", args.embedder), ("--image-embedder", args.image_embedder)):
-        if folder is not None and not os.path.isdir(folder):
-            raise FileNotFoundError(f"{option} {folder}: no such folder (give a sentence-transformers model folder; "
-                                    "nothing is downloaded)")
+    if args.store:
+        check_store_folder(args.store)
+    embedder = embedder_from_args(args)  # a missing folder is named here; the model loads on first use
 
     dataset = load_dataset(args)
     if not any(dataset.qrels.get(q) for q in dataset.queries):  # before indexing the corpus and loading the model
@@ -331,10 +323,8 @@ def main_eval(argv: Sequence[str] | None = None) -> int:
         def search(q: Query, k: int) -> list[Candidate]:
             return [by_id[i] for i, _ in retriever.search(q, k)]
     else:
-        from retrv_r1_plugin.store import SentenceTransformerImageTextEmbedder, TextEmbedder, first_stage_query
+        from retrv_r1_plugin.store import first_stage_query
 
-        embedder = (SentenceTransformerImageTextEmbedder(args.image_embedder) if args.image_embedder
-                    else TextEmbedder(args.embedder) if args.embedder else None)
         store = build_first_stage(dataset, store_path=args.store, show_progress=not args.quiet, embedder=embedder)
 
         def search(q: Query, k: int) -> list[Candidate]:
