@@ -721,12 +721,8 @@ class QdrantCandidateStore:
         }
 
         def stored_as(p: _Prepared, key: str) -> bool:
-            """Whether ``p`` has the stored point's ``key`` (given by path or, for an image
-            stored inline too, by its bytes as search results give it)."""
-            info = existing.get(p.candidate_id, {})
-            alt = info.get("as_bytes")
-            value = getattr(p, key)
-            return info.get(key) == value or (isinstance(alt, dict) and alt.get(key) == value)
+            """Whether ``p`` has the stored point's ``key`` (``"record"`` or ``"fingerprint"``)."""
+            return getattr(p, key) in _stored_values(existing.get(p.candidate_id, {}), key)
 
         todo = [p for p in batch if not (self.skip_unchanged and stored_as(p, "record"))]
         if not todo:
@@ -826,10 +822,7 @@ class QdrantCandidateStore:
                 writes.append((cid, record.id, entry, None))
                 continue
             given = self._prepare(i, contents[i])
-            # the stored point's fingerprints: by path, and by bytes when stored inline too
-            stored = [info["fingerprint"]]
-            if isinstance(info.get("as_bytes"), dict):
-                stored.append(info["as_bytes"]["fingerprint"])
+            stored = _stored_values(info, "fingerprint")
             if given.fingerprint in stored:
                 writes.append((cid, record.id, entry, stored))
             else:
@@ -1083,6 +1076,15 @@ def _llama_index_node(payload: dict[str, Any]) -> tuple[str, dict[str, Any], str
     if isinstance(image_url, str) and image_url:
         metadata.setdefault("image_url", image_url)
     return (text if isinstance(text, str) else ""), metadata, image
+
+
+def _stored_values(info: dict[str, Any], key: str) -> list[Any]:
+    """A stored point's ``key`` (``"record"`` or ``"fingerprint"``) as given by path and, for an
+    image stored inline too, as given by its bytes (the form search results carry)."""
+    values = [info.get(key)]
+    if isinstance(info.get("as_bytes"), dict):
+        values.append(info["as_bytes"].get(key))
+    return [v for v in values if v is not None]
 
 
 def _batches(items: Sequence[T], max_count: int, max_bytes: int, size: Callable[[T], int]) -> Iterator[list[T]]:
