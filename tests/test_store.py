@@ -491,30 +491,28 @@ def test_searching_with_another_embedder_of_the_same_size_warns_once(store: Qdra
 def test_writes_are_split_by_request_size_as_well_as_by_count(minilm: TextEmbedder) -> None:
     """A server refuses requests above its size limit (32 MB by default): a batch of inline
     images or of large content tokens must be split by bytes, not only by point count."""
+    def request_sizes(client, method: str, items: str) -> list[int]:
+        """Record how many items each call of ``client.<method>`` carries (then make the call)."""
+        sizes: list[int] = []
+        real = getattr(client, method)
+
+        def counting(collection_name, **kwargs):
+            sizes.append(len(kwargs[items]))
+            return real(collection_name, **kwargs)
+
+        setattr(client, method, counting)
+        return sizes
+
     blobs = [Candidate(f"caption {i}", image=png_bytes((i, 0, 0)), id=f"img{i}") for i in range(6)]
     with QdrantCandidateStore(minilm, location=":memory:", max_request_bytes=60_000) as store:
-        sizes: list[int] = []
-        real_upsert = store.client.upsert
-
-        def upsert(collection_name, points, **kwargs):
-            sizes.append(len(points))
-            return real_upsert(collection_name, points=points, **kwargs)
-
-        store.client.upsert = upsert
+        sizes = request_sizes(store.client, "upsert", "points")
         big = [Candidate(f"passage {i} " + "word " * 4000, id=f"p{i}") for i in range(6)]  # ~20 KB of text each
         store.add(big, batch_size=64, show_progress=False)
         assert sizes == [2, 2, 2] and store.count() == 6
         sizes.clear()
         store.add(blobs, batch_size=4, show_progress=False)  # small points: the count limit applies
         assert sizes == [4, 2]
-        updates: list[int] = []
-        real_update = store.client.batch_update_points
-
-        def batch_update_points(collection_name, update_operations, **kwargs):
-            updates.append(len(update_operations))
-            return real_update(collection_name, update_operations=update_operations, **kwargs)
-
-        store.client.batch_update_points = batch_update_points
+        updates = request_sizes(store.client, "batch_update_points", "update_operations")
         store.put_content_tokens([c.id for c in big], [torch.ones(2, 4000) for _ in big], "sig")  # ~43 KB each as base64
         assert updates == [1] * 6
     with pytest.raises(ValueError, match="max_request_bytes"):
